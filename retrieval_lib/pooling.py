@@ -1,0 +1,245 @@
+"""Pooling layers: thin ``nn.Module`` wrappers around :mod:`retrieval_lib.functional`.
+
+Every module maps a feature map ``(B, C, H, W)`` to a descriptor ``(B, C)``.
+Convention: modules return the pooled descriptor WITHOUT L2 normalisation (normalise
+with :func:`retrieval_lib.functional.l2n`), except :class:`RMAC`, whose output is
+L2-normalised by definition (a normalised sum of normalised regional vectors).
+
+``POOLING`` maps names to classes and :func:`make_pooling` builds one by name, so a
+notebook parameter such as ``POOLING_NAME = "gem"`` picks the layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional
+
+__all__ = ["MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling"]
+
+
+def _check_p_init(p: float, p_min: float, cls: str) -> None:
+    if not (isinstance(p_min, (int, float)) and p_min > 0):
+        raise ValueError(f"{cls}: p_min must be a positive number, got {p_min!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        raise ValueError(f"{cls}: the initial p must be a positive number, got {p!r}")
+    if p < p_min:
+        raise ValueError(
+            f"{cls}: the initial p={p} is below p_min={p_min}; the forward pass clamps p to "
+            f"at least p_min, so lower p_min (e.g. p_min={p}) or raise p"
+        )
+
+
+def _clamp_p(p: torch.Tensor, p_min: float) -> torch.Tensor:
+    """``max(p, p_min)``, with the gradient passing where ``p >= p_min`` (``clamp`` blocks it
+    at ``p == p_min``, which would freeze a layer that starts at ``p = p_min``)."""
+    return torch.where(p < p_min, torch.full_like(p, p_min), p)
+
+
+def _p_repr(p: torch.Tensor) -> str:
+    p = p.detach()
+    if p.numel() == 1:
+        return f"p={p.item():.4f}"
+    return f"p=per-channel({p.numel()}, mean={p.mean().item():.4f})"
+
+
+class MAC(nn.Module):
+    """MAC pooling layer, ``(B, C, H, W) -> (B, C)``, not normalised; see :func:`functional.mac`.
+
+    Taught in ``notebooks/01_mac.ipynb``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.mac(x)
+
+
+class SPoC(nn.Module):
+    """SPoC pooling layer, ``(B, C, H, W) -> (B, C)``, not normalised; see :func:`functional.spoc`.
+
+    ``center_prior=True`` uses the Gaussian centre weighting of Babenko & Lempitsky
+    (ICCV 2015). Taught in ``notebooks/02_spoc.ipynb``.
+    """
+
+    def __init__(self, center_prior: bool = False):
+        super().__init__()
+        self.center_prior = bool(center_prior)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.spoc(x, center_prior=self.center_prior)
+
+    def extra_repr(self) -> str:
+        return f"center_prior={self.center_prior}"
+
+
+class GeM(nn.Module):
+    """GeM pooling layer with a fixed or learnable exponent; see :func:`functional.gem`.
+
+    ``(B, C, H, W) -> (B, C)``, not normalised.
+
+    * ``learn_p=True`` makes ``p`` an ``nn.Parameter`` (as in Radenović et al., TPAMI 2018,
+      where it is learned with the network); ``learn_p=False`` keeps it as a buffer.
+    * ``per_channel=True`` learns one exponent per channel (``channels`` required), else one
+      exponent is shared: ``self.p`` has shape ``(channels,)`` or ``(1,)``.
+    * Positivity: the forward pass uses ``max(p, p_min)`` (default ``p_min=1``, the
+      average-pooling end of GeM). The stored parameter is not changed; while it sits
+      strictly below ``p_min`` it acts as ``p_min`` and gets no gradient from the pooling
+      (at ``p == p_min`` the gradient passes, so a layer started at ``p_min`` can learn).
+
+    ``extra_repr`` reads e.g. ``p=3.0000, eps=1e-06, learnable``.
+    Taught in ``notebooks/03_gem.ipynb``.
+    """
+
+    def __init__(
+        self,
+        p: float = 3.0,
+        eps: float = 1e-6,
+        learn_p: bool = True,
+        per_channel: bool = False,
+        channels: int | None = None,
+        p_min: float = 1.0,
+    ):
+        super().__init__()
+        _check_p_init(p, p_min, "GeM")
+        functional._check_eps(eps, "GeM")
+        if per_channel:
+            if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+                raise ValueError(
+                    "GeM: per_channel=True needs the number of channels, e.g. "
+                    f"GeM(per_channel=True, channels=1280); got channels={channels!r}"
+                )
+            init = torch.full((channels,), float(p))
+        else:
+            init = torch.full((1,), float(p))
+        if learn_p:
+            self.p = nn.Parameter(init)
+        else:
+            self.register_buffer("p", init)
+        self.eps = eps
+        self.p_min = float(p_min)
+        self.learn_p = bool(learn_p)
+        self.per_channel = bool(per_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        functional._check_fmap(x, "GeM")
+        if self.per_channel and x.shape[1] != self.p.shape[0]:
+            raise ValueError(
+                f"GeM: this layer has {self.p.shape[0]} per-channel exponents but the feature "
+                f"map has {x.shape[1]} channels (shape {tuple(x.shape)}); build it with "
+                f"channels={x.shape[1]}"
+            )
+        return functional._gem_unchecked(x, _clamp_p(self.p, self.p_min), self.eps)
+
+    def extra_repr(self) -> str:
+        mode = "learnable" if self.learn_p else "fixed"
+        return f"{_p_repr(self.p)}, eps={self.eps:.0e}, {mode}"
+
+
+class RMAC(nn.Module):
+    """R-MAC pooling layer, ``(B, C, H, W) -> (B, C)``, L2-normalised; see :func:`functional.rmac`.
+
+    ``L`` scale levels of regions from :func:`functional.rmac_regions`;
+    ``include_global=True`` adds the whole-map MAC as in cirtorch.
+    Taught in ``notebooks/04_rmac.ipynb``.
+    """
+
+    def __init__(self, L: int = 3, include_global: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.L = functional._check_int(L, "L", "RMAC")
+        functional._check_eps(eps, "RMAC")
+        self.include_global = bool(include_global)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.rmac(x, L=self.L, eps=self.eps, include_global=self.include_global)
+
+    def extra_repr(self) -> str:
+        return f"L={self.L}, include_global={self.include_global}, eps={self.eps:.0e}"
+
+
+class WGeM(nn.Module):
+    """Weighted GeM with a learned spatial attention mask; see :func:`functional.wgem`.
+
+    ``(B, C, H, W) -> (B, C)``, not normalised. The weights are a spatial softmax over
+    ``H x W`` of a 3x3 convolution ``C -> 1`` (padding 1) of the feature map:
+    ``w = softmax_{H x W}(conv3x3(x))``, shape ``(B, 1, H, W)``, summing to 1 per image;
+    :meth:`attention` returns them so notebooks can draw the masks. The convolution
+    starts at zero, so an untrained layer gives uniform weights and equals :class:`GeM`.
+    ``p`` is shared by all channels, learnable when ``learn_p`` and clamped to at least
+    ``p_min`` in the forward pass, as in :class:`GeM`.
+
+    Source: Wu et al., ICIP 2018 (weighted generalized mean pooling, Eq. 2).
+    Taught in ``notebooks/05_wgem.ipynb``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        p: float = 3.0,
+        eps: float = 1e-6,
+        learn_p: bool = True,
+        p_min: float = 1.0,
+    ):
+        super().__init__()
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(
+                "WGeM: in_channels must be the number of feature-map channels (a positive "
+                f"integer, e.g. 1280 for EfficientNet-Lite0), got {in_channels!r}"
+            )
+        _check_p_init(p, p_min, "WGeM")
+        functional._check_eps(eps, "WGeM")
+        self.in_channels = in_channels
+        self.conv = nn.Conv2d(in_channels, 1, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        init = torch.full((1,), float(p))
+        if learn_p:
+            self.p = nn.Parameter(init)
+        else:
+            self.register_buffer("p", init)
+        self.eps = eps
+        self.p_min = float(p_min)
+        self.learn_p = bool(learn_p)
+
+    def _check(self, x: torch.Tensor) -> None:
+        functional._check_fmap(x, "WGeM")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"WGeM: built for {self.in_channels} channels but the feature map has "
+                f"{x.shape[1]} (shape {tuple(x.shape)}); build it with in_channels={x.shape[1]}"
+            )
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.conv(x)  # (B, 1, H, W)
+        return torch.softmax(logits.flatten(2), dim=-1).view_as(logits)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial weights ``(B, 1, H, W)``, non-negative, summing to 1 over ``H x W``."""
+        self._check(x)
+        return self._attention(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        p = _clamp_p(self.p, self.p_min)
+        return functional._wgem_unchecked(x, self._attention(x), p, self.eps)
+
+    def extra_repr(self) -> str:
+        mode = "learnable" if self.learn_p else "fixed"
+        return f"in_channels={self.in_channels}, {_p_repr(self.p)}, eps={self.eps:.0e}, {mode}"
+
+
+POOLING = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "wgem": WGeM}
+
+
+def make_pooling(name: str, **kwargs) -> nn.Module:
+    """Build a pooling layer by name (case-insensitive): ``make_pooling("gem", p=3.0)``.
+
+    Valid names are the keys of ``POOLING``: mac, spoc, gem, rmac, wgem. Keyword arguments go
+    to the class (``WGeM`` needs ``in_channels``). Raises ``ValueError`` listing the valid
+    names for an unknown one.
+    """
+    key = name.lower() if isinstance(name, str) else None
+    if key not in POOLING:
+        raise ValueError(
+            f"unknown pooling {name!r}; valid names are {', '.join(sorted(POOLING))}"
+        )
+    return POOLING[key](**kwargs)
