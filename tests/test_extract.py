@@ -1,0 +1,187 @@
+"""Extraction: batched == one image at a time by hand; multi-scale formula; cache; skips."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval_lib.backbones import efficientnet_lite
+from retrieval_lib.extract import (
+    _size_batches,
+    extract_descriptors,
+    extract_fmaps,
+    multiscale_power,
+    pool_fmaps,
+    resize_longer_side,
+)
+from retrieval_lib.functional import gem, l2n, mac
+from retrieval_lib.images import ImageList, load_image
+from retrieval_lib.pooling import GeM, MAC, RMAC
+
+SIZE = 96  # small inputs keep the real backbone fast
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return efficientnet_lite(0).eval()
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """Seven photos-like JPEGs: three share one size, two another, two are unique."""
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    sizes = [(120, 90), (120, 90), (120, 90), (64, 100), (64, 100), (200, 50), (77, 77)]
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        # smooth random colour fields, so resizing is meaningful
+        small = rng.integers(0, 255, size=(4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        p = folder / f"img{i}.jpg"
+        img.save(p, quality=95)
+        paths.append(str(p))
+    return paths
+
+
+def _by_hand(model, path, pooling, size=SIZE, scale=1.0):
+    """The pipeline written out for one image: open, resize, normalise, forward, pool, L2."""
+    img = resize_longer_side(load_image(path), size)
+    x = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()).float()[None] / 255.0
+    if scale != 1.0:
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
+                                            antialias=scale < 1)
+    x = (x - torch.tensor(model.mean).view(1, 3, 1, 1)) / torch.tensor(model.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return l2n(pooling(model.features(x)))[0]
+
+
+def test_resize_longer_side():
+    img = Image.new("RGB", (300, 200))
+    assert resize_longer_side(img, 150).size == (150, 100)
+    assert resize_longer_side(Image.new("RGB", (20, 40)), 100).size == (50, 100)  # upscales too
+    assert resize_longer_side(Image.new("RGB", (1000, 1)), 10).size == (10, 1)  # never 0 px
+
+
+def test_size_batches_group_equal_sizes(image_files):
+    batches = _size_batches(ImageList(image_files), SIZE, batch_size=2)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(len(b) <= 2 for b in batches)
+    assert [0, 1] in batches and [2] in batches and [3, 4] in batches
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_descriptors_equal_one_image_by_hand(model, image_files, batch_size):
+    images = ImageList(image_files)
+    X = extract_descriptors(model, images, GeM(p=3.0, learn_p=False), image_size=SIZE, batch_size=batch_size,
+                            num_workers=0, progress=False)
+    assert X.shape == (7, model.out_channels) and X.dtype == torch.float32
+    for i, p in enumerate(image_files):
+        ref = _by_hand(model, p, lambda f: gem(f, 3.0))
+        torch.testing.assert_close(X[i], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_workers_give_the_same_result(model, image_files):
+    images = ImageList(image_files)
+    a = extract_descriptors(model, images, "mac", image_size=SIZE, num_workers=0, progress=False)
+    b = extract_descriptors(model, images, "mac", image_size=SIZE, num_workers=2, progress=False)
+    torch.testing.assert_close(a, b)
+
+
+def test_multiscale_formula(model, image_files):
+    images = ImageList(image_files[:3])
+    scales = (1.0, 2 ** -0.5)
+    pool = GeM(p=3.0, learn_p=False)
+    assert multiscale_power(pool) == pytest.approx(3.0)
+    assert multiscale_power(MAC()) == 1.0
+    X = extract_descriptors(model, images, pool, scales=scales, image_size=SIZE, num_workers=0, progress=False)
+    for i, p in enumerate(image_files[:3]):
+        per_scale = [_by_hand(model, p, lambda f: gem(f, 3.0), scale=s) for s in scales]
+        ref = l2n((sum(d.pow(3) for d in per_scale) / 2).pow(1 / 3))  # (mean_s f_s^p)^(1/p), then L2
+        torch.testing.assert_close(X[i], ref, atol=2e-5, rtol=1e-4)
+    Xm = extract_descriptors(model, images, MAC(), scales=scales, image_size=SIZE, num_workers=0, progress=False)
+    ref = l2n(sum(_by_hand(model, image_files[0], mac, scale=s) for s in scales) / 2)  # msp = 1: plain mean
+    torch.testing.assert_close(Xm[0], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_fmaps_shapes_and_pool_fmaps(model, image_files):
+    images = ImageList(image_files)
+    fmaps = extract_fmaps(model, images, image_size=SIZE, num_workers=0, progress=False)
+    assert len(fmaps) == 7
+    for f, p in zip(fmaps, image_files):
+        w, h = resize_longer_side(Image.open(p), SIZE).size
+        assert f.shape == (model.out_channels, -(-h // 32), -(-w // 32))  # ceil(h/32) x ceil(w/32)
+        assert f.min() >= 0
+    X = extract_descriptors(model, images, RMAC(L=2), image_size=SIZE, num_workers=0, progress=False)
+    torch.testing.assert_close(pool_fmaps(fmaps, RMAC(L=2)), X, atol=1e-6, rtol=1e-5)
+
+
+def test_dict_of_poolings_runs_backbone_once(model, image_files, monkeypatch):
+    images = ImageList(image_files[:4])
+    calls = []
+    real = model.features
+    monkeypatch.setattr(model, "features", lambda x: (calls.append(x.shape[0]), real(x))[1])
+    out = extract_descriptors(model, images, {"mac": "mac", "gem": GeM(learn_p=False)}, image_size=SIZE,
+                              num_workers=0, progress=False)
+    assert sum(calls) == 4  # every image through the backbone once for both poolings
+    monkeypatch.undo()
+    torch.testing.assert_close(out["mac"], extract_descriptors(model, images, "mac", image_size=SIZE,
+                                                               num_workers=0, progress=False))
+
+
+def test_cache_reused_then_rebuilt_when_stale_or_corrupt(model, image_files, tmp_path, monkeypatch):
+    images = ImageList(image_files[:3])
+    kw = dict(image_size=SIZE, num_workers=0, progress=False, cache_dir=tmp_path)
+    X = extract_descriptors(model, images, "gem", **kw)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+
+    def boom(x):
+        raise AssertionError("the backbone ran although the cache was valid")
+
+    monkeypatch.setattr(model, "features", boom)
+    torch.testing.assert_close(extract_descriptors(model, images, "gem", **kw), X)
+    monkeypatch.undo()
+
+    files[0].write_bytes(b"not a torch file")  # corrupt: rebuilt with a warning, never trusted
+    with pytest.warns(UserWarning, match="rebuilding"):
+        torch.testing.assert_close(extract_descriptors(model, images, "gem", **kw), X)
+
+    # a changed image file changes the key: the old entry is not used for it
+    img = Image.open(image_files[0]).transpose(Image.FLIP_LEFT_RIGHT)
+    new = tmp_path / "changed.jpg"
+    img.save(new)
+    other = ImageList([str(new)] + image_files[1:3])
+    X2 = extract_descriptors(model, other, "gem", **kw)
+    assert not torch.allclose(X2[0], X[0])
+    torch.testing.assert_close(X2[1:], X[1:])
+
+    fm = extract_fmaps(model, images, image_size=SIZE, num_workers=0, progress=False, cache_dir=tmp_path)
+    fm2 = extract_fmaps(model, images, image_size=SIZE, num_workers=0, progress=False, cache_dir=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(fm, fm2))
+
+
+def test_unreadable_images_are_skipped_and_counted(model, image_files, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    images = ImageList([image_files[0], str(bad), image_files[1]], on_error="skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        X, info = extract_descriptors(model, images, "mac", image_size=SIZE, num_workers=0, progress=False,
+                                      return_info=True)
+    assert info["skipped"] == [1]
+    assert torch.all(X[1] == 0) and X[0].norm() > 0.99
+    assert any("skipped" in str(w.message) for w in caught)
+    with pytest.raises(Exception, match="broken.jpg"):
+        extract_descriptors(model, ImageList([str(bad)]), "mac", image_size=SIZE, num_workers=0, progress=False)
+
+
+def test_bad_arguments(model, image_files):
+    images = ImageList(image_files[:1])
+    with pytest.raises(ValueError, match="scales"):
+        extract_descriptors(model, images, "mac", scales=(1, 0), image_size=SIZE, progress=False)
+    with pytest.raises(TypeError, match="pooling"):
+        extract_descriptors(model, images, 3, image_size=SIZE, progress=False)
+    with pytest.raises(ValueError, match="every entry is None"):
+        pool_fmaps([None, None], "mac")
