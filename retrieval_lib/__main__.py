@@ -1,0 +1,37 @@
+"""Command line: ``python -m retrieval_lib reproduce [--scale smoke|cpu|full] [--out DIR]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m retrieval_lib",
+                                     description="The runnable textbook of deep image retrieval.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("reproduce", help="off-the-shelf comparison + every notebook, one results table")
+    rep.add_argument("--scale", choices=["smoke", "cpu", "full"], default="cpu",
+                     help="smoke: seconds; cpu: minutes on a laptop; full: GPU, the papers' setting")
+    rep.add_argument("--out", default="results", help="folder for tables and executed notebooks")
+    rep.add_argument("--data", default=None,
+                     help="data root holding real171/ (default: $RETRIEVAL_DATA, else the offline default)")
+    rep.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
+    rep.add_argument("--notebooks", default="all",
+                     help="'all', 'none', or a comma list of notebook numbers such as 00,03")
+    rep.add_argument("--notebooks-dir", default=None, help="where the NN_*.ipynb notebooks are")
+    rep.add_argument("--cache", default=None, help="feature cache folder (default: $RETRIEVAL_CACHE)")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "reproduce":
+        from .reproduce import main_reproduce
+
+        return main_reproduce(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
