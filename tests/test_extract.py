@@ -185,3 +185,33 @@ def test_bad_arguments(model, image_files):
         extract_descriptors(model, images, 3, image_size=SIZE, progress=False)
     with pytest.raises(ValueError, match="every entry is None"):
         pool_fmaps([None, None], "mac")
+
+
+def test_revisited_end_to_end_with_real_extraction(model, tmp_path, data_root):
+    """Stand-in revisited tree (real gnd when present) -> extraction -> evaluate_revisited."""
+    from test_datasets import _gnd_doc, _revisited_tree
+
+    from retrieval_lib.datasets import RevisitedDataset
+    from retrieval_lib.evaluate import evaluate_revisited
+    from retrieval_lib.search import rank_database
+
+    doc = _gnd_doc(data_root)
+    _revisited_tree(tmp_path, doc)
+    d = RevisitedDataset("roxford5k", tmp_path).subset(120)
+    kw = dict(image_size=64, num_workers=0, progress=False)
+    X = extract_descriptors(model, d.database, "gem", **kw)
+    Q = extract_descriptors(model, d.queries, "gem", **kw)
+    assert X.shape == (120, 1280) and Q.shape == (len(doc["qimlist"]), 1280)
+    # queries go through the network cropped to their box: same as cropping by hand
+    crop = load_image(d.queries.paths[0]).crop(tuple(round(v) for v in d.queries.boxes[0]))
+    ref = resize_longer_side(crop, 64)
+    x = torch.from_numpy(np.asarray(ref).transpose(2, 0, 1).copy()).float()[None] / 255.0
+    with torch.no_grad():
+        ref = l2n(gem(model.features(model.normalize(x)), 3.0))[0]
+    torch.testing.assert_close(Q[0], ref, atol=2e-5, rtol=1e-4)
+    ranks = rank_database(Q, X)
+    out = d.evaluate(ranks)
+    ref = evaluate_revisited(ranks, d.gnd)
+    for protocol in ("easy", "medium", "hard"):
+        assert out[f"mAP/{protocol}"] == ref[protocol]["mAP"]
+        assert 0 <= out[f"mAP/{protocol}"] <= 1
