@@ -76,7 +76,8 @@ class Book:
             return pool_fmaps(self.fmaps(which, image_size), pooling)
         return extract_descriptors(self.model, self._images(which), pooling, scales=scales,
                                    image_size=image_size or self.cfg.image_size, device=self.device,
-                                   batch_size=self.cfg.batch_size, progress=self.progress)
+                                   batch_size=self.cfg.batch_size, cache_dir=self.cache_dir,
+                                   progress=self.progress)
 
     def query_descriptors(self, pooling, **kw) -> torch.Tensor:
         """Descriptors of the queries (the database itself for group sets)."""

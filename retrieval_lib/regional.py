@@ -1,0 +1,276 @@
+"""Regional descriptors in practice: the R-MAC region grid, sweeps over its levels, and
+query expansion / database-side augmentation on top of a global descriptor.
+
+The R-MAC equations themselves live in :mod:`retrieval_lib.functional`
+(``rmac_regions``, ``region_mac``, ``rmac``); this module holds what a notebook needs
+around them:
+
+* ``fmap_size``, ``aspect_crop`` -- the feature-map grid an image of a given size and shape gets;
+* ``region_levels``, ``region_count_table`` -- which scale level each region belongs to,
+  and how many regions each aspect ratio and ``L`` give;
+* ``describe``, ``map_vs_L`` -- descriptors for several poolings from one backbone pass,
+  and mAP as a function of ``L``;
+* ``exclude_self``, ``expand`` -- DBA then alpha-QE, the post-processing of
+  Radenović, Tolias & Chum (TPAMI 2018) and Gordo et al. (IJCV 2017).
+
+Descriptors are ``(N, D)`` rows, L2-normalised, as everywhere in the library.
+Taught in ``notebooks/04_rmac.ipynb``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .functional import rmac_regions
+
+__all__ = [
+    "fmap_size",
+    "aspect_crop",
+    "region_levels",
+    "region_count_table",
+    "describe",
+    "map_vs_L",
+    "exclude_self",
+    "expand",
+]
+
+
+def _positive_int(value, name: str, fn: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value, name: str, fn: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"{fn}: {name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------
+# the grid
+# ----------------------------------------------------------------------------------------
+def fmap_size(image_hw: Sequence[int], stride: int = 32) -> tuple[int, int]:
+    """Feature-map size ``(h, w)`` of an ``H x W`` input: ``(ceil(H / stride), ceil(W / stride))``.
+
+    This is what a backbone of total stride 32 gives with "same" padding at every
+    strided layer: EfficientNet-Lite (TF SAME padding) and torchvision's ResNet (each
+    stride-2 layer maps ``n`` to ``ceil(n / 2)``). ``notebooks/04_rmac.ipynb`` checks it
+    against the real feature maps. Raises ``ValueError`` for a non-positive size or stride.
+    """
+    if len(image_hw) != 2:
+        raise ValueError(f"fmap_size: image_hw must be (H, W), got {tuple(image_hw)!r}")
+    H = _positive_int(image_hw[0], "H", "fmap_size")
+    W = _positive_int(image_hw[1], "W", "fmap_size")
+    stride = _positive_int(stride, "stride", "fmap_size")
+    return -(-H // stride), -(-W // stride)
+
+
+def aspect_crop(img, aspect: float, long_side: Optional[int] = None):
+    """Centre crop of a PIL image to ``width / height = aspect``, optionally resized.
+
+    The largest centred box of that shape is kept; with ``long_side`` the crop is then
+    resized (bilinear) so that its longer side has ``long_side`` pixels, as the network
+    input would be. Used to show how the R-MAC grid follows the image's shape.
+    Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    aspect = _positive_float(aspect, "aspect", "aspect_crop")
+    W, H = img.size
+    if W / H > aspect:  # too wide: keep the full height
+        w, h = max(1, round(H * aspect)), H
+    else:  # too tall: keep the full width
+        w, h = W, max(1, round(W / aspect))
+    x0, y0 = (W - w) // 2, (H - h) // 2
+    out = img.crop((x0, y0, x0 + w, y0 + h))
+    if long_side is not None:
+        long_side = _positive_int(long_side, "long_side", "aspect_crop")
+        s = long_side / max(w, h)
+        out = out.resize((max(1, round(w * s)), max(1, round(h * s))), resample=2)  # 2: bilinear
+    return out
+
+
+def region_levels(H: int, W: int, L: int = 3) -> torch.Tensor:
+    """Scale level ``l`` in ``1..L`` of each region of ``rmac_regions(H, W, L)``: int64 ``(R,)``.
+
+    ``rmac_regions`` lists the regions level by level, so the regions of
+    ``rmac_regions(H, W, l)`` are the first ones of ``rmac_regions(H, W, L)`` for every
+    ``l <= L``; the level of a region is the first ``l`` whose prefix contains it. Used to
+    colour regions by level. Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    L = _positive_int(L, "L", "region_levels")
+    counts = [0] + [rmac_regions(H, W, l).shape[0] for l in range(1, L + 1)]
+    per_level = torch.tensor([b - a for a, b in zip(counts[:-1], counts[1:])], dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(1, L + 1, dtype=torch.int64), per_level)
+
+
+def _aspect_hw(aspect, long_side: int) -> tuple[str, int, int]:
+    """``(label, H, W)`` of a map with the given aspect and ``long_side`` cells on its longer side."""
+    if isinstance(aspect, (tuple, list)):
+        if len(aspect) != 2:
+            raise ValueError(f"region_count_table: an aspect must be (width, height) or a number, got {aspect!r}")
+        w = _positive_float(aspect[0], "aspect width", "region_count_table")
+        h = _positive_float(aspect[1], "aspect height", "region_count_table")
+        label = f"{aspect[0]}:{aspect[1]}"
+        ratio = w / h
+    else:
+        ratio = _positive_float(aspect, "aspect", "region_count_table")
+        label = f"{ratio:.3g}"
+    if ratio >= 1:
+        return label, max(1, round(long_side / ratio)), long_side
+    return label, long_side, max(1, round(long_side * ratio))
+
+
+def region_count_table(aspects: Iterable, Ls: Iterable[int] = (1, 2, 3, 4), long_side: int = 32):
+    """How many R-MAC regions each image shape gets: ``(header, rows)`` for a table.
+
+    ``aspects`` are ``(width, height)`` pairs such as ``(4, 3)`` or numbers ``width / height``.
+    Each becomes a feature map with ``long_side`` cells on its longer side (32 cells: a
+    1024 px image through a stride-32 backbone) and the shorter side rounded. A row is
+    ``[label, H, W, n(L_1), n(L_2), ...]`` with ``n(L) = len(rmac_regions(H, W, L))``, the
+    regions *without* the whole-map region that ``rmac(include_global=True)`` adds. E.g.
+    ``(4, 3)`` at 32 cells is a 24 x 32 map with 2, 8, 20 regions at L = 1, 2, 3.
+    Pass the result to :func:`retrieval_lib.report.markdown_table`.
+    Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    long_side = _positive_int(long_side, "long_side", "region_count_table")
+    Ls = [_positive_int(L, "L", "region_count_table") for L in Ls]
+    if not Ls:
+        raise ValueError("region_count_table: give at least one L")
+    header = ["aspect (w:h)", "H", "W"] + [f"L={L}" for L in Ls]
+    rows = []
+    for aspect in aspects:
+        label, H, W = _aspect_hw(aspect, long_side)
+        rows.append([label, H, W] + [int(rmac_regions(H, W, L).shape[0]) for L in Ls])
+    if not rows:
+        raise ValueError("region_count_table: give at least one aspect, e.g. [(4, 3)]")
+    return header, rows
+
+
+# ----------------------------------------------------------------------------------------
+# descriptors for several poolings, and sweeps
+# ----------------------------------------------------------------------------------------
+def describe(book, poolings: Mapping, scales: Optional[Sequence[float]] = None) -> dict:
+    """Database and query descriptors for several poolings: ``{label: (X, Q)}``.
+
+    ``book`` is a :class:`retrieval_lib.book.Book`; ``poolings`` maps labels to poolings
+    (names, modules or functions ``(B, C, H, W) -> (B, D)``). ``X`` is ``(N, D)``,
+    L2-normalised; ``Q`` is the query descriptors, or ``None`` when every database image is
+    a query (group sets such as real171), so ``book.evaluate(X, Q)`` works either way.
+
+    When the book keeps feature maps (``smoke``/``cpu``) and one scale is asked, each
+    pooling reads the cached maps; otherwise (``full`` scale, or several ``scales``) the
+    backbone runs once per scale for all the poolings together.
+    Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    poolings = dict(poolings)
+    if not poolings:
+        raise ValueError("describe: give at least one pooling, e.g. {'mac': 'mac'}")
+    scales = tuple(float(s) for s in scales) if scales is not None else tuple(book.cfg.scales)
+    has_queries = book.benchmark.queries is not None
+
+    def run(which):
+        if book.keeps_fmaps and scales == (1.0,):
+            return {k: book.descriptors(p, which, scales=scales) for k, p in poolings.items()}
+        return book.descriptors(poolings, which, scales=scales)
+
+    X = run("database")
+    Q = run("queries") if has_queries else {k: None for k in poolings}
+    return {k: (X[k], Q[k]) for k in poolings}
+
+
+def map_vs_L(book, Ls: Iterable[int] = (1, 2, 3, 4, 5), include_global: bool = True,
+             key: str = "mAP", scales: Optional[Sequence[float]] = None) -> dict:
+    """R-MAC's ``key`` metric (default mAP) for each number of scale levels: ``{L: value}``.
+
+    Each ``L`` pools with :class:`retrieval_lib.pooling.RMAC` ``(L, include_global)`` via
+    :func:`describe` (one backbone pass, or the cached maps; ``scales`` as there, default
+    the book's) and evaluates with ``book.evaluate``. Raises ``KeyError`` naming the
+    available metrics when ``key`` is not one of them. Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    from .pooling import RMAC
+
+    Ls = [_positive_int(L, "L", "map_vs_L") for L in Ls]
+    if not Ls:
+        raise ValueError("map_vs_L: give at least one L")
+    descs = describe(book, {L: RMAC(L=L, include_global=include_global) for L in Ls}, scales=scales)
+    out = {}
+    for L, (X, Q) in descs.items():
+        metrics = book.evaluate(X, Q)
+        if key not in metrics:
+            raise KeyError(f"map_vs_L: metric {key!r} not in the benchmark's metrics {sorted(metrics)}")
+        out[L] = float(metrics[key])
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# query expansion and database-side augmentation
+# ----------------------------------------------------------------------------------------
+def exclude_self(ranks) -> np.ndarray:
+    """Drop each query from its own ranking: ``(N, k) -> (N, k - 1)`` int64 numpy array.
+
+    For a set whose queries are its database images (query ``q`` is database image
+    ``q``), row ``q`` of ``ranks`` loses the entry ``q``; a row where ``q`` is not among
+    the ``k`` ranked loses its last entry instead, so every row keeps ``k - 1`` neighbours
+    in order. Use it before :func:`retrieval_lib.search.alpha_qe`, which must not count a
+    query as its own neighbour. Raises ``ValueError`` for a non-2-D array or ``k < 2``.
+    Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    R = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+    if R.ndim != 2 or R.shape[1] < 2:
+        raise ValueError(f"exclude_self: ranks must be (N, k) with k >= 2, got shape {R.shape}")
+    if not np.issubdtype(R.dtype, np.integer):
+        raise TypeError(f"exclude_self: ranks must hold integer indices, got dtype {R.dtype}")
+    drop = R == np.arange(R.shape[0])[:, None]  # (N, k): the query itself
+    drop[~drop.any(axis=1), -1] = True  # rows without it lose their last entry
+    return R[~drop].reshape(R.shape[0], R.shape[1] - 1).astype(np.int64, copy=False)
+
+
+def expand(X: torch.Tensor, Q: Optional[torch.Tensor] = None, n_qe: int = 2, n_dba: int = 0,
+           alpha: float = 3.0) -> tuple:
+    """Database-side augmentation, then alpha query expansion: ``(X', Q')``.
+
+    1. DBA (when ``n_dba >= 2``): ``X' = dba(X, n_dba, alpha)``, each database vector
+       replaced by ``l2n(sum_{j<=n_dba} max(x . x_j, 0)^alpha x_j)`` over its ``n_dba``
+       nearest database vectors, itself included (``n_dba`` 0 or 1 leaves ``X``).
+    2. alpha-QE (when ``n_qe >= 1``): each query's top ``n_qe`` neighbours in ``X'`` give
+       ``Q' = l2n(q + sum_j max(q . x'_j, 0)^alpha x'_j)``.
+
+    ``Q=None`` means the queries are the database images themselves (``Q = X``, before
+    augmentation); the query is then not counted as its own neighbour
+    (:func:`exclude_self`). Search ``Q'`` against ``X'`` afterwards, e.g.
+    ``book.evaluate(X', Q')``. Shapes ``X (N, D)``, ``Q (n_q, D)``; both L2-normalised.
+
+    Source: alpha-QE and alpha-DBA as in Radenović, Tolias & Chum, TPAMI 2018 (DBA:
+    Arandjelović & Zisserman, CVPR 2012); used with R-MAC by Gordo et al., IJCV 2017.
+    The formulas are :func:`retrieval_lib.search.alpha_qe` and
+    :func:`retrieval_lib.search.dba`. Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    from .search import alpha_qe, dba, rank_database
+
+    n_qe = _positive_int(n_qe, "n_qe", "expand", minimum=0)
+    n_dba = _positive_int(n_dba, "n_dba", "expand", minimum=0)
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"expand: alpha must be a finite number >= 0, got {alpha!r}")
+    self_query = Q is None
+    Q = X if self_query else Q
+    n_db = X.shape[0]
+    if n_dba > n_db:
+        raise ValueError(f"expand: n_dba={n_dba} neighbours but the database has {n_db} vectors")
+    Xa = dba(X, n=n_dba, alpha=alpha) if n_dba >= 2 else X
+    if n_qe == 0:
+        return Xa, Q
+    k = n_qe + 1 if self_query else n_qe
+    if k > n_db:
+        raise ValueError(f"expand: n_qe={n_qe} neighbours but the database has only "
+                         f"{n_db - int(self_query)} other vectors")
+    ranks = rank_database(Q, Xa, k=k)  # (n_q, k)
+    if self_query:
+        ranks = exclude_self(ranks)
+    return Xa, alpha_qe(Q, Xa, ranks, n=n_qe, alpha=alpha)
