@@ -20,6 +20,7 @@ from .report import markdown_table, read_metrics, results_table
 __all__ = ["offtheshelf", "offtheshelf_table", "run_notebooks", "find_notebooks", "OFF_THE_SHELF"]
 
 OFF_THE_SHELF = ("MAC", "SPoC", "GeM (p=3)", "R-MAC (L=3)")
+CELL_TIMEOUT_S = {"smoke": 300, "cpu": 1800, "full": 4 * 3600}
 
 
 def _poolings():
@@ -113,8 +114,10 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
         if data_root is not None:
             params["DATA_ROOT"] = str(data_root)
         t0 = time.perf_counter()
+        # a per-cell limit, so that a stuck cell fails the run instead of hanging it
         pm.execute_notebook(str(nb), str(nb_out / nb.name), parameters=params, progress_bar=progress,
-                            cwd=str(nb.parent), kernel_name="python3")
+                            cwd=str(nb.parent), kernel_name="python3",
+                            execution_timeout=CELL_TIMEOUT_S[scale])
         doc = read_metrics(nb_out)
         doc["seconds"] = time.perf_counter() - t0
         docs.append(doc)

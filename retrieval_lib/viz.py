@@ -266,14 +266,41 @@ def _image_axes(ax, im, title):
     ax.set_title(title)
 
 
+def overlay_cells(ax, img, heat, rf_y, rf_x, alpha: float = 0.5, cmap: str = "jet", title: str | None = None):
+    """Like :func:`overlay`, but each cell of ``heat`` (h, w) is drawn where the network puts it.
+
+    ``rf_y`` / ``rf_x`` are the receptive fields of the map's rows and columns
+    (:func:`retrieval_lib.explain.receptive_field`): cell ``(r, c)`` becomes a
+    stride x stride block centred on its receptive field. With TensorFlow "SAME" padding
+    (EfficientNet-Lite) or an input size that is not a multiple of the stride, this
+    differs from stretching the map over the image by up to half a cell (01_mac).
+    """
+    im = to_numpy_image(img)
+    heat = heat.detach().cpu().float().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat, float)
+    H, W = im.shape[:2]
+    h, w = heat.shape
+    x0, x1 = rf_x.center(0) - rf_x.stride / 2, rf_x.center(w - 1) + rf_x.stride / 2
+    y0, y1 = rf_y.center(0) - rf_y.stride / 2, rf_y.center(h - 1) + rf_y.stride / 2
+    ax.imshow(im, extent=(0, W, H, 0))
+    hm = ax.imshow(heat, cmap=cmap, alpha=alpha, extent=(x0, x1, y1, y0), interpolation="nearest")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_xlabel("x (px)")
+    ax.set_ylabel("y (px)")
+    if title:
+        ax.set_title(title)
+    return hm
+
+
 def show_argmax(img, centers, boxes=None, labels: Sequence[str] | None = None, count_map=None,
-                title: str = "Where the MAC maxima sit"):
+                rf=None, title: str = "Where the MAC maxima sit"):
     """Arg-max locations of channels drawn on the photo (01_mac).
 
     ``centers`` (K, 2) pixel ``(x, y)`` of each channel's maximum (e.g. the receptive-field
     centres from :func:`retrieval_lib.explain.cell_centers`), ``boxes`` optional (K, 4)
     ``(x, y, w, h)`` around them, ``labels`` one string per point. With ``count_map``
-    (h, w), a first panel shows how many channels have their maximum in each cell.
+    (h, w), a first panel shows how many channels have their maximum in each cell, drawn
+    with :func:`overlay_cells` when ``rf = (rf_y, rf_x)`` is given (else stretched).
     """
     plt = _plt()
     im = to_numpy_image(img)
@@ -283,8 +310,8 @@ def show_argmax(img, centers, boxes=None, labels: Sequence[str] | None = None, c
     axes = axes[0]
     if count_map is not None:
         counts = np.asarray(count_map.cpu() if isinstance(count_map, torch.Tensor) else count_map, float)
-        h = overlay(axes[0], img, counts, alpha=0.55, cmap="viridis",
-                    title=f"channels whose maximum is in each cell (total {int(counts.sum())})")
+        kw = dict(alpha=0.55, cmap="viridis", title=f"channels whose maximum is in each cell (total {int(counts.sum())})")
+        h = overlay_cells(axes[0], img, counts, *rf, **kw) if rf is not None else overlay(axes[0], img, counts, **kw)
         fig.colorbar(h, ax=axes[0], fraction=0.035, pad=0.02, label="number of channels")
     ax = axes[-1]
     _image_axes(ax, im, f"arg-max of {len(centers)} channels")
@@ -314,7 +341,7 @@ def show_receptive_field(img, heat, center, theory_box, boxes: dict | None = Non
 
     plt = _plt()
     heat = heat.detach().cpu().float().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat, float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
     h = overlay(ax, img, np.sqrt(heat / max(heat.max(), 1e-12)), alpha=0.6, cmap="magma",
                 title=title)
     fig.colorbar(h, ax=ax, fraction=0.035, pad=0.02, label="sqrt of |gradient| (normalised)")
@@ -326,19 +353,20 @@ def show_receptive_field(img, heat, center, theory_box, boxes: dict | None = Non
         ax.add_patch(Rectangle((bx, by), bw, bh, fill=False, edgecolor=c, linewidth=2,
                                label=f"{label} ({bw:.0f}x{bh:.0f} px)"))
     ax.plot(*center, "P", ms=12, color="white", mec="black", label="the cell's centre")
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, framealpha=0.9)
     fig.tight_layout()
     return fig
 
 
 def show_correspondences(img_a, img_b, centers_a, centers_b, boxes_a=None, boxes_b=None,
-                         labels: Sequence[str] | None = None,
+                         labels: Sequence[str] | None = None, names: Sequence[str] = ("A", "B"),
                          title: str = "Implicit correspondences of the top MAC channels"):
     """Two photos side by side, a line from each channel's maximum in one to its maximum in the other.
 
     ``centers_a`` / ``centers_b`` (K, 2) pixel ``(x, y)``; optional (K, 4) boxes around
-    them; ``labels`` one string per pair (e.g. channel and share of the similarity).
-    As in Figure 2 of Radenović, Tolias & Chum, TPAMI 2018 (01_mac).
+    them; ``labels`` one string per pair (e.g. channel and share of the similarity);
+    ``names`` the two panels' image names. As in Figure 2 of Radenović, Tolias & Chum,
+    TPAMI 2018 (01_mac).
     """
     from matplotlib.patches import ConnectionPatch
 
@@ -346,8 +374,8 @@ def show_correspondences(img_a, img_b, centers_a, centers_b, boxes_a=None, boxes
     ia, ib = to_numpy_image(img_a), to_numpy_image(img_b)
     ca, cb = np.asarray(centers_a, float).reshape(-1, 2), np.asarray(centers_b, float).reshape(-1, 2)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
-    _image_axes(a, ia, "image A")
-    _image_axes(b, ib, "image B")
+    _image_axes(a, ia, f"image {names[0]}")
+    _image_axes(b, ib, f"image {names[1]}")
     colors = _point_colors(len(ca))
     for ax, boxes in ((a, boxes_a), (b, boxes_b)):
         if boxes is not None:
@@ -365,7 +393,7 @@ def show_correspondences(img_a, img_b, centers_a, centers_b, boxes_a=None, boxes
     return fig
 
 
-__all__ += ["show_argmax", "show_receptive_field", "show_correspondences"]
+__all__ += ["overlay_cells", "show_argmax", "show_receptive_field", "show_correspondences"]
 
 
 def show_ap_trapezoids(ranks_of_positives, n_pos: int, title: str = "Average precision as an area"):

@@ -43,16 +43,44 @@ def _check_offtheshelf(ours, names):
 CHECKS = {
     "00_pipeline": lambda o: (
         _check_offtheshelf(o, ["gem"]),
-        # the hand-worked AP example must equal the library's value exactly
+        # the hand-worked AP examples (with and without a junk image) equal the library's exactly
         pytest.approx(o["ap_by_hand"], abs=1e-12) == o["ap_library"],
+        pytest.approx(o["ap_by_hand_plain"], abs=1e-12) == o["ap_library_plain"],
+        # PNPPNNNPNN: trapezoid AP 463/672 is below the textbook AP (1 + 2/3 + 3/4 + 1/2) / 4
+        pytest.approx(463 / 672, abs=1e-12) == o["ap_by_hand_plain"],
+        o["ap_by_hand_plain"] < o["ap_textbook_plain"],
+        # removing a junk image ranked above three positives can only raise AP
+        o["ap_by_hand"] > o["ap_by_hand_plain"],
     ),
-    "01_mac": lambda o: _check_offtheshelf(o, ["mac"]),
-    "02_spoc": lambda o: _check_offtheshelf(o, ["spoc", "spoc_center", "mac"]),
+    "01_mac": lambda o: (
+        _check_offtheshelf(o, ["mac"]),
+        # EfficientNet-Lite0's theoretical receptive field; the effective one is far smaller
+        o["rf_theoretical_px"] == 851 and o["rf_stride_px"] == 32,
+        0 < o["erf_mean_px"] < o["rf_theoretical_px"],
+        0 < o["top_k_share_same_place"] <= 1 and 0 < o["top_k_share_other_place"] <= 1,
+        0 < o["similarity_other_place"] <= 1 and 0 < o["similarity_same_place"] <= 1,
+    ),
+    "02_spoc": lambda o: (
+        _check_offtheshelf(o, ["spoc", "spoc_center", "mac"]),
+        # the per-query APs behind the win/loss comparison average to the benchmark's mAP
+        abs(o["mean_query_ap/spoc"] - o["mAP/spoc"]) < 1e-9,
+        abs(o["mean_query_ap/mac"] - o["mAP/mac"]) < 1e-9,
+        o["n_spoc_wins"] + o["n_spoc_losses"] + o["n_ties"] == o["n_queries"] > 0,
+        # the size sweep at the default input size re-measures the descriptors of section 2
+        o["size_sweep_default_gap"] < 1e-12,
+        0.0 <= o["self_sim_min/spoc"] <= 1.0 + 1e-6,
+    ),
     "03_gem": lambda o: (
-        _check_offtheshelf(o, ["gem_p1", "gem_p3"]),
+        _check_offtheshelf(o, ["gem_p1", "gem_p3", "spoc", "mac", "gem_best"]),
         o["grad_max_abs_err"] < 1e-8,
         # p = 1 is SPoC: the notebook measures both and they must agree
         abs(o["mAP/gem_p1"] - o["mAP/spoc"]) < 1e-6,
+        # the best of the sweep is at least as good as any swept p
+        o["mAP/gem_best"] >= max(o["mAP/gem_p1"], o["mAP/gem_p3"]) - 1e-12,
+        # learnable p: Adam lowers the training loss and moves p away from its start
+        o["loss_after"] < o["loss_before"],
+        abs(o["p_learned"] - o["p_init"]) > 1e-3,
+        _fraction(o["mAP/heldout_before"]) and _fraction(o["mAP/heldout_after"]),
     ),
     "04_rmac": lambda o: (
         _check_offtheshelf(o, ["rmac_L3", "mac", "mac_ms", "rmac_L3_ms", "rmac_L3_ms_qe", "rmac_L3_ms_dba",
