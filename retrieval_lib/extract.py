@@ -138,8 +138,20 @@ def _size_batches(images, image_size: int, batch_size: int) -> list[list[int]]:
     return batches
 
 
-def _default_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def _default_workers(device: torch.device) -> int:
+    """DataLoader workers used when ``num_workers`` is None.
+
+    On CUDA the forward leaves the CPU free: up to 4 workers, one core kept for the main
+    process. On CPU the forward already keeps ``torch.get_num_threads()`` cores busy; a
+    decoding worker beside it competes for them and the intra-op threads stall waiting
+    for each other (on 2 cores: +50 % CPU time and 0.7x the images/s of decoding in the
+    main process, see ``benchmarks/extraction.py``). So on CPU only the cores the forward
+    leaves idle get workers: none with torch's default thread count on most machines.
+    """
+    cores = os.cpu_count() or 1
+    if device.type == "cpu":
+        return max(0, min(4, cores - torch.get_num_threads()))
+    return max(0, min(4, cores - 1))
 
 
 # --------------------------------------------------------------------------- the cache
@@ -208,7 +220,7 @@ def _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_wor
     is_cuda = device.type == "cuda"
     amp = is_cuda if amp is None else bool(amp)
     channels_last = is_cuda if channels_last is None else bool(channels_last)
-    workers = _default_workers() if num_workers is None else int(num_workers)
+    workers = _default_workers(device) if num_workers is None else int(num_workers)
     mean = torch.tensor(model.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(model.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     loader = DataLoader(

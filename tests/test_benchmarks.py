@@ -1,0 +1,224 @@
+"""The benchmark scripts: the quick mode runs end to end and every comparison agrees.
+
+Timings are never asserted (the machine is shared); what is asserted is that each
+benchmark's reference and the library gave the same outputs, that the result files are
+written, and that the measuring tools and references are right on hand-worked cases.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import __main__ as cli  # noqa: E402
+from benchmarks import evaluation, pooling, search, suite, timing  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert cli.main(["--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_mode_writes_every_result(quick_results):
+    out, doc = quick_results
+    assert set(doc["results"]) == set(cli.QUICK)
+    for name in cli.QUICK:
+        assert (out / f"{name}.json").exists() and (out / f"{name}.md").exists()
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "results.md").read_text()
+    assert text.startswith("## Performance")
+    assert doc["machine"]["cores"] >= 1 and "torch" in doc["machine"]
+    assert text.count("quick mode") == len(cli.QUICK)
+
+
+def test_quick_pooling_matches_loops(quick_results):
+    res = quick_results[1]["results"]["pooling"]
+    names = {r["pooling"] for r in res["rows"]}
+    assert {"MAC", "SPoC", "GeM (p=3)", "wGeM (p=3)", "R-MAC (L=3)", "region_mac (L=3)"} <= names
+    bad = [(r["shape"], r["pooling"], r["max_abs_err"]) for r in res["rows"] if not r["match"]]
+    assert not bad, bad
+    assert res["summary"]["no_5d_tensor"]
+    for r in res["rows"]:
+        if r["pooling"] in pooling.REGIONAL:  # never anything near (B, R, C, H, W)
+            assert r["largest_alloc_bytes"] <= r["input_bytes"]
+    assert res["shares"] and all(0 < p["share"] for s in res["shares"] for p in s["poolings"].values())
+
+
+def test_quick_extraction_equals_bare_forward(quick_results):
+    res = quick_results[1]["results"]["extraction"]
+    assert res["summary"]["match"], res["max_abs_err"]
+    assert res["n_images"] == 8 and len(res["rows"]) == 3
+    assert all(r["images_per_s"] > 0 for r in res["rows"])
+
+
+def test_quick_evaluation_identical(quick_results):
+    res = quick_results[1]["results"]["evaluation"]
+    assert res["summary"]["all_match"]
+    assert all(r["max_abs_diff"] <= 1e-12 for r in res["rows"])
+    assert 0.05 < res["rows"][-1]["mAP_medium"] < 0.95  # the generated rankings are not trivial
+
+
+def test_quick_search_exact(quick_results):
+    res = quick_results[1]["results"]["search"]
+    assert res["summary"]["all_match"]
+    for r in res["rows"]:
+        assert r["max_score_diff"] < 1e-5 and r["index_overlap"] >= 0.999
+        # knn's extra memory is bounded by one block; here a block covers the whole database
+        assert r["ours_peak_extra_bytes"] <= 2 * r["score_matrix_bytes"] + 2 ** 20
+    flat = [f["flat_recall"] for f in res["faiss"]]
+    assert flat and min(flat) >= 0.999  # faiss flat is exact too
+    ivf = [f for f in res["faiss"] if "ivfpq_recall" in f]
+    assert len(ivf) == 1 and 0.0 < ivf[0]["ivfpq_recall"] <= 1.0
+
+
+def test_quick_scaling_matches(quick_results):
+    res = quick_results[1]["results"]["scaling"]
+    assert res["summary"]["all_match"]
+    assert [r["database"] for r in res["rows"]] == sorted(r["database"] for r in res["rows"])
+
+
+# ------------------------------------------------------------------------- references by hand
+def test_compute_map_loop_hand_worked():
+    ranks = np.array([[0, 1, 2, 3]])
+    # positives at positions 1 and 3: AP = 1/2 [ (0/1 + 1/2)/2 + (1/3 + 2/4)/2 ] = 1/3
+    m, aps, _, pks = evaluation.compute_map_loop(ranks, [{"ok": [1, 3], "junk": []}], kappas=(1, 2))
+    assert m == pytest.approx(1 / 3)
+    assert pks[0].tolist() == [0.0, 0.5]
+    # image 0 is junk: positives move to 0 and 2: AP = 1/2 [ 1 + (1/2 + 2/3)/2 ] = 19/24
+    m, _, _, _ = evaluation.compute_map_loop(ranks, [{"ok": [1, 3], "junk": [0]}])
+    assert m == pytest.approx(19 / 24)
+    # a query without positives is NaN and left out of the mean
+    m, aps, _, _ = evaluation.compute_map_loop(np.array([[0, 1], [1, 0]]),
+                                               [{"ok": [0], "junk": []}, {"ok": [], "junk": []}])
+    assert m == 1.0 and np.isnan(aps[1])
+
+
+def test_pooling_loops_hand_worked():
+    x = torch.arange(18, dtype=torch.float32).view(1, 2, 3, 3)  # channel 0: 0..8, channel 1: 9..17
+    assert pooling.mac_loop(x).tolist() == [[8.0, 17.0]]
+    assert pooling.spoc_loop(x).tolist() == [[4.0, 13.0]]
+    assert pooling.region_mac_loop(x, [(0, 0, 2, 2), (1, 1, 2, 2)]).tolist() == [[[4.0, 13.0], [8.0, 17.0]]]
+    g = pooling.gem_loop(torch.full((1, 1, 2, 2), 2.0), p=3.0)
+    assert g.item() == pytest.approx(2.0)
+    w = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    assert pooling.wgem_loop(x[:, :, :2, :2], w)[0].tolist() == pytest.approx([1e-6, 9.0], abs=1e-5)
+
+
+def test_search_reference_and_recall():
+    X = torch.eye(4)
+    Q = torch.tensor([[0.9, 0.1, 0.0, 0.0]])
+    s, i = search.bare_topk(Q, X, 2)
+    assert i.tolist() == [[0, 1]] and s[0].tolist() == pytest.approx([0.9, 0.1])
+    assert search.recall_at_k(torch.tensor([[0, 2]]), torch.tensor([[0, 1]])) == 0.5
+    D = search.descriptors(300, dim=32, rank=8, n_clusters=5)
+    assert D.shape == (300, 32) and torch.allclose(D.norm(dim=1), torch.ones(300), atol=1e-5)
+
+
+# ------------------------------------------------------------------------- measuring tools
+def test_compare_interleaves_and_reports_speedup():
+    calls = []
+    res = timing.compare(lambda: calls.append("ref"), lambda: calls.append("ours"), repeats=3, warmup=1)
+    assert calls == ["ref", "ours"] * 4  # warm-up pair, then strictly alternating
+    assert res["speedup"] == pytest.approx(res["reference_s"] / res["ours_s"])
+    assert len(res["reference"]["times"]) == 3
+    with pytest.raises(ValueError, match="repeats"):
+        timing.compare(lambda: None, lambda: None, repeats=0)
+    with pytest.raises(ValueError, match="repeats"):
+        timing.bench(lambda: None, repeats=0)
+
+
+def test_bench_calibrates_short_calls():
+    res = timing.bench(lambda: sum(range(100)), repeats=2, warmup=0, min_time=0.005)
+    assert res["number"] > 1 and res.median > 0
+
+
+def test_tensor_memory_peak_and_largest():
+    with timing.TensorMemory() as mem:
+        a = torch.ones(256, 1024)  # 1 MiB
+        b = a * 2  # 1 MiB more, live together: 2 MiB
+        del a
+        c = b[:10]  # a view: nothing new
+        d = torch.ones(128, 1024)  # 0.5 MiB while b lives: 1.5 MiB
+        del b, c, d
+    assert mem.peak == 2 * 2 ** 20
+    assert mem.largest == 2 ** 20 and "ones" in mem.op
+    assert mem.live == 0
+
+
+def test_numpy_memory_sees_arrays():
+    with timing.NumpyMemory() as mem:
+        a = np.ones(1 << 20)  # 8 MiB
+        del a
+    assert 8 * 2 ** 20 <= mem.peak < 9 * 2 ** 20
+
+
+def test_peak_rss_sees_a_large_allocation():
+    with timing.PeakRSS(interval=0.001) as mem:
+        a = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
+        import time
+
+        time.sleep(0.02)
+        del a
+    assert mem.peak_extra >= 32 * 2 ** 20
+
+
+def test_geomean_and_table():
+    assert timing.geomean([2.0, 8.0]) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="positive"):
+        timing.geomean([1.0, 0.0])
+    table = timing.markdown_table(["a", "b"], [[True, 1.23456], [False, None]])
+    assert table.splitlines()[2] == "| yes | 1.23 |" and table.splitlines()[3] == "| **no** | – |"
+
+
+# ------------------------------------------------------------------------- command line and suite
+def test_cli_refuses_unknown_names_and_quick_suite(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["poolng"])
+    assert "unknown benchmark(s) poolng" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--quick", "suite"])
+    assert "suite has no quick mode" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["evaluation", "--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no quick mode"):
+        suite.run(quick=True)
+
+
+def test_parse_junit(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_notebooks" name="test_runs_at_smoke_scale[00_pipeline]" time="12.5"/>'
+        '<testcase classname="tests.test_notebooks" name="test_house_structure[00_pipeline]" time="0.5"/>'
+        '<testcase classname="tests.test_search" name="test_knn" time="1.0"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_search" name="test_faiss" time="2.0"><skipped message="y"/></testcase>'
+        '</testsuite></testsuites>')
+    res = suite.parse_junit(xml)
+    assert res["notebooks"] == {"00_pipeline": 12.5}
+    assert res["files"] == {"test_notebooks.py": 13.0, "test_search.py": 3.0}
+    assert res["counts"] == {"tests": 4, "failures": 1, "errors": 0, "skipped": 1}
+
+
+# ------------------------------------------------------------------------- extract.py's worker default
+@pytest.mark.parametrize("cores, threads, device, expected", [
+    (2, 2, "cpu", 0),  # the forward uses both cores: decode in the main process
+    (16, 8, "cpu", 4),  # spare cores: workers, at most 4
+    (8, 6, "cpu", 2),
+    (2, 2, "cuda", 1),  # the forward runs on the GPU: keep one core for the main process
+    (1, 1, "cuda", 0),
+])
+def test_default_workers_leave_the_forward_its_cores(monkeypatch, cores, threads, device, expected):
+    from retrieval_lib import extract
+
+    monkeypatch.setattr(extract.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(extract.torch, "get_num_threads", lambda: threads)
+    assert extract._default_workers(torch.device(device)) == expected
