@@ -22,7 +22,6 @@ factorisation as in the reference implementation.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -31,21 +30,11 @@ import torch
 from torch import nn
 
 from retrieval_lib.functional import l2n
+from retrieval_lib.search import _from_numpy  # one zero-copy numpy -> tensor helper for the library
 
 __all__ = ["Whitening", "pca_whitening", "zca_whitening", "learned_whitening"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
-
-
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    """Zero-copy tensor view of an array; read-only arrays (memory-mapped .npy) are fine
-    because the library never writes into its inputs."""
-    a = np.ascontiguousarray(a)
-    if a.flags.writeable:
-        return torch.from_numpy(a)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writ.*")
-        return torch.from_numpy(a)
 
 
 def _as_tensor(X: ArrayLike, name: str = "X") -> torch.Tensor:
