@@ -84,10 +84,11 @@ def combine(out: Path, info: dict) -> str:
         results[name] = res
         mod = importlib.import_module(f"benchmarks.{name}")
         parts.append(mod.to_markdown(res).rstrip() + "\n\n" + _section_note(res))
-    header = ["## Performance", "", f"Measured on: {machine_line(info)}.", "",
+    header = ["## Performance", "", f"Measured on: {machine_line(info, load=False)}.", "",
               "Ratios, not absolute times, are the claims: each row times a plain reference and the "
               "library in the same process, interleaved, after a warm-up (medians). "
-              "Regenerate with `python -m benchmarks` (about 20 min + the suite).", ""]
+              "The machine is shared: each section says when it ran and the load average then. "
+              "Regenerate with `python -m benchmarks` (about 15 min on 2 cores, plus the suite).", ""]
     text = "\n".join(header) + "\n" + "\n\n".join(parts) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")

@@ -194,6 +194,13 @@ def to_markdown(res: dict) -> str:
              fmt_mb(r["naive_5d_bytes"]) if r["pooling"] in REGIONAL else "–"] for r in res["rows"]]
     lines.append(markdown_table(["feature map", "pooling", "loop", "ours", "speedup", "max |diff|",
                                  "largest alloc.", "(B,R,C,H,W) would be"], rows))
+    slow = sorted({r["pooling"] for r in res["rows"] if r["pooling"] not in REGIONAL and r["speedup"] < 1})
+    if slow:
+        lines += ["", f"Below 1x ({', '.join(slow)}): these are a few elementwise ops either way, and the whole-batch "
+                      "form allocates temporaries of the size of the batch (8-30 MB) where the loop's are one "
+                      "image's; with glibc's default settings such large blocks go back to the OS after each call "
+                      "and every new one is paid again in page faults (costly in a VM), which the smaller "
+                      "per-image blocks escape. Fewer temporaries (in-place `pow_`) remove the gap."]
     geo = ", ".join(f"{k} {v:.2f}x" for k, v in s["regional_speedup_geomean"].items())
     lines += ["", f"Regional speedup, geometric mean over the shapes: {geo} "
               f"(target >= {SPEEDUP_TARGET:.0f}x: {'met' if s['regional_target_met'] else 'NOT met'}); "

@@ -327,10 +327,10 @@ def machine_info() -> dict:
     return info
 
 
-def machine_line(info: dict) -> str:
+def machine_line(info: dict, load: bool = True) -> str:
     """One sentence describing the machine, for the top of a results table."""
     gpu = f", GPU {info['cuda']}" if info.get("cuda") else ", no GPU"
-    load = info.get("load_average")
+    load = info.get("load_average") if load else None
     load = f"; load average at start {load[0]:.2f}" if load else ""
     mem = f", {info['memory_gb']} GB RAM" if "memory_gb" in info else ""
     return (f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads){mem}{gpu}; "

@@ -161,13 +161,21 @@ def test_numpy_memory_sees_arrays():
 
 
 def test_peak_rss_sees_a_large_allocation():
+    import time
+
+    # the sampling thread sees a short-lived block (waited for, not slept on: the machine may be busy)
     with timing.PeakRSS(interval=0.001) as mem:
         a = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
-        import time
-
-        time.sleep(0.02)
+        deadline = time.monotonic() + 10
+        while mem.peak_extra < 32 * 2 ** 20 and time.monotonic() < deadline:
+            time.sleep(0.005)
         del a
     assert mem.peak_extra >= 32 * 2 ** 20
+    # and the last sample, taken on exit, sees a block still alive then
+    with timing.PeakRSS(interval=60) as mem:
+        b = np.ones(64 << 20, dtype=np.uint8)
+    assert mem.peak_extra >= 32 * 2 ** 20
+    del b
 
 
 def test_geomean_and_table():
