@@ -36,6 +36,14 @@ def _clamp_p(p: torch.Tensor, p_min: float) -> torch.Tensor:
     return torch.where(p < p_min, torch.full_like(p, p_min), p)
 
 
+def _register_p(module: nn.Module, init: torch.Tensor, learn_p: bool) -> None:
+    """``module.p``: a learnable ``nn.Parameter`` or, when fixed, a buffer (moves with ``.to``)."""
+    if learn_p:
+        module.p = nn.Parameter(init)
+    else:
+        module.register_buffer("p", init)
+
+
 def _p_repr(p: torch.Tensor) -> str:
     p = p.detach()
     if p.numel() == 1:
@@ -110,10 +118,7 @@ class GeM(nn.Module):
             init = torch.full((channels,), float(p))
         else:
             init = torch.full((1,), float(p))
-        if learn_p:
-            self.p = nn.Parameter(init)
-        else:
-            self.register_buffer("p", init)
+        _register_p(self, init, learn_p)
         self.eps = eps
         self.p_min = float(p_min)
         self.learn_p = bool(learn_p)
@@ -192,10 +197,7 @@ class WGeM(nn.Module):
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
         init = torch.full((1,), float(p))
-        if learn_p:
-            self.p = nn.Parameter(init)
-        else:
-            self.register_buffer("p", init)
+        _register_p(self, init, learn_p)
         self.eps = eps
         self.p_min = float(p_min)
         self.learn_p = bool(learn_p)

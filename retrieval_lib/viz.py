@@ -52,8 +52,14 @@ def overlay(ax, img, heat, alpha: float = 0.5, cmap: str = "jet", title: str | N
     im = to_numpy_image(img)
     heat = heat.detach().cpu().float().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat, float)
     H, W = im.shape[:2]
+    return _draw_heat(ax, im, heat, (0, W, H, 0), alpha, cmap, title)
+
+
+def _draw_heat(ax, im, heat, heat_extent, alpha, cmap, title):
+    """The photo, a (h, w) map over it at ``heat_extent`` (nearest), axes in image pixels."""
+    H, W = im.shape[:2]
     ax.imshow(im, extent=(0, W, H, 0))
-    h = ax.imshow(heat, cmap=cmap, alpha=alpha, extent=(0, W, H, 0), interpolation="nearest")
+    h = ax.imshow(heat, cmap=cmap, alpha=alpha, extent=heat_extent, interpolation="nearest")
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
     ax.set_xlabel("x (px)")
@@ -281,15 +287,7 @@ def overlay_cells(ax, img, heat, rf_y, rf_x, alpha: float = 0.5, cmap: str = "je
     h, w = heat.shape
     x0, x1 = rf_x.center(0) - rf_x.stride / 2, rf_x.center(w - 1) + rf_x.stride / 2
     y0, y1 = rf_y.center(0) - rf_y.stride / 2, rf_y.center(h - 1) + rf_y.stride / 2
-    ax.imshow(im, extent=(0, W, H, 0))
-    hm = ax.imshow(heat, cmap=cmap, alpha=alpha, extent=(x0, x1, y1, y0), interpolation="nearest")
-    ax.set_xlim(0, W)
-    ax.set_ylim(H, 0)
-    ax.set_xlabel("x (px)")
-    ax.set_ylabel("y (px)")
-    if title:
-        ax.set_title(title)
-    return hm
+    return _draw_heat(ax, im, heat, (x0, x1, y1, y0), alpha, cmap, title)
 
 
 def show_argmax(img, centers, boxes=None, labels: Sequence[str] | None = None, count_map=None,

@@ -1,11 +1,13 @@
 """A tiny HTTP server on 127.0.0.1 for download tests: byte ranges, truncation, request log.
 
-``serve(routes)`` starts it in a thread; ``routes`` maps a URL path to ``Route``. Every
+``tgz(files)`` builds a .tar.gz in memory to serve. ``serve(routes)`` starts it in a thread; ``routes`` maps a URL path to ``Route``. Every
 request is logged as ``(path, Range header or None)`` in ``server.log``.
 """
 from __future__ import annotations
 
+import io
 import re
+import tarfile
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,3 +64,16 @@ def serve(routes: dict):
     srv.url = lambda path: f"http://127.0.0.1:{srv.server_address[1]}{path}"
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     return srv
+
+
+def tgz(files: dict, extra=()) -> bytes:
+    """A .tar.gz in memory: ``files`` name -> bytes, ``extra`` ready-made (TarInfo, bytes|None)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info, data in extra:
+            tf.addfile(info, None if data is None else io.BytesIO(data))
+    return buf.getvalue()

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import pickle
-import tarfile
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 from _http import Route, serve
+from _http import tgz as _tgz
 from retrieval_lib import datasets as ds
 from retrieval_lib.datasets import (CUB200, GroupDataset, RevisitedDataset, cache_root, data_root,
                                     default_benchmark, download_cub, download_revisited, load_gnd,
@@ -425,14 +425,6 @@ def test_load_gnd_never_runs_code(tmp_path):
         load_gnd(p)
 
 
-def _tgz(files: dict) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _jpeg_bytes(colour=(10, 200, 10), size=(40, 36)):

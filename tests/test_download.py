@@ -9,21 +9,11 @@ import zipfile
 import pytest
 
 from _http import Route, serve
+from _http import tgz as _tgz
 from retrieval_lib.download import (ArchiveError, ChecksumError, DownloadError, download,
                                     extract_archive, file_hash)
 
 
-def _tgz(files: dict, extra=()) -> bytes:
-    """A .tar.gz in memory: ``files`` name -> bytes, ``extra`` ready-made (TarInfo, bytes|None)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for info, data in extra:
-            tf.addfile(info, None if data is None else io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _zip(files: dict, infos=()) -> bytes:
