@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval_lib.evaluate import compute_map, evaluate_revisited
+from retrieval_lib.search.evaluate import compute_map, evaluate_revisited
 
 from .timing import NumpyMemory, compare, fmt_mb, fmt_s, markdown_table
 
@@ -36,7 +36,7 @@ def average_precision_loop(pos: np.ndarray, n_pos: int) -> float:
 
 
 def compute_map_loop(ranks: np.ndarray, gnd: list, kappas=KAPPAS) -> tuple:
-    """Per-query reference of :func:`retrieval_lib.evaluate.compute_map`: ``(mAP, aps, mpk, pks)``."""
+    """Per-query reference of :func:`retrieval_lib.search.evaluate.compute_map`: ``(mAP, aps, mpk, pks)``."""
     n_q, _ = ranks.shape
     n_db = int(ranks.max()) + 1
     aps = np.zeros(n_q)
@@ -81,7 +81,7 @@ def revisited_protocols(gnd: list) -> dict:
 
 
 def evaluate_revisited_loop(ranks: np.ndarray, gnd: list, kappas=KAPPAS) -> dict:
-    """Per-query reference of :func:`retrieval_lib.evaluate.evaluate_revisited`."""
+    """Per-query reference of :func:`retrieval_lib.search.evaluate.evaluate_revisited`."""
     out = {}
     for name, g in revisited_protocols(gnd).items():
         m, _, mpk, _ = compute_map_loop(ranks, g, kappas)

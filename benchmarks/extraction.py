@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from retrieval_lib.extract import extract_descriptors, resize_longer_side, _to_uint8_tensor
-from retrieval_lib.functional import l2n
-from retrieval_lib.pooling import GeM
+from retrieval_lib.engine.extract import extract_descriptors, resize_longer_side, _to_uint8_tensor
+from retrieval_lib.layers.functional import l2n
+from retrieval_lib.layers.pooling import GeM
 
 from .timing import PeakRSS, fmt_mb, markdown_table, peak_rss_bytes
 
@@ -31,8 +31,8 @@ RATIO_TARGET = 0.9
 
 def photos(quick: bool):
     """The real171 photos when ``RETRIEVAL_DATA`` points at them, else the offline default set."""
-    from retrieval_lib.datasets import default_benchmark
-    from retrieval_lib.images import ImageList
+    from retrieval_lib.data.datasets import default_benchmark
+    from retrieval_lib.data.images import ImageList
 
     bench = default_benchmark()
     db = bench.database
@@ -87,8 +87,8 @@ def run(quick: bool = False, repeats: int | None = None, image_size: int | None 
     move less with the load than wall time. Quick mode: 8 photos at 256 px, only to
     exercise the code (its ratio is not a claim).
     """
-    from retrieval_lib.backbones import load_backbone
-    from retrieval_lib.extract import _default_workers
+    from retrieval_lib.models.backbones import load_backbone
+    from retrieval_lib.engine.extract import _default_workers
 
     repeats = repeats or (1 if quick else 5)
     image_size = image_size or (256 if quick else 512)

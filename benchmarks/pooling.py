@@ -1,4 +1,4 @@
-"""Pooling benchmark: every pooling of ``retrieval_lib.functional`` against a plain loop.
+"""Pooling benchmark: every pooling of ``retrieval_lib.layers.functional`` against a plain loop.
 
 For feature maps shaped like the backbones produce them (EfficientNet-Lite0 at 512 px,
 B=8, 1280 x 16 x 12; Lite0 at 1024 px landscape, B=8, 1280 x 24 x 32; ResNet-101 at
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from retrieval_lib import functional as F
-from retrieval_lib.pooling import WGeM
+from retrieval_lib.layers import functional as F
+from retrieval_lib.layers.pooling import WGeM
 
 from .timing import TensorMemory, bench, compare, fmt_mb, fmt_s, geomean, markdown_table
 
@@ -122,7 +122,7 @@ def cases(x: torch.Tensor) -> list:
 
 def _forward_share(label_backbone: str, image_hw: tuple, C: int, repeats: int, min_time: float) -> dict:
     """Backbone forward time of one image and each pooling's time on its (1, C, h, w) map."""
-    from retrieval_lib.backbones import load_backbone
+    from retrieval_lib.models.backbones import load_backbone
 
     pretrained = label_backbone == "efficientnet_lite0"  # only Lite0 ships offline; timing does not care
     model = load_backbone(label_backbone, pretrained=pretrained).eval()

@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from retrieval_lib.evaluate import evaluate_revisited
-from retrieval_lib.search import knn
+from retrieval_lib.search.evaluate import evaluate_revisited
+from retrieval_lib.search.nearest import knn
 
 from .evaluation import KAPPAS, evaluate_revisited_loop, revisited_case
 from .search import bare_topk, descriptors

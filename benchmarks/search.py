@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retrieval_lib.search import knn
+from retrieval_lib.search.nearest import knn
 
 from .timing import TensorMemory, bench, compare, fmt_mb, fmt_s, markdown_table
 

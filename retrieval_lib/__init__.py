@@ -4,14 +4,29 @@ Notebooks in ``notebooks/`` teach; this package computes. Conventions used every
 feature maps ``(B, C, H, W)``, descriptors ``(N, D)`` L2-normalised, similarity ``Q @ X.T``,
 ``ranks`` ``(n_queries, n_db)`` database indices best first.
 
-The pooling functions and modules are re-exported here; everything else lives in its
-module (``retrieval_lib.whitening``, ``.evaluate``, ``.search``, ``.backbones``,
-``.extract``, ``.datasets``, ...), see the README's map of the library.
+The package is organised by concept; imports run one way, from the equations up:
+
+* ``layers``  -- the equations: pooling functions and modules, losses, whitening;
+* ``models``  -- backbones (EfficientNet-Lite with offline weights, ResNet);
+* ``data``    -- the image opener, data sets, downloads;
+* ``search``  -- k-NN, re-ranking (alpha-QE, DBA), evaluation protocols;
+* ``engine``  -- devices, batched/cached extraction, training and mining;
+* ``book``    -- what the notebooks use: the session (``start``), figures, sweeps, report.
+
+The names a notebook or script needs most are re-exported here, one import away.
 """
 
-from .device import get_device, seed_everything
-from .functional import gem, l2n, mac, region_mac, rmac, rmac_regions, spoc, wgem
-from .pooling import MAC, POOLING, RMAC, GeM, SPoC, WGeM, make_pooling
+from retrieval_lib.engine.device import get_device, seed_everything
+from retrieval_lib.layers.functional import gem, l2n, mac, region_mac, rmac, rmac_regions, spoc, wgem
+from retrieval_lib.layers.losses import contrastive_loss
+from retrieval_lib.layers.pooling import MAC, POOLING, RMAC, GeM, SPoC, WGeM, make_pooling
+from retrieval_lib.layers.whitening import learned_whitening, pca_whitening, zca_whitening
+from retrieval_lib.models.backbones import efficientnet_lite, load_backbone
+from retrieval_lib.data.images import ImageList
+from retrieval_lib.search.evaluate import compute_map, evaluate_revisited
+from retrieval_lib.search.nearest import knn, rank_database
+from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps
+from retrieval_lib.book.session import start
 
 __version__ = "0.1.0"
 
@@ -19,4 +34,9 @@ __all__ = [
     "get_device", "seed_everything",
     "l2n", "mac", "spoc", "gem", "rmac_regions", "region_mac", "rmac", "wgem",
     "MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling",
+    "contrastive_loss",
+    "pca_whitening", "zca_whitening", "learned_whitening",
+    "load_backbone", "efficientnet_lite", "ImageList",
+    "compute_map", "evaluate_revisited", "knn", "rank_database",
+    "extract_descriptors", "extract_fmaps", "start",
 ]

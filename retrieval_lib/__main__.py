@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "reproduce":
-        from .reproduce import main_reproduce
+        from retrieval_lib.book.reproduce import main_reproduce
 
         return main_reproduce(args)
     return 2

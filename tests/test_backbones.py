@@ -1,4 +1,4 @@
-"""Tests for retrieval_lib.backbones (offline: Lite weights ship in pip packages, ResNets
+"""Tests for retrieval_lib.models.backbones (offline: Lite weights ship in pip packages, ResNets
 are built with random weights or from files written here; no network is touched)."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from skimage import data as skdata
 from skimage.transform import resize
 
-from retrieval_lib import backbones as bb
-from retrieval_lib.backbones import (
+from retrieval_lib.models import backbones as bb
+from retrieval_lib.models.backbones import (
     BACKBONES,
     Conv2dSame,
     EfficientNetLite,

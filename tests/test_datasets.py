@@ -14,12 +14,12 @@ from PIL import Image
 
 from _http import Route, serve
 from _http import tgz as _tgz
-from retrieval_lib import datasets as ds
-from retrieval_lib.datasets import (CUB200, GroupDataset, RevisitedDataset, cache_root, data_root,
+from retrieval_lib.data import datasets as ds
+from retrieval_lib.data.datasets import (CUB200, GroupDataset, RevisitedDataset, cache_root, data_root,
                                     default_benchmark, download_cub, download_revisited, load_gnd,
                                     offline_default, real171)
-from retrieval_lib.download import ChecksumError
-from retrieval_lib.evaluate import evaluate_revisited
+from retrieval_lib.data.download import ChecksumError
+from retrieval_lib.search.evaluate import evaluate_revisited
 
 
 # ------------------------------------------------------------------ plain-loop references
@@ -288,7 +288,7 @@ def test_offline_default_structure_determinism_and_reuse(tmp_path):
 
 def test_offline_default_views_are_retrievable(tmp_path):
     """A colour histogram already finds the views far above chance: the labels are right."""
-    from retrieval_lib.evaluate import map_by_labels
+    from retrieval_lib.search.evaluate import map_by_labels
 
     d = offline_default(cache_dir=tmp_path)
     X = []
@@ -475,7 +475,7 @@ def test_download_revisited_from_loopback(tmp_path, server, monkeypatch):
 def test_real_gnd_checksums_are_the_constants(data_root):
     if data_root is None or not (data_root / "revisited_gnd").is_dir():
         pytest.skip("the revisited ground truth is not available here")
-    from retrieval_lib.download import file_hash
+    from retrieval_lib.data.download import file_hash
 
     for name in ds.REVISITED:
         assert file_hash(data_root / "revisited_gnd" / f"gnd_{name}.pkl") == ds.GND_SHA256[name]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_lib.device import get_device, seed_everything
+from retrieval_lib.engine.device import get_device, seed_everything
 
 
 def test_auto_picks_an_available_device():

@@ -10,7 +10,7 @@ import pytest
 
 from _http import Route, serve
 from _http import tgz as _tgz
-from retrieval_lib.download import (ArchiveError, ChecksumError, DownloadError, download,
+from retrieval_lib.data.download import (ArchiveError, ChecksumError, DownloadError, download,
                                     extract_archive, file_hash)
 
 

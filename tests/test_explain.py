@@ -1,4 +1,4 @@
-"""retrieval_lib.explain: arg-max locations, receptive fields, input gradients, correspondences.
+"""retrieval_lib.book.explain: arg-max locations, receptive fields, input gradients, correspondences.
 
 Every vectorised function is checked against a plain reference: Python loops over
 channels and cells, the support of autograd gradients through all-positive linear
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from retrieval_lib.backbones import Conv2dSame, efficientnet_lite, resnet
-from retrieval_lib.explain import (
+from retrieval_lib.models.backbones import Conv2dSame, efficientnet_lite, resnet
+from retrieval_lib.book.explain import (
     ConvSpec,
     Correspondences,
     argmax_locations,
@@ -102,7 +102,7 @@ def test_argmax_locations_rejects_bad_maps(bad, err):
                                         (3, 1, 1, 9), (5, 1, 2, 12), (1, 1, 1, 7), (4, 3, 1, 13)])
 def test_same_padding_matches_the_layer(k, s, d, n):
     """pad_before / out_size agree with the padded convolution Conv2dSame actually runs."""
-    from retrieval_lib.backbones import tf_same_padding
+    from retrieval_lib.models.backbones import tf_same_padding
 
     spec = ConvSpec(k, s, d, "same")
     assert spec.pad_before(n) == tf_same_padding(n, k, s, d)[0]
@@ -254,7 +254,7 @@ def test_receptive_field_errors():
 def test_conv_chain_errors():
     with pytest.raises(TypeError, match="ConvSpec along its deepest path"):
         conv_chain(nn.Sequential(nn.Conv2d(3, 8, 3)))
-    from retrieval_lib.explain import _spec
+    from retrieval_lib.book.explain import _spec
 
     with pytest.raises(ValueError, match="non-square"):
         _spec(nn.Conv2d(1, 1, (3, 5)))

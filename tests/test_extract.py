@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval_lib.backbones import efficientnet_lite
-from retrieval_lib.extract import (
+from retrieval_lib.models.backbones import efficientnet_lite
+from retrieval_lib.engine.extract import (
     _size_batches,
     extract_descriptors,
     extract_fmaps,
@@ -15,9 +15,9 @@ from retrieval_lib.extract import (
     pool_fmaps,
     resize_longer_side,
 )
-from retrieval_lib.functional import gem, l2n, mac
-from retrieval_lib.images import ImageList, load_image
-from retrieval_lib.pooling import GeM, MAC, RMAC
+from retrieval_lib.layers.functional import gem, l2n, mac
+from retrieval_lib.data.images import ImageList, load_image
+from retrieval_lib.layers.pooling import GeM, MAC, RMAC
 
 SIZE = 96  # small inputs keep the real backbone fast
 
@@ -191,9 +191,9 @@ def test_revisited_end_to_end_with_real_extraction(model, tmp_path, data_root):
     """Stand-in revisited tree (real gnd when present) -> extraction -> evaluate_revisited."""
     from test_datasets import _gnd_doc, _revisited_tree
 
-    from retrieval_lib.datasets import RevisitedDataset
-    from retrieval_lib.evaluate import evaluate_revisited
-    from retrieval_lib.search import rank_database
+    from retrieval_lib.data.datasets import RevisitedDataset
+    from retrieval_lib.search.evaluate import evaluate_revisited
+    from retrieval_lib.search.nearest import rank_database
 
     doc = _gnd_doc(data_root)
     _revisited_tree(tmp_path, doc)

@@ -1,11 +1,11 @@
-"""Tests for retrieval_lib.functional: identities, plain-loop references, hand-worked R-MAC
+"""Tests for retrieval_lib.layers.functional: identities, plain-loop references, hand-worked R-MAC
 regions, closed-form GeM gradients, dtype/device following and every documented error."""
 import math
 
 import pytest
 import torch
 
-from retrieval_lib import functional as F
+from retrieval_lib.layers import functional as F
 
 
 def _fmap(B=2, C=5, H=6, W=7, dtype=torch.float64, seed=0, low=0.05):

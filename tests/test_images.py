@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval_lib.images import MAX_ASPECT, MIN_SIZE, ImageError, ImageList, load_image
+from retrieval_lib.data.images import MAX_ASPECT, MIN_SIZE, ImageError, ImageList, load_image
 
 
 def _halves(w=64, h=40):

@@ -1,10 +1,10 @@
-"""Tests for retrieval_lib.pooling: modules agree with the functions, learnable exponents get
+"""Tests for retrieval_lib.layers.pooling: modules agree with the functions, learnable exponents get
 gradients, WGeM attention is a spatial distribution, reprs, the name table and errors."""
 import pytest
 import torch
 
-from retrieval_lib import functional as F
-from retrieval_lib.pooling import GeM, MAC, POOLING, RMAC, SPoC, WGeM, make_pooling
+from retrieval_lib.layers import functional as F
+from retrieval_lib.layers.pooling import GeM, MAC, POOLING, RMAC, SPoC, WGeM, make_pooling
 
 
 def _fmap(B=2, C=4, H=5, W=6, dtype=torch.float32, seed=0):

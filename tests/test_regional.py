@@ -1,4 +1,4 @@
-"""retrieval_lib.regional against plain references: grid sizes, region levels and counts,
+"""retrieval_lib.book.regional against plain references: grid sizes, region levels and counts,
 sweeps over L on a fake book, and DBA + alpha-QE against loops."""
 import math
 from types import SimpleNamespace
@@ -8,14 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-import retrieval_lib.functional as F
-from retrieval_lib.evaluate import map_by_labels
-from retrieval_lib.extract import pool_fmaps
-from retrieval_lib.regional import (
+import retrieval_lib.layers.functional as F
+from retrieval_lib.search.evaluate import map_by_labels
+from retrieval_lib.engine.extract import pool_fmaps
+from retrieval_lib.search.rerank import exclude_self, expand
+from retrieval_lib.book.regional import (
     aspect_crop,
     describe,
-    exclude_self,
-    expand,
     fmap_size,
     map_vs_L,
     region_count_table,
@@ -329,7 +328,7 @@ def test_show_region_macs_orders_channels_by_the_last_row():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from retrieval_lib.viz import show_region_macs
+    from retrieval_lib.book.viz import show_region_macs
 
     V = torch.tensor([[0.0, 1.0, 0.0, 0.2], [0.5, 0.0, 0.5, 0.1], [0.1, 0.6, 0.3, 0.0]])
     fig = show_region_macs(V, ["a", "b", "sum"], top=3)
@@ -348,7 +347,7 @@ def test_show_region_levels_draws_each_level_in_its_panel():
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from retrieval_lib.viz import show_region_levels
+    from retrieval_lib.book.viz import show_region_levels
 
     img, _ = _gradient_image(320, 240)
     regions = F.rmac_regions(24, 32, 3)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from retrieval_lib.__main__ import main
-from retrieval_lib.config import SCALES, scale_config
-from retrieval_lib.report import markdown_table, paper_vs_ours, read_metrics, results_table, write_metrics
-from retrieval_lib.reproduce import find_notebooks, offtheshelf_table, run_notebooks
+from retrieval_lib.book.config import SCALES, scale_config
+from retrieval_lib.book.report import markdown_table, paper_vs_ours, read_metrics, results_table, write_metrics
+from retrieval_lib.book.reproduce import find_notebooks, offtheshelf_table, run_notebooks
 
 
 def test_metrics_round_trip_and_nan(tmp_path):
@@ -50,8 +50,8 @@ def test_scale_config(monkeypatch):
 
 
 def test_book_smoke_offline(monkeypatch):
-    from retrieval_lib.book import start
-    from retrieval_lib.extract import pool_fmaps
+    from retrieval_lib.book.session import start
+    from retrieval_lib.engine.extract import pool_fmaps
 
     monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
     book = start("smoke", progress=False)
@@ -64,7 +64,7 @@ def test_book_smoke_offline(monkeypatch):
 
 
 def test_book_full_scale_without_data_says_how_to_get_it(tmp_path):
-    from retrieval_lib.book import start
+    from retrieval_lib.book.session import start
 
     with pytest.raises(FileNotFoundError, match="download_revisited"):
         start("full", data_root=tmp_path, progress=False)
@@ -95,7 +95,7 @@ def _tiny_notebook(path, value):
     params = nbformat.v4.new_code_cell('SCALE = "cpu"\nOUT_DIR = "x"')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(
-        "from retrieval_lib.report import write_metrics\n"
+        "from retrieval_lib.book.report import write_metrics\n"
         f"write_metrics(OUT_DIR, {path.stem!r}, {{'mAP/x': {value}}}, {{'mAP/x': 0.9}}, scale=SCALE)")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import retrieval_lib.search as search
-from retrieval_lib.functional import l2n
-from retrieval_lib.search import alpha_qe, dba, knn, rank_database
+import retrieval_lib.search.nearest as search
+from retrieval_lib.layers.functional import l2n
+from retrieval_lib.search.nearest import knn, rank_database
+from retrieval_lib.search.rerank import alpha_qe, dba
 
 
 def _unit(n, d, seed):

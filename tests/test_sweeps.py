@@ -1,4 +1,4 @@
-"""retrieval_lib.sweeps: sweeps over p and image size, per-query AP, spatial weights.
+"""retrieval_lib.book.sweeps: sweeps over p and image size, per-query AP, spatial weights.
 
 The sweeps run on a small stand-in for a notebook's ``book``: synthetic feature maps of a
 real :class:`GroupDataset` (whose files are never opened), so each check is exact and fast.
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_lib import functional
-from retrieval_lib.datasets import GroupDataset
-from retrieval_lib.evaluate import compute_map, evaluate_revisited, map_by_labels
-from retrieval_lib.extract import pool_fmaps
-from retrieval_lib.search import rank_database
-from retrieval_lib.sweeps import (GeM64, compare_aps, describe_many, evaluate_many, fmaps_of,
+from retrieval_lib.layers import functional
+from retrieval_lib.data.datasets import GroupDataset
+from retrieval_lib.search.evaluate import compute_map, evaluate_revisited, map_by_labels
+from retrieval_lib.engine.extract import pool_fmaps
+from retrieval_lib.search.nearest import rank_database
+from retrieval_lib.book.sweeps import (GeM64, compare_aps, describe_many, evaluate_many, fmaps_of,
                                   gem_contributions, gem_poolings, headline, map_on_subset,
                                   pair_similarity_vs_p, query_aps, self_similarity, spoc_weights,
                                   sweep_image_size, sweep_p, top_results)
@@ -166,7 +166,7 @@ def test_describe_and_evaluate_many_repool_cached_maps():
 
 
 def test_describe_many_runs_the_backbone_once_when_maps_are_not_kept(monkeypatch):
-    import retrieval_lib.extract as extract
+    import retrieval_lib.engine.extract as extract
 
     calls = []
 
@@ -268,7 +268,7 @@ def test_fmaps_of_cached_and_extracted(monkeypatch):
     with pytest.raises(IndexError, match="outside"):
         fmaps_of(book, [15])
 
-    import retrieval_lib.extract as extract
+    import retrieval_lib.engine.extract as extract
 
     seen = {}
 
@@ -334,7 +334,7 @@ def test_figures_draw_and_reject_empty_input():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from retrieval_lib.viz import show_gem_view, show_images, show_two_rankings
+    from retrieval_lib.book.viz import show_gem_view, show_images, show_two_rankings
 
     img = np.zeros((20, 30, 3), np.uint8)
     fig = show_images([img, img, img], ["a", "b", "c"], title="t", cols=2, colors=["tab:green", None, "r"])

@@ -1,4 +1,4 @@
-"""retrieval_lib.train: contrastive loss, GeM's closed-form gradients, pairs, the fitting loop.
+"""retrieval_lib.engine.train: contrastive loss, GeM's closed-form gradients, pairs, the fitting loop.
 
 Every vectorised function is checked against a plain loop or a hand-worked case; every
 documented error is triggered.
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_lib import functional
-from retrieval_lib.pooling import GeM, MAC
-from retrieval_lib.train import (contrastive_loss, fit_pooling, gem_grads, mine_pairs, pool_images,
-                                 split_groups)
+from retrieval_lib.layers import functional
+from retrieval_lib.layers.pooling import GeM, MAC
+from retrieval_lib.engine.mining import mine_pairs, split_groups
+from retrieval_lib.engine.train import fit_pooling, pool_images
+from retrieval_lib.layers.functional import gem_grads
+from retrieval_lib.layers.losses import contrastive_loss
 
 
 # ------------------------------------------------------------------------- contrastive loss

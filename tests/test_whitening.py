@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_lib.functional import l2n
-from retrieval_lib.whitening import Whitening, learned_whitening, pca_whitening, zca_whitening
+from retrieval_lib.layers.functional import l2n
+from retrieval_lib.layers.whitening import Whitening, learned_whitening, pca_whitening, zca_whitening
 
 
 def _correlated(n, d, seed, dtype=torch.float64):

@@ -1,11 +1,10 @@
-"""Nearest-neighbour search by inner product, query expansion (alpha-QE) and database augmentation (DBA).
+"""Nearest-neighbour search by inner product (re-ranking lives in :mod:`retrieval_lib.search.rerank`).
 
 Descriptors are ``(N, D)`` rows, L2-normalised, so the inner product ``Q @ X.T`` is the
 cosine similarity. :func:`knn` is exact and runs on any torch device in bounded memory
 by scanning the database in blocks; optional faiss backends give the same API.
 
-Taught in ``notebooks/00_pipeline.ipynb`` (search) and ``notebooks/04_rmac.ipynb``
-(alpha-QE and DBA).
+Taught in ``notebooks/00_pipeline.ipynb``.
 """
 from __future__ import annotations
 
@@ -16,9 +15,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from retrieval_lib.functional import l2n
+from retrieval_lib.layers.functional import l2n
 
-__all__ = ["knn", "rank_database", "alpha_qe", "dba", "BACKENDS"]
+__all__ = ["knn", "rank_database", "BACKENDS"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -248,80 +247,3 @@ def rank_database(Q: ArrayLike, X: ArrayLike, k: Optional[int] = None,
     k = n_db if k is None else k
     _, idx = knn(Qt, Xt, k, chunk_size=chunk_size, backend=backend, **kwargs)
     return idx.cpu().numpy().astype(np.int64, copy=False)
-
-
-def _weighted_sum(base: Optional[torch.Tensor], X: torch.Tensor, idx: torch.Tensor,
-                  sims: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``base + sum_j max(sims[:, j], 0)**alpha * X[idx[:, j]]``, one neighbour rank at a time."""
-    out = torch.zeros((idx.shape[0], X.shape[1]), dtype=X.dtype, device=X.device) if base is None \
-        else base.clone()
-    for j in range(idx.shape[1]):  # loop over the n neighbour ranks, not over queries
-        w = sims[:, j:j + 1].clamp_min(0).pow(alpha)  # (n_q, 1)
-        out += w * X[idx[:, j]]  # (n_q, D)
-    return out
-
-
-def alpha_qe(Q: ArrayLike, X: ArrayLike, ranks: ArrayLike, n: int = 2, alpha: float = 3.0) -> ArrayLike:
-    """alpha-weighted query expansion (alpha-QE).
-
-    With ``x_1..x_n`` the top-``n`` database descriptors of query ``q`` (from ``ranks``),
-
-        q' = l2n( q + sum_{j=1..n} max(q . x_j, 0)^alpha  x_j ),
-
-    i.e. the query itself has weight 1 (its self-similarity 1 to the power alpha) and
-    neighbours with negative similarity get weight 0 (``alpha = 0`` gives plain average
-    query expansion with all weights 1). Radenovic, Tolias & Chum, "Fine-tuning CNN image
-    retrieval with no human annotation", TPAMI 2018, Sec. 5.1. Re-search with ``q'``
-    afterwards. Taught in ``notebooks/04_rmac.ipynb``.
-
-    Args:
-        Q: (n_q, D) L2-normalised queries. X: (n_db, D) database.
-        ranks: (n_q, >= n) database indices best first (tensor or numpy).
-        n: number of neighbours added (``0`` returns ``l2n(Q)``).
-        alpha: similarity exponent.
-
-    Returns:
-        (n_q, D) expanded queries, same type/dtype/device as ``Q``.
-    """
-    is_np = isinstance(Q, np.ndarray)
-    Qt, Xt = _pair(Q, X)
-    R = ranks.detach() if isinstance(ranks, torch.Tensor) else torch.from_numpy(np.array(ranks))
-    if R.ndim != 2 or R.shape[0] != Qt.shape[0]:
-        raise ValueError(f"ranks must be (n_q={Qt.shape[0]}, n_ranked), got shape {tuple(R.shape)}")
-    n = int(n)
-    if n < 0 or n > R.shape[1]:
-        raise ValueError(f"n={n} neighbours requested but ranks has {R.shape[1]} columns")
-    idx = R[:, :n].to(device=Qt.device, dtype=torch.long)  # (n_q, n)
-    sims = torch.einsum("qd,qnd->qn", Qt, Xt[idx]) if n else idx.to(Qt.dtype)
-    out = l2n(_weighted_sum(Qt, Xt, idx, sims, float(alpha)))
-    return out.numpy() if is_np else out
-
-
-def dba(X: ArrayLike, n: int = 2, alpha: float = 3.0, chunk_size: Optional[int] = None,
-        progress: bool = False) -> ArrayLike:
-    """Database-side augmentation (alpha-DBA): each database vector becomes a weighted sum of its neighbours.
-
-    With ``x_1..x_n`` the top-``n`` neighbours of ``x`` in ``X`` *including ``x`` itself*
-    (normally ``x_1 = x``),
-
-        x' = l2n( sum_{j=1..n} max(x . x_j, 0)^alpha  x_j ),
-
-    so ``n = 1`` leaves ``X`` unchanged. Arandjelovic & Zisserman, "Three things everyone
-    should know to improve object retrieval", CVPR 2012; alpha-weighting from Radenovic et
-    al., TPAMI 2018. Queries are then searched against ``x'`` (usually after also
-    expanding them with :func:`alpha_qe`). Taught in ``notebooks/04_rmac.ipynb``.
-
-    Args:
-        X: (n_db, D) L2-normalised database.
-        n: neighbours (self included), ``1 <= n <= n_db``.
-        alpha: similarity exponent.
-        chunk_size, progress: passed to :func:`knn`.
-
-    Returns:
-        (n_db, D) augmented database, same type/dtype/device as ``X``.
-    """
-    is_np = isinstance(X, np.ndarray)
-    Xt = _as_tensor(X, "X")
-    scores, idx = knn(Xt, Xt, n, chunk_size=chunk_size, progress=progress)  # (n_db, n)
-    out = l2n(_weighted_sum(None, Xt, idx, scores, float(alpha)))
-    return out.numpy() if is_np else out

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval_lib.functional import l2n
-from retrieval_lib.search import _from_numpy  # one zero-copy numpy -> tensor helper for the library
+from retrieval_lib.layers.functional import l2n
+from retrieval_lib.search.nearest import _from_numpy  # one zero-copy numpy -> tensor helper for the library
 
 __all__ = ["Whitening", "pca_whitening", "zca_whitening", "learned_whitening"]
 

@@ -1,6 +1,6 @@
 """Benchmarks: one small interface for every image set the book uses.
 
-A :class:`Benchmark` has a ``name``, a ``database`` (:class:`~retrieval_lib.images.ImageList`),
+A :class:`Benchmark` has a ``name``, a ``database`` (:class:`~retrieval_lib.data.images.ImageList`),
 ``queries`` (an ``ImageList``, or ``None`` when every database image queries all the
 others), ``evaluate(ranks) -> {metric: float}`` (fractions, except the N-S score in
 0..4), ``describe()`` and ``subset(max_images)`` (a smaller benchmark of the same kind,
@@ -30,8 +30,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .download import download, extract_archive
-from .images import MAX_ASPECT, MIN_SIZE, ImageList
+from retrieval_lib.data.download import download, extract_archive
+from retrieval_lib.data.images import MAX_ASPECT, MIN_SIZE, ImageList
 
 __all__ = [
     "Benchmark", "GroupDataset", "RevisitedDataset", "CUB200",
@@ -250,18 +250,18 @@ class GroupDataset(Benchmark):
 
         Returns (fractions unless said):
             ``"mAP"``, ``"mP@1"``, ``"mP@5"``: over the queries with at least one positive
-            (:func:`~retrieval_lib.evaluate.map_by_labels`; P@k as in the revisited protocol).
+            (:func:`~retrieval_lib.search.evaluate.map_by_labels`; P@k as in the revisited protocol).
             ``"R@1"``: fraction of those queries whose first result other than itself is
-            of its group (:func:`~retrieval_lib.evaluate.recall_from_ranks`); with full
+            of its group (:func:`~retrieval_lib.search.evaluate.recall_from_ranks`); with full
             rankings it equals mP@1, under the name class-level papers use.
             ``"mAP/<subset>"``: mean AP of that subset's queries, ranked against *all*
             images (the other subsets act as distractors).
             ``"N-S/ukbench56"`` (when that subset exists): the UKBench N-S score (0..4) of the
             ukbench56 queries ranked against all images: the mean number of images of the
             query's group (the query itself included) among its top 4
-            (:func:`~retrieval_lib.evaluate.ns_score`).
+            (:func:`~retrieval_lib.search.evaluate.ns_score`).
         """
-        from .evaluate import map_by_labels, ns_score, recall_from_ranks
+        from retrieval_lib.search.evaluate import map_by_labels, ns_score, recall_from_ranks
 
         n = len(self.database)
         R = _ranks(ranks, n, n)
@@ -459,7 +459,7 @@ def _build_offline(folder: Path, n_views: int, n_distractors: int, seed: int) ->
     manifest = {
         "format": "one folder per subset; items list [file, group]; images of one group show "
                   "the same object or place",
-        "generator": {"function": "retrieval_lib.datasets.offline_default", "version": OFFLINE_VERSION,
+        "generator": {"function": "retrieval_lib.data.datasets.offline_default", "version": OFFLINE_VERSION,
                       "seed": seed, "n_views": n_views, "n_distractors": n_distractors},
         "subsets": {subset: {
             "items": items,
@@ -623,8 +623,8 @@ class RevisitedDataset(Benchmark):
 
     def evaluate(self, ranks) -> dict:
         """``{"mAP/easy", "mAP/medium", "mAP/hard", "mP@1/easy", ..., "mP@10/hard"}`` (fractions),
-        from :func:`~retrieval_lib.evaluate.evaluate_revisited`."""
-        from .evaluate import evaluate_revisited
+        from :func:`~retrieval_lib.search.evaluate.evaluate_revisited`."""
+        from retrieval_lib.search.evaluate import evaluate_revisited
 
         R = _ranks(ranks, len(self.queries), len(self.database))
         res = evaluate_revisited(R, self.gnd, kappas=(1, 5, 10))
@@ -760,8 +760,8 @@ class CUB200(Benchmark):
 
     def evaluate(self, ranks) -> dict:
         """``{"R@1", "R@2", "R@4", "R@8"}``: fraction of images whose K nearest others hold
-        one of their class (:func:`~retrieval_lib.evaluate.recall_from_ranks`)."""
-        from .evaluate import recall_from_ranks
+        one of their class (:func:`~retrieval_lib.search.evaluate.recall_from_ranks`)."""
+        from retrieval_lib.search.evaluate import recall_from_ranks
 
         n = len(self.database)
         R = _ranks(ranks, n, n)

@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from .config import scale_config
-from .report import markdown_table, read_metrics, results_table
+from retrieval_lib.book.config import scale_config
+from retrieval_lib.book.report import markdown_table, read_metrics, results_table
 
 __all__ = ["offtheshelf", "offtheshelf_table", "run_notebooks", "find_notebooks", "OFF_THE_SHELF"]
 
@@ -24,7 +24,7 @@ CELL_TIMEOUT_S = {"smoke": 300, "cpu": 1800, "full": 4 * 3600}
 
 
 def _poolings():
-    from .pooling import GeM, MAC, RMAC, SPoC
+    from retrieval_lib.layers.pooling import GeM, MAC, RMAC, SPoC
 
     return {"MAC": MAC(), "SPoC": SPoC(), "GeM (p=3)": GeM(p=3.0, learn_p=False), "R-MAC (L=3)": RMAC(L=3)}
 
@@ -35,10 +35,10 @@ def offtheshelf(scale: str = "cpu", data_root=None, device="auto", cache_dir=Non
 
     The backbone runs once per image (and scale); every pooling reads the same maps.
     """
-    from .backbones import load_backbone
-    from .datasets import default_benchmark
-    from .device import get_device
-    from .search import rank_database
+    from retrieval_lib.models.backbones import load_backbone
+    from retrieval_lib.data.datasets import default_benchmark
+    from retrieval_lib.engine.device import get_device
+    from retrieval_lib.search.nearest import rank_database
 
     cfg = scale_config(scale)
     dev = get_device(device)
@@ -50,7 +50,7 @@ def offtheshelf(scale: str = "cpu", data_root=None, device="auto", cache_dir=Non
     t0 = time.perf_counter()
     common = dict(scales=cfg.scales, image_size=cfg.image_size, device=dev, batch_size=cfg.batch_size,
                   cache_dir=cache_dir, progress=progress)
-    from .extract import extract_descriptors
+    from retrieval_lib.engine.extract import extract_descriptors
 
     X, info = extract_descriptors(model, benchmark.database, _poolings(), return_info=True, **common)
     Q = X if benchmark.queries is None else extract_descriptors(model, benchmark.queries, _poolings(), **common)

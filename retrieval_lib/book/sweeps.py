@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import functional
+from retrieval_lib.layers import functional
 
 __all__ = [
     "HEADLINE_KEYS",
@@ -72,7 +72,7 @@ def headline(metrics: Mapping) -> float:
 def spoc_weights(H: int, W: int, center_prior: bool = True, dtype=torch.float64) -> torch.Tensor:
     """The weight SPoC gives each position of an ``H x W`` map: ``(H, W)``, summing to 1.
 
-    Read off :func:`retrieval_lib.functional.spoc` itself by pooling a one-hot map (channel
+    Read off :func:`retrieval_lib.layers.functional.spoc` itself by pooling a one-hot map (channel
     ``k`` is 1 at position ``k`` and 0 elsewhere), so the picture is exactly what the code
     computes -- the Gaussian centre prior of Babenko & Lempitsky (ICCV 2015) with
     ``center_prior=True``, ``1 / (H W)`` everywhere without. Taught in ``02_spoc``.
@@ -151,10 +151,10 @@ def describe_many(book, poolings: Mapping, which: str = "database",
 
     At ``smoke``/``cpu`` scale (feature maps kept, one scale) every pooling re-pools the
     cached maps; otherwise the backbone runs once for all poolings
-    (:func:`retrieval_lib.extract.extract_descriptors` with a dict), multi-scale as the
+    (:func:`retrieval_lib.engine.extract.extract_descriptors` with a dict), multi-scale as the
     scale asks. ``which`` is ``"database"`` or ``"queries"`` (the database for group sets).
     """
-    from .extract import extract_descriptors, pool_fmaps
+    from retrieval_lib.engine.extract import extract_descriptors, pool_fmaps
 
     if not poolings:
         raise ValueError("describe_many: `poolings` is empty; give {label: pooling}")
@@ -241,14 +241,14 @@ def query_aps(benchmark, ranks) -> np.ndarray:
     """Average precision of every query: ``(n_queries,)`` float64, NaN where it has no positive.
 
     * Group sets (``benchmark.labels``, every image a query): the AP of
-      :func:`retrieval_lib.evaluate.map_by_labels` (the query itself is junk).
+      :func:`retrieval_lib.search.evaluate.map_by_labels` (the query itself is junk).
     * Revisited Oxford/Paris (``benchmark.gnd``): the Medium protocol (``easy + hard``
-      positive, ``junk`` ignored) of :func:`retrieval_lib.evaluate.compute_map`.
+      positive, ``junk`` ignored) of :func:`retrieval_lib.search.evaluate.compute_map`.
 
     Their mean over the non-NaN entries equals the benchmark's ``"mAP"`` (resp.
     ``"mAP/medium"``). Taught in ``02_spoc``.
     """
-    from .evaluate import compute_map, map_by_labels
+    from retrieval_lib.search.evaluate import compute_map, map_by_labels
 
     if getattr(benchmark, "labels", None) is not None and benchmark.queries is None:
         return np.asarray(map_by_labels(ranks, benchmark.labels, kappas=(1,))["aps"], dtype=np.float64)
@@ -340,8 +340,8 @@ def map_on_subset(X: torch.Tensor, labels, mask) -> float:
     bool. Same protocol as a group set's ``"mAP"`` (the query itself is junk; a query
     without a positive in the subset is left out). Taught in ``03_gem`` (learnable p).
     """
-    from .evaluate import map_by_labels
-    from .search import rank_database
+    from retrieval_lib.search.evaluate import map_by_labels
+    from retrieval_lib.search.nearest import rank_database
 
     m = np.asarray(mask, dtype=bool)
     lab = np.asarray(labels)
@@ -362,8 +362,8 @@ def fmaps_of(book, indices: Sequence[int], which: str = "database") -> list:
     scale, where the maps of thousands of 1024 px images are not kept, only the listed
     images go through the backbone. For the per-image pictures of the notebooks.
     """
-    from .extract import extract_fmaps
-    from .images import ImageList
+    from retrieval_lib.engine.extract import extract_fmaps
+    from retrieval_lib.data.images import ImageList
 
     indices = [int(i) for i in indices]
     images = book._images(which)

@@ -4,7 +4,7 @@
 into place, so ``dest`` only ever holds a complete, verified file. ``extract_archive``
 checks every member of a tar or zip archive before extracting anything and refuses
 members that would land outside the target folder. Used by the dataset downloaders in
-:mod:`retrieval_lib.datasets`; taught in ``notebooks/00_pipeline.ipynb``.
+:mod:`retrieval_lib.data.datasets`; taught in ``notebooks/00_pipeline.ipynb``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Regional descriptors in practice: the R-MAC region grid, sweeps over its levels, and
-query expansion / database-side augmentation on top of a global descriptor.
+"""Regional descriptors in practice: the R-MAC region grid and sweeps over its levels.
 
-The R-MAC equations themselves live in :mod:`retrieval_lib.functional`
+The R-MAC equations themselves live in :mod:`retrieval_lib.layers.functional`
 (``rmac_regions``, ``region_mac``, ``rmac``); this module holds what a notebook needs
 around them:
 
@@ -10,8 +9,6 @@ around them:
   and how many regions each aspect ratio and ``L`` give;
 * ``describe``, ``map_vs_L`` -- descriptors for several poolings from one backbone pass,
   and mAP as a function of ``L``;
-* ``exclude_self``, ``expand`` -- DBA then alpha-QE, the post-processing of
-  Radenović, Tolias & Chum (TPAMI 2018) and Gordo et al. (IJCV 2017).
 
 Descriptors are ``(N, D)`` rows, L2-normalised, as everywhere in the library.
 Taught in ``notebooks/04_rmac.ipynb``.
@@ -25,7 +22,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .functional import rmac_regions
+from retrieval_lib.layers.functional import _check_int as _positive_int, rmac_regions
 
 __all__ = [
     "fmap_size",
@@ -34,15 +31,8 @@ __all__ = [
     "region_count_table",
     "describe",
     "map_vs_L",
-    "exclude_self",
-    "expand",
 ]
 
-
-def _positive_int(value, name: str, fn: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _positive_float(value, name: str, fn: str) -> float:
@@ -135,7 +125,7 @@ def region_count_table(aspects: Iterable, Ls: Iterable[int] = (1, 2, 3, 4), long
     ``[label, H, W, n(L_1), n(L_2), ...]`` with ``n(L) = len(rmac_regions(H, W, L))``, the
     regions *without* the whole-map region that ``rmac(include_global=True)`` adds. E.g.
     ``(4, 3)`` at 32 cells is a 24 x 32 map with 2, 8, 20 regions at L = 1, 2, 3.
-    Pass the result to :func:`retrieval_lib.report.markdown_table`.
+    Pass the result to :func:`retrieval_lib.book.report.markdown_table`.
     Taught in ``notebooks/04_rmac.ipynb``.
     """
     long_side = _positive_int(long_side, "long_side", "region_count_table")
@@ -188,12 +178,12 @@ def map_vs_L(book, Ls: Iterable[int] = (1, 2, 3, 4, 5), include_global: bool = T
              key: str = "mAP", scales: Optional[Sequence[float]] = None) -> dict:
     """R-MAC's ``key`` metric (default mAP) for each number of scale levels: ``{L: value}``.
 
-    Each ``L`` pools with :class:`retrieval_lib.pooling.RMAC` ``(L, include_global)`` via
+    Each ``L`` pools with :class:`retrieval_lib.layers.pooling.RMAC` ``(L, include_global)`` via
     :func:`describe` (one backbone pass, or the cached maps; ``scales`` as there, default
     the book's) and evaluates with ``book.evaluate``. Raises ``KeyError`` naming the
     available metrics when ``key`` is not one of them. Taught in ``notebooks/04_rmac.ipynb``.
     """
-    from .pooling import RMAC
+    from retrieval_lib.layers.pooling import RMAC
 
     Ls = [_positive_int(L, "L", "map_vs_L") for L in Ls]
     if not Ls:
@@ -206,71 +196,3 @@ def map_vs_L(book, Ls: Iterable[int] = (1, 2, 3, 4, 5), include_global: bool = T
             raise KeyError(f"map_vs_L: metric {key!r} not in the benchmark's metrics {sorted(metrics)}")
         out[L] = float(metrics[key])
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# query expansion and database-side augmentation
-# ----------------------------------------------------------------------------------------
-def exclude_self(ranks) -> np.ndarray:
-    """Drop each query from its own ranking: ``(N, k) -> (N, k - 1)`` int64 numpy array.
-
-    For a set whose queries are its database images (query ``q`` is database image
-    ``q``), row ``q`` of ``ranks`` loses the entry ``q``; a row where ``q`` is not among
-    the ``k`` ranked loses its last entry instead, so every row keeps ``k - 1`` neighbours
-    in order. Use it before :func:`retrieval_lib.search.alpha_qe`, which must not count a
-    query as its own neighbour. Raises ``ValueError`` for a non-2-D array or ``k < 2``.
-    Taught in ``notebooks/04_rmac.ipynb``.
-    """
-    R = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
-    if R.ndim != 2 or R.shape[1] < 2:
-        raise ValueError(f"exclude_self: ranks must be (N, k) with k >= 2, got shape {R.shape}")
-    if not np.issubdtype(R.dtype, np.integer):
-        raise TypeError(f"exclude_self: ranks must hold integer indices, got dtype {R.dtype}")
-    drop = R == np.arange(R.shape[0])[:, None]  # (N, k): the query itself
-    drop[~drop.any(axis=1), -1] = True  # rows without it lose their last entry
-    return R[~drop].reshape(R.shape[0], R.shape[1] - 1).astype(np.int64, copy=False)
-
-
-def expand(X: torch.Tensor, Q: Optional[torch.Tensor] = None, n_qe: int = 2, n_dba: int = 0,
-           alpha: float = 3.0) -> tuple:
-    """Database-side augmentation, then alpha query expansion: ``(X', Q')``.
-
-    1. DBA (when ``n_dba >= 2``): ``X' = dba(X, n_dba, alpha)``, each database vector
-       replaced by ``l2n(sum_{j<=n_dba} max(x . x_j, 0)^alpha x_j)`` over its ``n_dba``
-       nearest database vectors, itself included (``n_dba`` 0 or 1 leaves ``X``).
-    2. alpha-QE (when ``n_qe >= 1``): each query's top ``n_qe`` neighbours in ``X'`` give
-       ``Q' = l2n(q + sum_j max(q . x'_j, 0)^alpha x'_j)``.
-
-    ``Q=None`` means the queries are the database images themselves (``Q = X``, before
-    augmentation); the query is then not counted as its own neighbour
-    (:func:`exclude_self`). Search ``Q'`` against ``X'`` afterwards, e.g.
-    ``book.evaluate(X', Q')``. Shapes ``X (N, D)``, ``Q (n_q, D)``; both L2-normalised.
-
-    Source: alpha-QE and alpha-DBA as in Radenović, Tolias & Chum, TPAMI 2018 (DBA:
-    Arandjelović & Zisserman, CVPR 2012); used with R-MAC by Gordo et al., IJCV 2017.
-    The formulas are :func:`retrieval_lib.search.alpha_qe` and
-    :func:`retrieval_lib.search.dba`. Taught in ``notebooks/04_rmac.ipynb``.
-    """
-    from .search import alpha_qe, dba, rank_database
-
-    n_qe = _positive_int(n_qe, "n_qe", "expand", minimum=0)
-    n_dba = _positive_int(n_dba, "n_dba", "expand", minimum=0)
-    alpha = float(alpha)
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"expand: alpha must be a finite number >= 0, got {alpha!r}")
-    self_query = Q is None
-    Q = X if self_query else Q
-    n_db = X.shape[0]
-    if n_dba > n_db:
-        raise ValueError(f"expand: n_dba={n_dba} neighbours but the database has {n_db} vectors")
-    Xa = dba(X, n=n_dba, alpha=alpha) if n_dba >= 2 else X
-    if n_qe == 0:
-        return Xa, Q
-    k = n_qe + 1 if self_query else n_qe
-    if k > n_db:
-        raise ValueError(f"expand: n_qe={n_qe} neighbours but the database has only "
-                         f"{n_db - int(self_query)} other vectors")
-    ranks = rank_database(Q, Xa, k=k)  # (n_q, k)
-    if self_query:
-        ranks = exclude_self(ranks)
-    return Xa, alpha_qe(Q, Xa, ranks, n=n_qe, alpha=alpha)

@@ -143,7 +143,7 @@ def show_regions(img, regions, fmap_hw, L_of_region: Sequence[int] | None = None
                  title: str = "R-MAC regions"):
     """Side by side: the regions on the photo (pixels) and on the feature-map grid (cells).
 
-    ``regions`` is the (R, 4) ``(x, y, w, h)`` tensor of :func:`retrieval_lib.functional.rmac_regions`
+    ``regions`` is the (R, 4) ``(x, y, w, h)`` tensor of :func:`retrieval_lib.layers.functional.rmac_regions`
     in feature-map cells; ``L_of_region`` colours each region by its scale level.
     """
     plt = _plt()
@@ -206,7 +206,7 @@ def show_region_levels(img, regions, fmap_hw, levels: Sequence[int], cols: int =
     """One panel per scale level: that level's square regions on the photo, over the cell grid.
 
     ``regions`` ``(R, 4)`` of ``(x, y, w, h)`` in feature-map cells and ``levels`` ``(R,)``
-    (e.g. :func:`retrieval_lib.regional.region_levels`). The feature-map cells are drawn as
+    (e.g. :func:`retrieval_lib.book.regional.region_levels`). The feature-map cells are drawn as
     a thin white grid on the photo; each square gets its own colour and is inset by a few
     pixels that depend on its index, so overlapping squares that share an edge stay apart,
     and a cross marks its centre. Taught in ``notebooks/04_rmac.ipynb``.
@@ -276,7 +276,7 @@ def overlay_cells(ax, img, heat, rf_y, rf_x, alpha: float = 0.5, cmap: str = "je
     """Like :func:`overlay`, but each cell of ``heat`` (h, w) is drawn where the network puts it.
 
     ``rf_y`` / ``rf_x`` are the receptive fields of the map's rows and columns
-    (:func:`retrieval_lib.explain.receptive_field`): cell ``(r, c)`` becomes a
+    (:func:`retrieval_lib.book.explain.receptive_field`): cell ``(r, c)`` becomes a
     stride x stride block centred on its receptive field. With TensorFlow "SAME" padding
     (EfficientNet-Lite) or an input size that is not a multiple of the stride, this
     differs from stretching the map over the image by up to half a cell (01_mac).
@@ -295,7 +295,7 @@ def show_argmax(img, centers, boxes=None, labels: Sequence[str] | None = None, c
     """Arg-max locations of channels drawn on the photo (01_mac).
 
     ``centers`` (K, 2) pixel ``(x, y)`` of each channel's maximum (e.g. the receptive-field
-    centres from :func:`retrieval_lib.explain.cell_centers`), ``boxes`` optional (K, 4)
+    centres from :func:`retrieval_lib.book.explain.cell_centers`), ``boxes`` optional (K, 4)
     ``(x, y, w, h)`` around them, ``labels`` one string per point. With ``count_map``
     (h, w), a first panel shows how many channels have their maximum in each cell, drawn
     with :func:`overlay_cells` when ``rf = (rf_y, rf_x)`` is given (else stretched).
@@ -510,7 +510,7 @@ def show_gem_view(images: Sequence, maps: Sequence, titles: Sequence[str], ps, c
                   title: str = "Where GeM looks, and what it does to similarity"):
     """One panel per image with its GeM contribution map over it, then similarity curves.
 
-    ``maps[k]`` is an ``(h, w)`` map (e.g. :func:`retrieval_lib.sweeps.gem_contributions`)
+    ``maps[k]`` is an ``(h, w)`` map (e.g. :func:`retrieval_lib.book.sweeps.gem_contributions`)
     drawn over ``images[k]``; the last panel plots ``curves`` (``{label: (n,) values}``)
     against ``ps`` on a log axis, with a vertical line at the current ``p``. Used by the
     ``p`` slider of ``03_gem``.

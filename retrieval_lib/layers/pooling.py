@@ -1,8 +1,8 @@
-"""Pooling layers: thin ``nn.Module`` wrappers around :mod:`retrieval_lib.functional`.
+"""Pooling layers: thin ``nn.Module`` wrappers around :mod:`retrieval_lib.layers.functional`.
 
 Every module maps a feature map ``(B, C, H, W)`` to a descriptor ``(B, C)``.
 Convention: modules return the pooled descriptor WITHOUT L2 normalisation (normalise
-with :func:`retrieval_lib.functional.l2n`), except :class:`RMAC`, whose output is
+with :func:`retrieval_lib.layers.functional.l2n`), except :class:`RMAC`, whose output is
 L2-normalised by definition (a normalised sum of normalised regional vectors).
 
 ``POOLING`` maps names to classes and :func:`make_pooling` builds one by name, so a
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import functional
+from retrieval_lib.layers import functional
 
 __all__ = ["MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling"]
 

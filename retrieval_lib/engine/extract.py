@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .functional import l2n
+from retrieval_lib.layers.functional import l2n
 
 __all__ = [
     "resize_longer_side",
@@ -263,7 +263,7 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
     """Backbone feature maps of every image: a list of N float32 CPU tensors ``(C, h, w)``.
 
     Args:
-        model: a backbone from :mod:`retrieval_lib.backbones` (``.features``, ``.mean``,
+        model: a backbone from :mod:`retrieval_lib.models.backbones` (``.features``, ``.mean``,
             ``.std``, ``.name``).
         images: an indexable image list (``ImageList``); items are PIL images, or None
             for a file skipped with ``on_error="skip"`` (its entry is then ``None``).
@@ -313,7 +313,7 @@ def multiscale_power(pooling) -> float:
 
 def _as_pooling(pooling) -> Callable:
     if isinstance(pooling, str):
-        from .pooling import make_pooling
+        from retrieval_lib.layers.pooling import make_pooling
 
         return make_pooling(pooling)
     if not callable(pooling):

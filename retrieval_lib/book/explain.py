@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .functional import l2n, mac
+from retrieval_lib.layers.functional import l2n, mac
 
 __all__ = [
     "argmax_locations",
@@ -153,7 +153,7 @@ def _pair_value(v, what: str, module: nn.Module) -> int:
 
 def _spec(module: nn.Module) -> ConvSpec:
     """A ConvSpec for a Conv2d / Conv2dSame / MaxPool2d module."""
-    from .backbones import Conv2dSame
+    from retrieval_lib.models.backbones import Conv2dSame
 
     if isinstance(module, Conv2dSame):
         return ConvSpec(_pair_value(module.kernel_size, "kernel", module),
@@ -178,7 +178,7 @@ def _spec(module: nn.Module) -> ConvSpec:
 def conv_chain(model: nn.Module) -> list[ConvSpec]:
     """The layers on the longest path from the image to ``model.features``' output.
 
-    Knows the backbones of :mod:`retrieval_lib.backbones`:
+    Knows the backbones of :mod:`retrieval_lib.models.backbones`:
 
     * EfficientNet-Lite: stem 3x3/2, then per MBConv block the 1x1 expansion (if any),
       the kxk depthwise convolution and the 1x1 projection, then the 1x1 head, all with
@@ -191,7 +191,7 @@ def conv_chain(model: nn.Module) -> list[ConvSpec]:
     gives the receptive field. For any other network, write the list of
     :class:`ConvSpec` by hand. Taught in ``notebooks/01_mac.ipynb``.
     """
-    from .backbones import EfficientNetLite, ResNetBackbone
+    from retrieval_lib.models.backbones import EfficientNetLite, ResNetBackbone
 
     if isinstance(model, EfficientNetLite):
         mods = [model._conv_stem]
@@ -335,7 +335,7 @@ def fmap_of(model: nn.Module, image, pre_activation: bool = False) -> torch.Tens
     ``pre_activation=True`` (EfficientNet-Lite only) the map is taken just before the
     head's ReLU6, unclipped: useful to break the ties of clipped maxima
     (:func:`argmax_locations`). For a whole image list use
-    :func:`retrieval_lib.extract.extract_fmaps`. Taught in ``notebooks/01_mac.ipynb``.
+    :func:`retrieval_lib.engine.extract.extract_fmaps`. Taught in ``notebooks/01_mac.ipynb``.
     """
     x = _as_input(image, model)[None]
     if not pre_activation:
@@ -355,7 +355,7 @@ def fmap_of(model: nn.Module, image, pre_activation: bool = False) -> torch.Tens
 
 def _pre_activation_module(model: nn.Module):
     """For EfficientNet-Lite, the head's BatchNorm (its output is the map before ReLU6)."""
-    from .backbones import EfficientNetLite
+    from retrieval_lib.models.backbones import EfficientNetLite
 
     return model._bn1 if isinstance(model, EfficientNetLite) else None
 

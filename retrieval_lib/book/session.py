@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ScaleConfig, scale_config
-from .device import get_device, seed_everything
+from retrieval_lib.book.config import ScaleConfig, scale_config
+from retrieval_lib.engine.device import get_device, seed_everything
 
 __all__ = ["Book", "start"]
 
@@ -48,7 +48,7 @@ class Book:
 
     def fmaps(self, which: str = "database", image_size: int | None = None, scale: float = 1.0) -> list:
         """Feature maps ``(C, h, w)`` of the database (or ``"queries"``) images, cached."""
-        from .extract import extract_fmaps
+        from retrieval_lib.engine.extract import extract_fmaps
 
         images = self._images(which)
         size = image_size or self.cfg.image_size
@@ -69,7 +69,7 @@ class Book:
     def descriptors(self, pooling, which: str = "database", image_size: int | None = None,
                     scales=None) -> torch.Tensor:
         """L2-normalised descriptors ``(N, D)`` for a pooling (name, module or function)."""
-        from .extract import extract_descriptors, pool_fmaps
+        from retrieval_lib.engine.extract import extract_descriptors, pool_fmaps
 
         scales = tuple(scales) if scales is not None else self.cfg.scales
         if self.keeps_fmaps and scales == (1.0,):
@@ -87,7 +87,7 @@ class Book:
 
     def rank(self, X: torch.Tensor, Q: torch.Tensor | None = None):
         """``ranks`` (n_queries, n_db): database indices best first (Q defaults to X)."""
-        from .search import rank_database
+        from retrieval_lib.search.nearest import rank_database
 
         return rank_database(X if Q is None else Q, X)
 
@@ -99,7 +99,7 @@ class Book:
 
     def image(self, i: int, which: str = "database", image_size: int | None = None):
         """Image i as the network sees it (longer side resized to the input size), PIL RGB."""
-        from .extract import resize_longer_side
+        from retrieval_lib.engine.extract import resize_longer_side
 
         return resize_longer_side(self._images(which)[i], image_size or self.cfg.image_size)
 
@@ -111,10 +111,10 @@ def start(scale: str | None = None, data_root=None, device="auto", seed: int = 0
     Data: at ``smoke``/``cpu`` the default benchmark (real171 when ``data_root`` or
     ``RETRIEVAL_DATA`` has it, else the offline default), cut to ``cfg.max_images`` at
     smoke scale; at ``full``, revisited Oxford (``roxford5k``) under the data root, with a
-    clear error naming :func:`~retrieval_lib.datasets.download_revisited` when it is absent.
+    clear error naming :func:`~retrieval_lib.data.datasets.download_revisited` when it is absent.
     """
-    from .backbones import load_backbone
-    from .datasets import RevisitedDataset, cache_root, default_benchmark
+    from retrieval_lib.models.backbones import load_backbone
+    from retrieval_lib.data.datasets import RevisitedDataset, cache_root, default_benchmark
 
     cfg = scale_config(scale)
     seed_everything(seed)
@@ -126,7 +126,7 @@ def start(scale: str | None = None, data_root=None, device="auto", seed: int = 0
             except FileNotFoundError as err:
                 raise FileNotFoundError(
                     f"full scale runs on {cfg.datasets[0]}: {err}. Download it once with "
-                    f"retrieval_lib.datasets.download_revisited({cfg.datasets[0]!r}, root) (about 2 GB), "
+                    f"retrieval_lib.data.datasets.download_revisited({cfg.datasets[0]!r}, root) (about 2 GB), "
                     "or run at SCALE='cpu'") from err
         else:
             benchmark = default_benchmark(data_root)

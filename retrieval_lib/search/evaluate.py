@@ -362,12 +362,12 @@ def recall_at_k(Q: ArrayLike, X: ArrayLike, q_labels: ArrayLike, x_labels: Optio
         ks: K values.
         exclude_self: drop each query's own index; default ``Q is X`` (each image queries
             the rest of its own set, as in CUB/Cars/SOP).
-        chunk_size: database rows per block of the search (see ``search.knn``).
+        chunk_size: database rows per block of the search (see ``search.nearest``).
 
     Returns:
         ``{K: recall}`` fractions. Taught in ``notebooks/00_pipeline.ipynb``.
     """
-    from retrieval_lib.search import knn
+    from retrieval_lib.search.nearest import knn
 
     if exclude_self is None:
         exclude_self = Q is X

@@ -5,7 +5,7 @@ practice: the output of a ReLU/ReLU6 backbone) and returns descriptors ``(B, C)`
 ``(B, R, C)`` for per-region descriptors). Nothing is L2-normalised unless the docstring
 says so; :func:`l2n` does it. Outputs follow the device and dtype of ``x``.
 
-Thin ``nn.Module`` wrappers live in :mod:`retrieval_lib.pooling`.
+Thin ``nn.Module`` wrappers live in :mod:`retrieval_lib.layers.pooling`.
 
 Functions, their source and the notebook that teaches them:
 
@@ -30,6 +30,7 @@ __all__ = [
     "mac",
     "spoc",
     "gem",
+    "gem_grads",
     "wgem",
     "rmac_regions",
     "region_mac",
@@ -199,6 +200,43 @@ def gem(x: torch.Tensor, p: Union[float, torch.Tensor] = 3.0, eps: float = 1e-6)
     _check_eps(eps, "gem")
     _check_p(p, x.shape[1], "gem")
     return _gem_unchecked(x, p, eps)
+
+
+def gem_grads(x: torch.Tensor, p: Union[float, torch.Tensor], eps: float = 1e-6):
+    """Closed-form derivatives of GeM ``f_k = (1/N sum_i x_ik^p_k)^(1/p_k)`` (``N = H W``).
+
+    With ``x`` clamped to ``>= eps`` as in :func:`gem` and ``M_k = 1/N sum_i x_ik^p``::
+
+        d f_k / d x_ik = 1/N * f_k^(1 - p) * x_ik^(p - 1)      (0 where x_ik <= eps: the clamp)
+        d f_k / d p_k  = f_k * ( -log(M_k) / p^2 + sum_i x_ik^p log x_ik / (p sum_i x_ik^p) )
+
+    Shapes: ``x (B, C, H, W)``, ``p`` a float or a tensor ``(1,)``/``(C,)``; returns
+    ``(dfdx (B, C, H, W), dfdp (B, C))`` where ``dfdp[b, k]`` is the derivative of
+    ``f[b, k]`` w.r.t. its own exponent (for one shared ``p`` the gradient of a loss sums
+    over ``b`` and ``k``). Use float64 to compare with autograd to ~1e-12.
+
+    Source: GeM, Radenović, Tolias & Chum, TPAMI 2018 (they give both derivatives to
+    make ``p`` learnable by back-propagation). Taught in ``notebooks/03_gem.ipynb``.
+    """
+    _check_fmap(x, "gem_grads")
+    _check_eps(eps, "gem_grads")
+    _check_p(p, x.shape[1], "gem_grads")
+    if isinstance(p, torch.Tensor):
+        p = p.detach().to(dtype=x.dtype, device=x.device).reshape(-1)  # (1,) or (C,)
+    else:
+        p = torch.full((1,), float(p), dtype=x.dtype, device=x.device)
+    N = x.shape[-2] * x.shape[-1]
+    pc = p.reshape(1, -1, 1, 1)  # broadcast over (B, C, H, W)
+    xc = x.clamp(min=eps)
+    xp = xc.pow(pc)  # (B, C, H, W)
+    S = xp.sum(dim=(-2, -1))  # (B, C)
+    M = S / N
+    pk = p.reshape(1, -1)  # (1, 1) or (1, C)
+    f = M.pow(1.0 / pk)  # (B, C)
+    dfdx = f.pow(1.0 - pk)[..., None, None] * xc.pow(pc - 1.0) / N
+    dfdx = torch.where(x > eps, dfdx, torch.zeros_like(dfdx))  # the clamp passes no gradient
+    dfdp = f * (-M.log() / pk**2 + (xp * xc.log()).sum(dim=(-2, -1)) / (pk * S))
+    return dfdx, dfdp
 
 
 def _check_weights(weights: torch.Tensor, x: torch.Tensor, fn: str) -> None:

@@ -1,0 +1,162 @@
+"""Re-ranking after a first search: alpha query expansion, database-side augmentation.
+
+* :func:`alpha_qe` -- each query becomes a weighted sum of itself and its top neighbours.
+* :func:`dba` -- each database vector becomes a weighted sum of its neighbours.
+* :func:`exclude_self` -- drop a query from its own ranking (queries = database images).
+* :func:`expand` -- DBA on the database, then alpha-QE of the queries, in one call.
+
+Shapes: descriptors ``(N, D)`` L2-normalised, ``ranks`` ``(n_q, k)`` best first.
+Taught in ``notebooks/04_rmac.ipynb``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from retrieval_lib.layers.functional import _check_int as _positive_int, l2n
+from retrieval_lib.search.nearest import ArrayLike, _as_tensor, _pair, knn, rank_database
+
+__all__ = ["alpha_qe", "dba", "exclude_self", "expand"]
+
+
+def _weighted_sum(base: Optional[torch.Tensor], X: torch.Tensor, idx: torch.Tensor,
+                  sims: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``base + sum_j max(sims[:, j], 0)**alpha * X[idx[:, j]]``, one neighbour rank at a time."""
+    out = torch.zeros((idx.shape[0], X.shape[1]), dtype=X.dtype, device=X.device) if base is None \
+        else base.clone()
+    for j in range(idx.shape[1]):  # loop over the n neighbour ranks, not over queries
+        w = sims[:, j:j + 1].clamp_min(0).pow(alpha)  # (n_q, 1)
+        out += w * X[idx[:, j]]  # (n_q, D)
+    return out
+
+
+def alpha_qe(Q: ArrayLike, X: ArrayLike, ranks: ArrayLike, n: int = 2, alpha: float = 3.0) -> ArrayLike:
+    """alpha-weighted query expansion (alpha-QE).
+
+    With ``x_1..x_n`` the top-``n`` database descriptors of query ``q`` (from ``ranks``),
+
+        q' = l2n( q + sum_{j=1..n} max(q . x_j, 0)^alpha  x_j ),
+
+    i.e. the query itself has weight 1 (its self-similarity 1 to the power alpha) and
+    neighbours with negative similarity get weight 0 (``alpha = 0`` gives plain average
+    query expansion with all weights 1). Radenovic, Tolias & Chum, "Fine-tuning CNN image
+    retrieval with no human annotation", TPAMI 2018, Sec. 5.1. Re-search with ``q'``
+    afterwards. Taught in ``notebooks/04_rmac.ipynb``.
+
+    Args:
+        Q: (n_q, D) L2-normalised queries. X: (n_db, D) database.
+        ranks: (n_q, >= n) database indices best first (tensor or numpy).
+        n: number of neighbours added (``0`` returns ``l2n(Q)``).
+        alpha: similarity exponent.
+
+    Returns:
+        (n_q, D) expanded queries, same type/dtype/device as ``Q``.
+    """
+    is_np = isinstance(Q, np.ndarray)
+    Qt, Xt = _pair(Q, X)
+    R = ranks.detach() if isinstance(ranks, torch.Tensor) else torch.from_numpy(np.array(ranks))
+    if R.ndim != 2 or R.shape[0] != Qt.shape[0]:
+        raise ValueError(f"ranks must be (n_q={Qt.shape[0]}, n_ranked), got shape {tuple(R.shape)}")
+    n = int(n)
+    if n < 0 or n > R.shape[1]:
+        raise ValueError(f"n={n} neighbours requested but ranks has {R.shape[1]} columns")
+    idx = R[:, :n].to(device=Qt.device, dtype=torch.long)  # (n_q, n)
+    sims = torch.einsum("qd,qnd->qn", Qt, Xt[idx]) if n else idx.to(Qt.dtype)
+    out = l2n(_weighted_sum(Qt, Xt, idx, sims, float(alpha)))
+    return out.numpy() if is_np else out
+
+
+def dba(X: ArrayLike, n: int = 2, alpha: float = 3.0, chunk_size: Optional[int] = None,
+        progress: bool = False) -> ArrayLike:
+    """Database-side augmentation (alpha-DBA): each database vector becomes a weighted sum of its neighbours.
+
+    With ``x_1..x_n`` the top-``n`` neighbours of ``x`` in ``X`` *including ``x`` itself*
+    (normally ``x_1 = x``),
+
+        x' = l2n( sum_{j=1..n} max(x . x_j, 0)^alpha  x_j ),
+
+    so ``n = 1`` leaves ``X`` unchanged. Arandjelovic & Zisserman, "Three things everyone
+    should know to improve object retrieval", CVPR 2012; alpha-weighting from Radenovic et
+    al., TPAMI 2018. Queries are then searched against ``x'`` (usually after also
+    expanding them with :func:`alpha_qe`). Taught in ``notebooks/04_rmac.ipynb``.
+
+    Args:
+        X: (n_db, D) L2-normalised database.
+        n: neighbours (self included), ``1 <= n <= n_db``.
+        alpha: similarity exponent.
+        chunk_size, progress: passed to :func:`knn`.
+
+    Returns:
+        (n_db, D) augmented database, same type/dtype/device as ``X``.
+    """
+    is_np = isinstance(X, np.ndarray)
+    Xt = _as_tensor(X, "X")
+    scores, idx = knn(Xt, Xt, n, chunk_size=chunk_size, progress=progress)  # (n_db, n)
+    out = l2n(_weighted_sum(None, Xt, idx, scores, float(alpha)))
+    return out.numpy() if is_np else out
+
+
+def exclude_self(ranks) -> np.ndarray:
+    """Drop each query from its own ranking: ``(N, k) -> (N, k - 1)`` int64 numpy array.
+
+    For a set whose queries are its database images (query ``q`` is database image
+    ``q``), row ``q`` of ``ranks`` loses the entry ``q``; a row where ``q`` is not among
+    the ``k`` ranked loses its last entry instead, so every row keeps ``k - 1`` neighbours
+    in order. Use it before :func:`alpha_qe`, which must not count a
+    query as its own neighbour. Raises ``ValueError`` for a non-2-D array or ``k < 2``.
+    Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    R = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+    if R.ndim != 2 or R.shape[1] < 2:
+        raise ValueError(f"exclude_self: ranks must be (N, k) with k >= 2, got shape {R.shape}")
+    if not np.issubdtype(R.dtype, np.integer):
+        raise TypeError(f"exclude_self: ranks must hold integer indices, got dtype {R.dtype}")
+    drop = R == np.arange(R.shape[0])[:, None]  # (N, k): the query itself
+    drop[~drop.any(axis=1), -1] = True  # rows without it lose their last entry
+    return R[~drop].reshape(R.shape[0], R.shape[1] - 1).astype(np.int64, copy=False)
+
+
+def expand(X: torch.Tensor, Q: Optional[torch.Tensor] = None, n_qe: int = 2, n_dba: int = 0,
+           alpha: float = 3.0) -> tuple:
+    """Database-side augmentation, then alpha query expansion: ``(X', Q')``.
+
+    1. DBA (when ``n_dba >= 2``): ``X' = dba(X, n_dba, alpha)``, each database vector
+       replaced by ``l2n(sum_{j<=n_dba} max(x . x_j, 0)^alpha x_j)`` over its ``n_dba``
+       nearest database vectors, itself included (``n_dba`` 0 or 1 leaves ``X``).
+    2. alpha-QE (when ``n_qe >= 1``): each query's top ``n_qe`` neighbours in ``X'`` give
+       ``Q' = l2n(q + sum_j max(q . x'_j, 0)^alpha x'_j)``.
+
+    ``Q=None`` means the queries are the database images themselves (``Q = X``, before
+    augmentation); the query is then not counted as its own neighbour
+    (:func:`exclude_self`). Search ``Q'`` against ``X'`` afterwards, e.g.
+    ``book.evaluate(X', Q')``. Shapes ``X (N, D)``, ``Q (n_q, D)``; both L2-normalised.
+
+    Source: alpha-QE and alpha-DBA as in Radenović, Tolias & Chum, TPAMI 2018 (DBA:
+    Arandjelović & Zisserman, CVPR 2012); used with R-MAC by Gordo et al., IJCV 2017.
+    The formulas are :func:`alpha_qe` and
+    :func:`dba`. Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    n_qe = _positive_int(n_qe, "n_qe", "expand", minimum=0)
+    n_dba = _positive_int(n_dba, "n_dba", "expand", minimum=0)
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"expand: alpha must be a finite number >= 0, got {alpha!r}")
+    self_query = Q is None
+    Q = X if self_query else Q
+    n_db = X.shape[0]
+    if n_dba > n_db:
+        raise ValueError(f"expand: n_dba={n_dba} neighbours but the database has {n_db} vectors")
+    Xa = dba(X, n=n_dba, alpha=alpha) if n_dba >= 2 else X
+    if n_qe == 0:
+        return Xa, Q
+    k = n_qe + 1 if self_query else n_qe
+    if k > n_db:
+        raise ValueError(f"expand: n_qe={n_qe} neighbours but the database has only "
+                         f"{n_db - int(self_query)} other vectors")
+    ranks = rank_database(Q, Xa, k=k)  # (n_q, k)
+    if self_query:
+        ranks = exclude_self(ranks)
+    return Xa, alpha_qe(Q, Xa, ranks, n=n_qe, alpha=alpha)
