@@ -18,7 +18,7 @@ The names a notebook or script needs most are re-exported here, one import away.
 
 from retrieval_lib.engine.device import get_device, seed_everything
 from retrieval_lib.layers.functional import gem, l2n, mac, region_mac, rmac, rmac_regions, spoc, wgem
-from retrieval_lib.layers.losses import contrastive_loss
+from retrieval_lib.layers.losses import batch_hard_triplet_loss, contrastive_loss, smoothed_cross_entropy, triplet_loss
 from retrieval_lib.layers.pooling import MAC, POOLING, RMAC, GeM, SPoC, WGeM, make_pooling
 from retrieval_lib.layers.whitening import learned_whitening, pca_whitening, zca_whitening
 from retrieval_lib.models.backbones import efficientnet_lite, load_backbone
@@ -34,7 +34,7 @@ __all__ = [
     "get_device", "seed_everything",
     "l2n", "mac", "spoc", "gem", "rmac_regions", "region_mac", "rmac", "wgem",
     "MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling",
-    "contrastive_loss",
+    "contrastive_loss", "triplet_loss", "batch_hard_triplet_loss", "smoothed_cross_entropy",
     "pca_whitening", "zca_whitening", "learned_whitening",
     "load_backbone", "efficientnet_lite", "ImageList",
     "compute_map", "evaluate_revisited", "knn", "rank_database",
