@@ -1,0 +1,73 @@
+"""retrieval_lib.engine.views: augmented views and composites, seeded, cached as files."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval_lib.data.datasets import GroupDataset
+from retrieval_lib.engine.views import augment, composite, make_views
+
+
+def _groups(folder, groups=3, per=2):
+    rng = np.random.default_rng(0)
+    for g in range(groups):
+        (folder / f"g{g}").mkdir(parents=True)
+        for k in range(per):
+            Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(folder / f"g{g}" / f"{k}.png")
+    return GroupDataset.from_folder(folder)
+
+
+def test_views_and_composites_keep_their_source_group(tmp_path):
+    ds = _groups(tmp_path / "imgs")
+    vs = make_views(ds, n_views=2, n_composites=1, seed=0, max_side=96, cache_dir=tmp_path / "cache", progress=False)
+    n = len(ds.labels)
+    assert len(vs) == n * 4
+    assert vs.kind.tolist() == ["original"] * n + (["view"] * 2 + ["composite"]) * n
+    assert vs.paths[:n] == list(ds.database.paths)  # originals are used in place
+    assert (vs.labels == ds.labels[vs.source]).all()  # every image keeps its source's group
+    for p, kind in zip(vs.paths[n:], vs.kind[n:]):
+        with Image.open(p) as im:
+            assert 48 <= max(im.size) <= 96  # 50-100 % of max_side
+    assert "6 originals, 12 views, 6 composites" in vs.summary()
+
+
+def test_make_views_is_seeded_and_reuses_its_folder(tmp_path):
+    ds = _groups(tmp_path / "imgs")
+    a = make_views(ds, n_views=1, n_composites=1, seed=3, max_side=96, cache_dir=tmp_path / "c", progress=False)
+    stamp = {p: Path(p).stat().st_mtime_ns for p in a.paths[6:]}
+    b = make_views(ds, n_views=1, n_composites=1, seed=3, max_side=96, cache_dir=tmp_path / "c", progress=False)
+    assert b.paths == a.paths and {p: Path(p).stat().st_mtime_ns for p in b.paths[6:]} == stamp  # not rebuilt
+    other = make_views(ds, n_views=1, n_composites=1, seed=4, max_side=96, cache_dir=tmp_path / "c2",
+                       progress=False)
+    assert other.folder.name != a.folder.name  # the seed is part of the fingerprint
+    same_seed_elsewhere = make_views(ds, n_views=1, n_composites=1, seed=3, max_side=96, cache_dir=tmp_path / "c3",
+                                     progress=False)
+    for p, q, r in zip(a.paths[6:], same_seed_elsewhere.paths[6:], other.paths[6:]):
+        assert open(p, "rb").read() == open(q, "rb").read()  # the same seed gives the same pixels
+    assert any(open(p, "rb").read() != open(r, "rb").read() for p, r in zip(a.paths[6:], other.paths[6:]))
+
+
+def test_no_views_returns_the_originals(tmp_path):
+    ds = _groups(tmp_path / "imgs")
+    vs = make_views(ds, n_views=0, n_composites=0, cache_dir=tmp_path / "c")
+    assert vs.paths == list(ds.database.paths) and vs.folder is None
+
+
+def test_augment_and_composite_shapes():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    out = augment(img, np.random.default_rng(1), max_side=128)
+    assert out.mode == "RGB" and 64 <= max(out.size) <= 128
+    bg = Image.fromarray(np.zeros((100, 100, 3), dtype=np.uint8))
+    comp = np.asarray(composite(img, bg, np.random.default_rng(2), max_side=100))
+    pasted = comp.any(axis=2)
+    assert 0.1 < pasted.mean() < 0.6  # a piece of the foreground sits on the black background
+
+
+@pytest.mark.parametrize("kw, match", [(dict(n_views=-1), "n_views"), (dict(n_composites=1.5), "n_composites"),
+                                       (dict(max_side=32), "max_side")])
+def test_make_views_errors(tmp_path, kw, match):
+    ds = _groups(tmp_path / "imgs", groups=2, per=1)
+    with pytest.raises(ValueError, match=match):
+        make_views(ds, cache_dir=tmp_path / "c", **kw)
