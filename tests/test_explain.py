@@ -19,14 +19,18 @@ from retrieval_lib.book.explain import (
     argmax_locations,
     cell_boxes,
     cell_centers,
+    clipped_channels,
     conv_chain,
+    count_clipped,
     fmap_of,
     implicit_correspondences,
     input_gradients,
     mass_box,
+    rank_channels,
     receptive_field,
     top_channels,
 )
+from retrieval_lib.layers.functional import l2n, mac
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +99,93 @@ def test_argmax_tiebreak_picks_the_tied_cell_with_the_largest_tiebreak():
 def test_argmax_locations_rejects_bad_maps(bad, err):
     with pytest.raises(err):
         argmax_locations(bad)
+
+
+# ------------------------------------------------------------------ clipped maxima and ties
+def _clipped_loop(f, clip):
+    """Number of channels of a (C, h, w) map whose largest value equals clip (plain loops)."""
+    n = 0
+    for c in range(f.shape[0]):
+        best = -math.inf
+        for r in range(f.shape[1]):
+            for q in range(f.shape[2]):
+                best = max(best, f[c, r, q].item())
+        n += best == clip
+    return n
+
+
+@pytest.mark.parametrize("clip", [6.0, 3])
+def test_count_clipped_matches_a_loop(clip):
+    g = torch.Generator().manual_seed(11)
+    f = (torch.randn(3, 40, 4, 5, generator=g) * (clip / 2)).clamp(0, clip)  # about a third of the channels reach clip
+    f[0, 7] = 0.0  # dead channel
+    f[1, 3] = clip - 1e-3  # close to the clip but below it
+    counts = count_clipped(f, clip)
+    ref = [_clipped_loop(f[b], clip) for b in range(3)]
+    assert counts.tolist() == ref and counts.dtype == torch.int64
+    assert 0 < min(ref) and max(ref) < 40
+    assert count_clipped(f[2], clip) == ref[2] and isinstance(count_clipped(f[2], clip), int)
+    mask = clipped_channels(f, clip)
+    assert mask.shape == (3, 40) and mask.dtype == torch.bool and not mask[1, 3] and not mask[0, 7]
+    assert count_clipped(f.clamp(max=clip / 2), clip).tolist() == [0, 0, 0]
+
+
+def test_count_clipped_on_a_real_relu6_map_and_none_on_the_relu_map():
+    from skimage import data as skdata
+
+    photo = torch.from_numpy(skdata.chelsea()).permute(2, 0, 1).float()[None] / 255
+    photo = torch.nn.functional.interpolate(photo, size=(224, 288), mode="bilinear", antialias=True)[0]
+    m6 = efficientnet_lite(0, last_activation="relu6")
+    m1 = efficientnet_lite(0, last_activation="relu")
+    f6, f1, pre = fmap_of(m6, photo), fmap_of(m1, photo), fmap_of(m6, photo, pre_activation=True)
+    n = count_clipped(f6)
+    assert n == _clipped_loop(f6, 6.0) == int((pre.amax(dim=(1, 2)) > 6).sum()) > 0
+    assert count_clipped(f1) == 0 and torch.equal(f1, pre.clamp(min=0))
+
+
+def _rank_loop(values, tiebreak):
+    """Sort by (-value, -tiebreak, index) with Python's sort."""
+    D = len(values)
+    tb = [0.0] * D if tiebreak is None else tiebreak
+    return sorted(range(D), key=lambda d: (-values[d], -tb[d], d))
+
+
+def test_rank_channels_hand_case():
+    values = torch.tensor([6.0, 6.0, 2.0, 6.0, 0.0])
+    pre = torch.tensor([7.0, 9.0, 100.0, 6.5, -1.0])
+    channels, vals = rank_channels(values, tiebreak=pre)
+    assert channels.tolist() == [1, 0, 3, 2, 4]  # among the three 6s: pre 9 > 7 > 6.5
+    assert vals.tolist() == [6.0, 6.0, 6.0, 2.0, 0.0]
+    assert rank_channels(values)[0].tolist() == [0, 1, 3, 2, 4]  # no tiebreak: index order, not topk's
+    assert rank_channels(values, k=2, tiebreak=pre)[0].tolist() == [1, 0]
+
+
+def test_rank_channels_matches_a_sort_with_many_ties():
+    g = torch.Generator().manual_seed(12)
+    values = torch.randint(0, 4, (5, 50), generator=g).float()
+    tb = torch.randint(0, 3, (5, 50), generator=g).float()  # ties in the tiebreak too: index decides
+    channels, vals = rank_channels(values, k=17, tiebreak=tb)
+    plain, _ = rank_channels(values, k=17)
+    for n in range(5):
+        assert channels[n].tolist() == _rank_loop(values[n].tolist(), tb[n].tolist())[:17]
+        assert plain[n].tolist() == _rank_loop(values[n].tolist(), None)[:17]
+        assert torch.equal(vals[n], values[n][channels[n]])
+
+
+@pytest.mark.parametrize("values, k, tiebreak", [(torch.ones(2, 2, 3), None, None), (np.ones(3), None, None),
+                                                 (torch.ones(4), 0, None), (torch.ones(4), 5, None),
+                                                 (torch.ones(4), 2, torch.ones(3))])
+def test_rank_channels_errors(values, k, tiebreak):
+    with pytest.raises(ValueError):
+        rank_channels(values, k, tiebreak)
+
+
+@pytest.mark.parametrize("clip", [None, math.inf, True, "6"])
+def test_clipped_channels_errors(clip):
+    with pytest.raises(ValueError, match="clip"):
+        count_clipped(torch.zeros(2, 3, 3), clip)
+    with pytest.raises(ValueError, match=r"\(C, h, w\)"):
+        clipped_channels(torch.zeros(3, 3))
 
 
 # ------------------------------------------------------------------ theoretical receptive field
@@ -401,6 +492,24 @@ def test_top_channels_matches_sorting_the_products():
     assert torch.isclose(full.sum(), torch.tensor(1.0))
 
 
+def test_top_channels_breaks_equal_terms_by_the_tiebreak():
+    """Three channels clipped at 6 in both images give three equal terms; the tiebreak
+    (e.g. the product of the maxima before the clip) orders them, then the index."""
+    x = l2n(torch.tensor([6.0, 6.0, 6.0, 1.0, 6.0]))
+    y = l2n(torch.tensor([6.0, 6.0, 6.0, 2.0, 0.1]))
+    prod = x * y
+    assert prod[0] == prod[1] == prod[2]  # exactly tied
+    tb = torch.tensor([7.0 * 8.0, 9.0 * 6.5, 6.1 * 6.1, 0.0, 0.0])
+    channels, values, share = top_channels(x, y, k=4, tiebreak=tb)
+    assert channels.tolist() == [1, 0, 2, 3]  # 58.5 > 56 > 37.21, then the smaller term
+    assert torch.equal(values, prod[[1, 0, 2, 3]])
+    assert top_channels(x, y, k=3)[0].tolist() == [0, 1, 2]  # without a tiebreak: index order
+    both = top_channels(torch.stack([x, y]), torch.stack([y, x]), k=2, tiebreak=torch.stack([tb, tb.flip(0)]))[0]
+    assert both.tolist() == [[1, 0], [2, 0]]  # flipped tiebreak: 37.21 for channel 2, 0 for 0 and 1
+    with pytest.raises(ValueError, match="tiebreak"):
+        top_channels(x, y, k=2, tiebreak=tb[:3])
+
+
 @pytest.mark.parametrize("x, y, k, err", [(torch.ones(5), torch.ones(4), 2, ValueError),
                                           (torch.ones(5), torch.ones(5), 0, ValueError),
                                           (torch.ones(5), torch.ones(5), 6, ValueError),
@@ -441,3 +550,37 @@ def test_implicit_correspondences_errors():
         implicit_correspondences(torch.rand(8, 3, 3), torch.rand(9, 3, 3))
     with pytest.raises(ValueError, match="one map"):
         implicit_correspondences(torch.rand(1, 8, 3, 3), torch.rand(8, 3, 3))
+
+
+def test_implicit_correspondences_rank_clipped_terms_by_the_pre_activation():
+    """Hand-made pre-activation maps: channels 0-2 clip at 6 in both images, so their MAC
+    terms tie; the pre-activation maxima (8*7, 6.5*6.5, 9*9) put channel 2 first, then 0, then 1."""
+    za = torch.full((4, 2, 3), -1.0)
+    zb = torch.full((4, 3, 2), -1.0)
+    za[0, 0, 1], za[1, 1, 2], za[2, 1, 0], za[3, 0, 0] = 8.0, 6.5, 9.0, 3.0
+    zb[0, 2, 1], zb[1, 0, 0], zb[2, 1, 1], zb[3, 2, 0] = 7.0, 6.5, 9.0, 2.0
+    za[2, 0, 2] = 6.2  # a second clipped cell in channel 2 of A: the arg-max must pick (1, 0)
+    fa, fb = za.clamp(0, 6), zb.clamp(0, 6)
+    res = implicit_correspondences(fa, fb, k=3, tiebreak_a=za, tiebreak_b=zb)
+    assert res.channels.tolist() == [2, 0, 1]
+    assert res.loc_a.tolist() == [[1, 0], [0, 1], [1, 2]]
+    assert res.loc_b.tolist() == [[1, 1], [2, 1], [0, 0]]
+    assert res.contributions[0] == res.contributions[1] == res.contributions[2]
+    # one tiebreak only: the other image's own (clipped) maxima stand in, 9 > 8 > 6.5 in A
+    one = implicit_correspondences(fa, fb, k=3, tiebreak_a=za)
+    assert one.channels.tolist() == [2, 0, 1]
+    assert implicit_correspondences(fa, fb, k=3).channels.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="tiebreak_b"):
+        implicit_correspondences(fa, fb, k=3, tiebreak_b=za)
+
+
+def test_fmap_of_pre_activation_is_the_backbones_preactivation():
+    m6 = efficientnet_lite(0, pretrained=False, last_activation="relu6")
+    m1 = efficientnet_lite(0, pretrained=False, last_activation="relu")
+    m1.load_state_dict(m6.state_dict())
+    image = torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        ref = m6.preactivation(m6.normalize(image)[None])[0]
+    pre6, pre1 = fmap_of(m6, image, pre_activation=True), fmap_of(m1, image, pre_activation=True)
+    assert torch.equal(pre6, ref) and torch.equal(pre1, ref)
+    assert torch.equal(fmap_of(m6, image), ref.clamp(0, 6)) and torch.equal(fmap_of(m1, image), ref.clamp(min=0))

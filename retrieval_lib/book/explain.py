@@ -19,7 +19,12 @@ patches:
   contribute most to the similarity ``x^T y = sum_k x_k y_k`` of two MAC descriptors, and
   the pair of cells (one per image) their maxima come from: the implicit patch
   correspondences drawn in Figure 2 of Radenović, Tolias & Chum, "Fine-tuning CNN Image
-  Retrieval with No Human Annotation", TPAMI 2018.
+  Retrieval with No Human Annotation", TPAMI 2018;
+* :func:`clipped_channels`, :func:`count_clipped` and :func:`rank_channels` -- a clipping
+  last activation (EfficientNet-Lite's ReLU6) sets every response above 6 to exactly 6,
+  so on a real photo dozens of MAC components are equal; these count them and rank
+  channels with the ties broken by the map before the activation
+  (:func:`fmap_of` with ``pre_activation=True``), instead of by channel index.
 
 For EfficientNet-Lite0 (the book's default backbone) the theoretical receptive field of
 a cell of the last map is 851 x 851 px with a stride of 32 px between cells, so at the
@@ -42,9 +47,13 @@ import torch
 from torch import nn
 
 from retrieval_lib.layers.functional import l2n, mac
+from retrieval_lib.models.backbones import RELU6_CLIP, tf_same_padding
 
 __all__ = [
     "argmax_locations",
+    "clipped_channels",
+    "count_clipped",
+    "rank_channels",
     "ConvSpec",
     "conv_chain",
     "ReceptiveField",
@@ -111,6 +120,77 @@ def argmax_locations(fmap: torch.Tensor, tiebreak: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------
+# clipped maxima and ties
+# ----------------------------------------------------------------------------------------
+def _check_clip(clip, fn: str) -> float:
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip):
+        raise ValueError(f"{fn}: clip must be the finite value the activation clips at "
+                         f"(6.0 for ReLU6), got {clip!r}")
+    return float(clip)
+
+
+def clipped_channels(fmap: torch.Tensor, clip: float = RELU6_CLIP) -> torch.Tensor:
+    """Which channels have their maximum at the clip value: ``max_p X_k(p) == clip``.
+
+    After ReLU6 (``clip=6``) such a channel's MAC component is exactly 6 whatever its
+    response before the clip, so all of them tie. Shapes ``(C, h, w) -> (C,)`` or
+    ``(B, C, h, w) -> (B, C)``, bool. A map from ``last_activation="relu"`` has no clip:
+    a channel is then counted only if its maximum happens to equal ``clip``.
+    Taught in ``notebooks/01_mac.ipynb`` and ``04_rmac``.
+    """
+    _check_map(fmap, "clipped_channels")
+    clip = _check_clip(clip, "clipped_channels")
+    return fmap.flatten(-2).amax(dim=-1) == clip
+
+
+def count_clipped(fmap: torch.Tensor, clip: float = RELU6_CLIP):
+    """How many channels have their maximum at the clip value (see :func:`clipped_channels`).
+
+    ``(C, h, w) -> int``; ``(B, C, h, w) -> (B,)`` int64 tensor, one count per image.
+    Taught in ``notebooks/01_mac.ipynb`` and ``04_rmac``.
+    """
+    counts = clipped_channels(fmap, clip).sum(dim=-1)
+    return int(counts) if fmap.dim() == 3 else counts
+
+
+def _check_k(k, D: int, fn: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= D:
+        raise ValueError(f"{fn}: k must be an integer between 1 and D={D}, got {k!r}")
+    return int(k)
+
+
+def rank_channels(values: torch.Tensor, k: int | None = None, tiebreak: torch.Tensor | None = None):
+    """Channels sorted by decreasing ``values``, ties broken by decreasing ``tiebreak``.
+
+    ``values`` is ``(D,)`` or ``(N, D)`` (e.g. a MAC descriptor, or the terms ``x_d y_d``
+    of a similarity). Channels with equal values are ordered by ``tiebreak`` (same shape,
+    e.g. the MAC of the map before the activation, ``mac(fmap_of(model, img,
+    pre_activation=True)[None])[0]``: since the activation is monotone, among channels
+    clipped at 6 the one that responded most strongly comes first); channels still tied
+    keep increasing index order. Without ``tiebreak`` ties go by increasing index, never
+    by the arbitrary order of ``torch.topk``.
+
+    Returns ``(channels, values)``: int64 ``(..., k)`` indices and the values in that order
+    (``k=None``: all ``D``). Taught in ``notebooks/01_mac.ipynb``.
+    """
+    if not isinstance(values, torch.Tensor) or values.dim() not in (1, 2):
+        raise ValueError(f"rank_channels: values must be a tensor (D,) or (N, D), got "
+                         f"{getattr(values, 'shape', type(values).__name__)}")
+    D = values.shape[-1]
+    k = D if k is None else _check_k(k, D, "rank_channels")
+    order = torch.arange(D, device=values.device).expand_as(values)
+    if tiebreak is not None:
+        if not isinstance(tiebreak, torch.Tensor) or tiebreak.shape != values.shape:
+            raise ValueError(f"rank_channels: tiebreak must be a tensor of the values' shape "
+                             f"{tuple(values.shape)}, got {getattr(tiebreak, 'shape', type(tiebreak).__name__)}")
+        # sort by the secondary key first; a stable sort by the primary key keeps that order among ties
+        order = tiebreak.to(values.device).sort(dim=-1, descending=True, stable=True).indices
+    first = values.gather(-1, order).sort(dim=-1, descending=True, stable=True).indices
+    channels = order.gather(-1, first)[..., :k]
+    return channels, values.gather(-1, channels)
+
+
+# ----------------------------------------------------------------------------------------
 # theoretical receptive field
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -128,11 +208,10 @@ class ConvSpec:
     padding: Union[int, str] = 0
 
     def pad_before(self, n: int) -> int:
-        """Pixels of padding before position 0 for an input of length ``n``."""
+        """Pixels of padding before position 0 for an input of length ``n``
+        (:func:`~retrieval_lib.models.backbones.tf_same_padding` for ``"same"``)."""
         if self.padding == "same":
-            out = -(-n // self.stride)
-            total = max((out - 1) * self.stride + (self.kernel - 1) * self.dilation + 1 - n, 0)
-            return total // 2
+            return tf_same_padding(n, self.kernel, self.stride, self.dilation)[0]
         return int(self.padding)
 
     def out_size(self, n: int) -> int:
@@ -332,32 +411,26 @@ def fmap_of(model: nn.Module, image, pre_activation: bool = False) -> torch.Tens
     ``image`` is a PIL image, a uint8 ``(H, W, 3)`` array or a float ``(3, H, W)`` tensor in
     [0, 1] (e.g. ``book.image(i)``, already resized); it is normalised with the model's
     mean and std and run through ``model.features`` on the model's device. With
-    ``pre_activation=True`` (EfficientNet-Lite only) the map is taken just before the
-    head's ReLU6, unclipped: useful to break the ties of clipped maxima
-    (:func:`argmax_locations`). For a whole image list use
-    :func:`retrieval_lib.engine.extract.extract_fmaps`. Taught in ``notebooks/01_mac.ipynb``.
+    ``pre_activation=True`` the map is ``model.preactivation`` (EfficientNet-Lite: the
+    head's output before its last ReLU6 / ReLU, unclipped, any sign): the map that breaks
+    the ties of clipped maxima (:func:`argmax_locations`, :func:`rank_channels`). For a
+    whole image list use :func:`retrieval_lib.engine.extract.extract_fmaps`. Taught in
+    ``notebooks/01_mac.ipynb``.
     """
     x = _as_input(image, model)[None]
     if not pre_activation:
         return model.features(x)[0].float().cpu()
-    mod = _pre_activation_module(model)
-    if mod is None:
-        raise ValueError(f"fmap_of: pre_activation=True needs an EfficientNet-Lite backbone (the map "
-                         f"before its final ReLU6); {type(model).__name__} has no such layer")
-    store = {}
-    handle = mod.register_forward_hook(lambda m, i, o: store.__setitem__("out", o))
-    try:
-        model.features(x)
-    finally:
-        handle.remove()
-    return store["out"][0].float().cpu()
+    return _preactivation_fn(model, "fmap_of")(x)[0].float().cpu()
 
 
-def _pre_activation_module(model: nn.Module):
-    """For EfficientNet-Lite, the head's BatchNorm (its output is the map before ReLU6)."""
-    from retrieval_lib.models.backbones import EfficientNetLite
-
-    return model._bn1 if isinstance(model, EfficientNetLite) else None
+def _preactivation_fn(model: nn.Module, fn: str):
+    """``model.preactivation``, or a clear error for a backbone without one."""
+    pre = getattr(model, "preactivation", None)
+    if not callable(pre):
+        raise ValueError(f"{fn}: pre_activation=True needs a backbone with a preactivation(x) method "
+                         f"(EfficientNet-Lite: the map before its last ReLU6); {type(model).__name__} "
+                         "has none, use pre_activation=False")
+    return pre
 
 
 def input_gradients(model: nn.Module, image, cells, batch_size: int = 4,
@@ -370,9 +443,11 @@ def input_gradients(model: nn.Module, image, cells, batch_size: int = 4,
     batches of copies of the image, one copy per cell, so one backward pass serves a whole
     batch; the copies do not interact because the model must be in eval mode.
 
-    For EfficientNet-Lite (``pre_activation=True``) the gradient is taken just before the
-    head's ReLU6: activations clipped at 6 (common at the strongest cells, exactly
-    where MAC looks) would otherwise have zero gradient. Parameters get no gradient.
+    With ``pre_activation=True`` and a backbone that has ``preactivation`` (EfficientNet-
+    Lite) the gradient is taken just before the head's last activation: activations
+    clipped at 6 by ReLU6 (common at the strongest cells, exactly where MAC looks) would
+    otherwise have zero gradient. Other backbones use ``features``. Parameters get no
+    gradient.
 
     Args:
         model: a backbone with ``features`` and ``normalize``, in eval mode.
@@ -395,27 +470,19 @@ def input_gradients(model: nn.Module, image, cells, batch_size: int = 4,
     if batch_size < 1:
         raise ValueError(f"input_gradients: batch_size must be >= 1, got {batch_size}")
     x0 = _as_input(image, model)  # (3, H, W)
-    hook_mod = _pre_activation_module(model) if pre_activation else None
+    pre = getattr(model, "preactivation", None) if pre_activation else None
+    run = pre if callable(pre) else model.features
     grads = []
     for a in range(0, len(cells_t), batch_size):
         c = cells_t[a:a + batch_size].to(x0.device)
         x = x0.unsqueeze(0).repeat(len(c), 1, 1, 1).requires_grad_(True)  # (b, 3, H, W)
-        store = {}
-        handle = None
-        if hook_mod is not None:
-            handle = hook_mod.register_forward_hook(lambda m, i, o: store.__setitem__("out", o))
-        try:
-            with torch.enable_grad():
-                out = model.features(x)  # (b, C, h, w)
-                fmap = store.get("out", out)
-                C, h, w = fmap.shape[1:]
-                if (c[:, 0] >= C).any() or (c[:, 1] >= h).any() or (c[:, 2] >= w).any() or (c < 0).any():
-                    raise ValueError(f"input_gradients: a cell lies outside the ({C}, {h}, {w}) feature map")
-                sel = fmap[torch.arange(len(c), device=x.device), c[:, 0], c[:, 1], c[:, 2]]  # (b,)
-                (g,) = torch.autograd.grad(sel.sum(), x)
-        finally:
-            if handle is not None:
-                handle.remove()
+        with torch.enable_grad():
+            fmap = run(x)  # (b, C, h, w)
+            C, h, w = fmap.shape[1:]
+            if (c[:, 0] >= C).any() or (c[:, 1] >= h).any() or (c[:, 2] >= w).any() or (c < 0).any():
+                raise ValueError(f"input_gradients: a cell lies outside the ({C}, {h}, {w}) feature map")
+            sel = fmap[torch.arange(len(c), device=x.device), c[:, 0], c[:, 1], c[:, 2]]  # (b,)
+            (g,) = torch.autograd.grad(sel.sum(), x)
         grads.append(g.abs().sum(dim=1).detach())  # (b, H, W)
     return torch.cat(grads)
 
@@ -455,24 +522,26 @@ def mass_box(heat, mass: float = 0.9) -> tuple[float, float, float, float]:
 # ----------------------------------------------------------------------------------------
 # which channels make a similarity, and where they come from
 # ----------------------------------------------------------------------------------------
-def top_channels(x: torch.Tensor, y: torch.Tensor, k: int = 5):
+def top_channels(x: torch.Tensor, y: torch.Tensor, k: int = 5, tiebreak: torch.Tensor | None = None):
     """The ``k`` channels contributing most to the similarity ``x^T y = sum_d x_d y_d``.
 
     Shapes: ``x``, ``y`` ``(D,)`` or ``(N, D)`` (pairs row by row). Returns ``(channels,
     contributions, share)``: int64 ``(..., k)`` indices sorted by decreasing ``x_d y_d``,
     the products themselves, and each product's share of the similarity
-    (``x_d y_d / x^T y``). Taught in ``notebooks/01_mac.ipynb``.
+    (``x_d y_d / x^T y``). Equal products (every channel clipped at 6 in both images gives
+    the same term) are ordered by decreasing ``tiebreak`` (same shape as ``x``; e.g. the
+    product of the two images' MACs before the activation, as
+    :func:`implicit_correspondences` does), then by channel index (:func:`rank_channels`).
+    Taught in ``notebooks/01_mac.ipynb``.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError("top_channels: x and y must be tensors (D,) or (N, D)")
     if x.shape != y.shape or x.dim() not in (1, 2):
         raise ValueError(f"top_channels: x and y must have the same shape (D,) or (N, D), got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
-    D = x.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= D:
-        raise ValueError(f"top_channels: k must be an integer between 1 and D={D}, got {k!r}")
+    k = _check_k(k, x.shape[-1], "top_channels")
     prod = x * y  # (..., D)
-    values, channels = prod.topk(k, dim=-1)
+    channels, values = rank_channels(prod, k, tiebreak)
     share = values / prod.sum(dim=-1, keepdim=True)
     return channels, values, share
 
@@ -505,8 +574,13 @@ def implicit_correspondences(fmap_a: torch.Tensor, fmap_b: torch.Tensor, k: int 
     correspondences, as in Figure 2 of Radenović, Tolias & Chum, TPAMI 2018.
 
     Shapes: ``fmap_a`` ``(C, h_a, w_a)``, ``fmap_b`` ``(C, h_b, w_b)`` (sizes may differ);
-    ``tiebreak_a`` / ``tiebreak_b`` optional maps of the same shapes that choose among tied
-    maxima (see :func:`argmax_locations`). Taught in ``notebooks/01_mac.ipynb``.
+    ``tiebreak_a`` / ``tiebreak_b`` optional maps of the same shapes, normally the maps
+    before the activation (:func:`fmap_of` with ``pre_activation=True``). They break two
+    kinds of ties: the cell of a channel's maximum (:func:`argmax_locations`), and the
+    order of equal terms ``x_c y_c``, which are ranked by ``relu(max Z_a,c) * relu(max
+    Z_b,c)`` with ``Z`` the tie-break maps (a missing one is replaced by its feature map):
+    the term the two channels would give without the clip.
+    Taught in ``notebooks/01_mac.ipynb``.
     """
     for name, f in (("fmap_a", fmap_a), ("fmap_b", fmap_b)):
         _check_map(f, "implicit_correspondences")
@@ -518,7 +592,16 @@ def implicit_correspondences(fmap_a: torch.Tensor, fmap_b: torch.Tensor, k: int 
                          f"{fmap_b.shape[0]} channels; they must come from the same backbone")
     x = l2n(mac(fmap_a[None]))[0]  # (C,)
     y = l2n(mac(fmap_b[None]))[0]
-    channels, values, share = top_channels(x, y, k)
+    term_tiebreak = None
+    if tiebreak_a is not None or tiebreak_b is not None:
+        for name, t, f in (("tiebreak_a", tiebreak_a, fmap_a), ("tiebreak_b", tiebreak_b, fmap_b)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != f.shape):
+                raise ValueError(f"implicit_correspondences: {name} must be a tensor of its map's shape "
+                                 f"{tuple(f.shape)}, got {getattr(t, 'shape', type(t).__name__)}")
+        za = mac((fmap_a if tiebreak_a is None else tiebreak_a)[None].float())[0]  # (C,)
+        zb = mac((fmap_b if tiebreak_b is None else tiebreak_b)[None].float())[0]
+        term_tiebreak = za.clamp(min=0) * zb.clamp(min=0)
+    channels, values, share = top_channels(x, y, k, tiebreak=term_tiebreak)
     loc_a, _ = argmax_locations(fmap_a, tiebreak_a)
     loc_b, _ = argmax_locations(fmap_b, tiebreak_b)
     return Correspondences(channels=channels, contributions=values, share=share,
