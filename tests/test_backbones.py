@@ -143,8 +143,8 @@ def test_lite_features_any_size(lite0, H, W):
         fmap = lite0.features(x)
         single = lite0.features(x[1:])
     assert fmap.shape == (2, 1280, -(-H // 32), -(-W // 32))
-    assert fmap.min() >= 0 and fmap.max() <= 6  # ReLU6
-    assert fmap.max() > 0
+    assert fmap.min() >= 0 and fmap.max() > 0
+    assert lite0.clip_value is None or fmap.max() <= lite0.clip_value  # ReLU6: at most 6
     torch.testing.assert_close(fmap[1:], single, atol=1e-4, rtol=1e-4)
 
 
@@ -152,7 +152,7 @@ def test_lite_forward_is_pooled_features_through_fc(lite0):
     torch.manual_seed(1)
     x = torch.randn(1, 3, 64, 80)
     with torch.inference_mode():
-        fmap = lite0.features(x)
+        fmap = lite0.preactivation(x).clamp(0, 6)  # the trained ReLU6 map, whatever the default
         ref = fmap.mean(dim=(2, 3)) @ lite0._fc.weight.T + lite0._fc.bias
         logits = lite0(x)
     assert logits.shape == (1, 1000)
@@ -371,3 +371,60 @@ def test_full_scale_loads_resnet101_imagenet1k_v1_and_v2_stays_selectable(monkey
     m2 = load_backbone(cfg.backbone, weights="IMAGENET1K_V2")
     assert asked[-1] == torchvision.models.ResNet101_Weights.IMAGENET1K_V2.url
     assert m2.config["weights"].endswith("IMAGENET1K_V2") and m2.config != m.config
+
+
+# ---------------------------------------------------------------- the measurement behind the default
+
+
+def _tiny_real171(root):
+    """A real171-shaped manifest: four subsets of two groups of two crops of scikit-image photos."""
+    import json
+
+    from PIL import Image
+
+    photos = [skdata.chelsea(), skdata.coffee(), skdata.astronaut(), skdata.rocket()]
+    items = {}
+    for s, subset in enumerate(("ukbench56", "landmarks23", "wxbs", "evd")):
+        (root / "real171" / subset).mkdir(parents=True)
+        items[subset] = {"items": []}
+        for g in range(2):
+            photo = photos[(s + g) % 4]
+            for v in range(2):
+                h, w = photo.shape[:2]
+                crop = photo[v * h // 8: h - (1 - v) * h // 8, (1 - v) * w // 8: w - v * w // 8]
+                name = f"{subset}_{g}_{v}.jpg"
+                Image.fromarray(crop).resize((128, 96)).save(root / "real171" / subset / name)
+                items[subset]["items"].append([name, f"g{g}"])
+    (root / "real171" / "manifest.json").write_text(json.dumps({"subsets": items}))
+
+
+def test_last_activation_measurement_matches_both_models_and_applies_the_rule(tmp_path):
+    from benchmarks import last_activation as la
+    from retrieval_lib.data.datasets import GroupDataset
+    from retrieval_lib.engine.extract import extract_fmaps, pool_fmaps
+    from retrieval_lib.search.nearest import rank_database
+
+    _tiny_real171(tmp_path)
+    res = la.measure(tmp_path, image_size=96, cache_dir=tmp_path / "cache")
+    assert res["settings"]["n_images_train"] == res["settings"]["n_images_held_out"] == 8
+    # independent path: each activation's own model, its own extraction, then the same evaluation
+    bench = GroupDataset.from_manifest(tmp_path / "real171" / "manifest.json", subsets=la.TRAIN_SUBSETS)
+    for act in LAST_ACTIVATIONS:
+        maps = extract_fmaps(efficientnet_lite(0, last_activation=act), bench.database, image_size=96,
+                             num_workers=0, progress=False)
+        for label, pool in la.POOLINGS.items():
+            X = pool_fmaps(maps, pool)
+            assert res["train"][act][label] == bench.evaluate(rank_database(X, X))["mAP"], (act, label)
+    assert set(res["held_out"]) == set(LAST_ACTIVATIONS) and res["choice"] == la.choose(res["train"])
+    assert res["clipped_per_image"]["train"] > 0
+
+
+def test_last_activation_rule_and_missing_data(tmp_path):
+    from benchmarks.last_activation import choose, measure
+
+    a = {"MAC": 0.50, "SPoC": 0.60}
+    assert choose({"relu6": a, "relu": {"MAC": 0.52, "SPoC": 0.59}}) == "relu"  # mean 0.555 > 0.55
+    assert choose({"relu6": a, "relu": {"MAC": 0.60, "SPoC": 0.50}}) == "relu6"  # exact tie: as trained
+    assert choose({"relu6": a, "relu": {"MAC": 0.48, "SPoC": 0.61}}) == "relu6"
+    with pytest.raises(FileNotFoundError, match="RETRIEVAL_DATA"):
+        measure(tmp_path)

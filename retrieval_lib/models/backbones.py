@@ -22,7 +22,10 @@ Two families:
   offline, which makes Lite0 the default backbone of the book. Its last activation is a
   ReLU6, so the trained map is clipped at 6 (``last_activation="relu6"``); the same
   weights with a plain ReLU there (``last_activation="relu"``) keep the strongest
-  responses apart, and ``preactivation(x)`` gives the map before either.
+  responses apart, and ``preactivation(x)`` gives the map before either. The builders
+  default to ``DEFAULT_LAST_ACTIVATION`` = ``"relu"``, the activation that scored higher
+  on real171's training groups (``python -m benchmarks.last_activation`` re-runs that
+  measurement); pass ``last_activation="relu6"`` for the network exactly as trained.
 * **ResNet-50/101** (He et al., "Deep Residual Learning for Image Recognition",
   CVPR 2016) from torchvision, the backbone of most retrieval papers. Its ImageNet
   weights are downloaded by torch.hub on first use, so they need network access once.
@@ -108,7 +111,7 @@ RELU6_CLIP = 6.0
 # landmarks23; wxbs and evd are never used to choose): the activation with the higher
 # mean mAP over MAC, SPoC, GeM (p=3) and R-MAC (L=3), Lite0 at 512 px, ties to "relu6".
 # Re-run it with `python -m benchmarks.last_activation` (needs RETRIEVAL_DATA).
-DEFAULT_LAST_ACTIVATION = "relu6"
+DEFAULT_LAST_ACTIVATION = "relu"
 
 
 # --------------------------------------------------------------------------- base class
