@@ -1,5 +1,7 @@
 """Benchmarks: group datasets (folders, manifests, real171, offline default), revisited
-Oxford/Paris on a stand-in tree, CUB-200 on a stand-in archive served over loopback HTTP."""
+Oxford/Paris on a stand-in tree, CUB-200 on a stand-in archive served over loopback HTTP;
+what each says is right for a query (relevance, ground truth, top results, per-query AP)
+and the metric it leads with (headline_key), against plain loops over labels and gnd."""
 import hashlib
 import io
 import json
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _fakes import ap_loop as _ap_loop
 from _http import Route, serve
 from _http import tgz as _tgz
 from retrieval_lib.data import datasets as ds
@@ -19,28 +22,10 @@ from retrieval_lib.data.datasets import (CUB200, GroupDataset, RevisitedDataset,
                                     default_benchmark, download_cub, download_revisited, load_gnd,
                                     offline_default, real171)
 from retrieval_lib.data.download import ChecksumError
-from retrieval_lib.search.evaluate import evaluate_revisited
+from retrieval_lib.search.evaluate import evaluate_revisited, query_aps, revisited_protocol
 
 
 # ------------------------------------------------------------------ plain-loop references
-def _ap_loop(ranked, positives, junk):
-    """Revisited-protocol AP of one ranked list (trapezoid rule), written as a plain loop."""
-    if not positives:
-        return float("nan")
-    found, pos_ranks, r = 0, [], 0
-    for idx in ranked:
-        if idx in junk:
-            continue
-        if idx in positives:
-            pos_ranks.append(r)
-        r += 1
-    ap = 0.0
-    for j, rj in enumerate(pos_ranks):
-        prec_before = 1.0 if rj == 0 else j / rj
-        ap += 0.5 * (prec_before + (j + 1) / (rj + 1))
-    return ap / len(positives)
-
-
 def _self_first_ranks(n, seed=0):
     """Ranks from a random symmetric similarity, every image first in its own row."""
     rng = np.random.default_rng(seed)
@@ -94,7 +79,7 @@ def test_from_folder_groups_and_errors(tmp_path):
     assert [Path(p).name for p in d.database.paths] == ["bridge0.jpg", "bridge1.jpg", "bridge2.jpg",
                                                       "cat0.jpg", "cat1.jpg", "lonely0.jpg"]
     assert d.database[3].size == (48, 40)
-    assert "6 images in 3 groups (1 single-image distractor groups)" in d.describe()
+    assert "6 images in 3 groups (1 single-image distractor groups)" in d.summary()
 
     with pytest.raises(FileNotFoundError, match="no folder"):
         GroupDataset.from_folder(tmp_path / "nowhere")
@@ -260,9 +245,9 @@ def test_offline_default_structure_determinism_and_reuse(tmp_path):
     assert a.group_names[:2] == ["skimage_views/chelsea_a", "skimage_views/chelsea_b"]
     assert a.subset_names == ["skimage_views"]
     assert all(g.startswith("skimage_views/distractor_") for g, s in zip(a.group_names, sizes) if s == 1)
-    folder = tmp_path / "one" / "offline_default_v1" / "seed0-views3-distractors4"
+    folder = tmp_path / "one" / f"offline_default_v{ds.OFFLINE_VERSION}" / "seed0-views3-distractors4"
     assert sorted(os.listdir(folder)) == ["manifest.json", "skimage_views"]
-    assert sorted(os.listdir(tmp_path / "one" / "offline_default_v1")) == [folder.name]  # no temp left
+    assert sorted(os.listdir(folder.parent)) == [folder.name]  # no temp left
     imgs = _pixels(a)
     assert all(320 <= max(im.shape[:2]) <= 512 for im in imgs)
 
@@ -384,7 +369,7 @@ def test_revisited_end_to_end_on_stand_in_tree(tmp_path, data_root):
     assert s.evaluate(_perfect_revisited_ranks(s.gnd, 200))["mAP/medium"] == pytest.approx(1.0)
     kept = {s.imlist[i] for g in s.gnd for i in g["easy"]}
     assert kept <= set(d.imlist) and s.imlist == sorted(s.imlist, key=d.imlist.index)
-    assert "queries cropped" in d.describe()
+    assert "queries cropped" in d.summary()
 
 
 def test_revisited_errors(tmp_path, monkeypatch):
@@ -532,7 +517,7 @@ def test_cub200_download_splits_and_recall(tmp_path, server, monkeypatch):
     assert out["R@1"] == pytest.approx(8 / 9) and out["R@2"] == 1.0
     small = test.subset(7)
     assert small.labels.tolist() == [101] * 3 + [102] * 3 and len(small.database) == 6
-    assert "3 bird classes" in test.describe()
+    assert "3 bird classes" in test.summary()
 
 
 def test_cub200_errors(tmp_path, monkeypatch):
@@ -559,3 +544,167 @@ def test_cub_download_with_wrong_md5_keeps_nothing(tmp_path, server, monkeypatch
     with pytest.raises(ChecksumError, match="md5"):
         download_cub(tmp_path, progress=False)
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ what is right for a query
+def _cub_on_disk(root):
+    for rel, data in _cub_files().items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return CUB200(root)
+
+
+def _relevance_loop(labels, q, i):
+    """Group sets and CUB: the query itself is junk, its group (class) is right."""
+    return None if i == q else bool(labels[i] == labels[q])
+
+
+def _revisited_relevance_loop(g, i):
+    """Revisited, Medium protocol: easy and hard are right, junk is neither."""
+    if i in list(g["junk"]):
+        return None
+    return i in list(g["easy"]) or i in list(g["hard"])
+
+
+def test_group_relevance_matches_a_loop_over_labels(tmp_path):
+    d = GroupDataset.from_manifest(_manifest_tree(tmp_path / "set"))
+    n = len(d.database)
+    for q in range(n):
+        want = [_relevance_loop(d.labels, q, i) for i in range(n)]
+        assert [d.relevance(q, i) for i in range(n)] == want
+        codes = d.relevance_row(q, np.arange(n)[::-1])
+        assert codes.dtype == np.int8
+        assert codes.tolist() == [-1 if w is None else int(w) for w in want[::-1]]
+    assert d.relevance(6, 6) is None and not any(d.relevance(6, i) for i in range(6))  # the singleton
+    assert d.relevance(np.int64(0), np.int64(1)) is True
+
+
+def test_revisited_relevance_matches_a_loop_over_gnd(tmp_path, data_root):
+    doc = _gnd_doc(data_root)
+    _revisited_tree(tmp_path, doc)
+    d = RevisitedDataset("roxford5k", tmp_path)
+    n = len(d.database)
+    for q in range(len(d.queries)):
+        g = d.gnd[q]
+        codes = d.relevance_row(q, np.arange(n))
+        want = [_revisited_relevance_loop(g, i) for i in range(n)]
+        assert codes.tolist() == [-1 if w is None else int(w) for w in want]
+        # one image of each kind, through the scalar form
+        for key, expected in (("easy", True), ("hard", True), ("junk", None)):
+            if len(g[key]):
+                assert d.relevance(q, int(g[key][0])) is expected
+        other = next(i for i in range(n) if want[i] is False)
+        assert d.relevance(q, other) is False
+    assert d.headline_key == "mAP/medium"
+
+
+def test_cub_relevance_and_headline(tmp_path):
+    cub = _cub_on_disk(tmp_path)
+    n = len(cub.database)
+    for q in range(n):
+        assert [cub.relevance(q, i) for i in range(n)] == [_relevance_loop(cub.labels, q, i) for i in range(n)]
+    assert cub.headline_key == "R@1" and cub.headline_key in cub.evaluate(_perfect_group_ranks(cub.labels))
+    small = cub.subset(7)  # a subset builds its own ground truth, not its parent's
+    cub.ground_truth()
+    assert len(small.ground_truth()) == len(small.database) == 6
+    assert [small.relevance(0, i) for i in range(6)] == [_relevance_loop(small.labels, 0, i) for i in range(6)]
+
+
+def test_every_benchmark_names_a_headline_it_reports(tmp_path):
+    d = GroupDataset.from_manifest(_manifest_tree(tmp_path / "set"))
+    assert d.headline_key == "mAP" and d.headline_key in d.evaluate(_perfect_group_ranks(d.labels))
+    doc = _gnd_doc(None)
+    _revisited_tree(tmp_path / "rev", doc)
+    r = RevisitedDataset("roxford5k", tmp_path / "rev")
+    assert r.headline_key in r.evaluate(_perfect_revisited_ranks(r.gnd, len(r.database)))
+    assert r.labels is None and r.subsets is None  # every benchmark has the attributes
+    assert d.subsets is not None and d.labels is not None
+
+
+def test_ground_truth_is_built_once_and_is_the_protocol(tmp_path):
+    d = GroupDataset.from_manifest(_manifest_tree(tmp_path / "set"))
+    gt = d.ground_truth()
+    assert d.ground_truth() is gt
+    assert gt[0]["ok"].tolist() == [1] and gt[0]["junk"].tolist() == [0]
+    doc = _gnd_doc(None)
+    _revisited_tree(tmp_path / "rev", doc)
+    r = RevisitedDataset("roxford5k", tmp_path / "rev")
+    assert r.ground_truth() is r.ground_truth()
+    for got, g in zip(r.ground_truth(), r.gnd):
+        assert sorted(got["ok"].tolist()) == sorted(list(g["easy"]) + list(g["hard"]))
+        assert sorted(got["junk"].tolist()) == sorted(g["junk"])
+
+
+def test_revisited_protocols_by_their_definition():
+    gnd = [{"easy": [0, 4], "hard": [2], "junk": [1]}, {"easy": [], "hard": [3], "junk": []}]
+    rules = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
+             "hard": (("hard",), ("junk", "easy"))}
+    for name, (ok_from, junk_from) in rules.items():
+        got = revisited_protocol(gnd, name)
+        for g, entry in zip(gnd, got):
+            assert sorted(entry["ok"].tolist()) == sorted(i for k in ok_from for i in g[k])
+            assert sorted(entry["junk"].tolist()) == sorted(i for k in junk_from for i in g[k])
+    with pytest.raises(ValueError, match="unknown revisited protocol 'medum'"):
+        revisited_protocol(gnd, "medum")
+    with pytest.raises(KeyError, match=r"gnd\[0\] lacks \['junk'\]"):
+        revisited_protocol([{"easy": [], "hard": []}], "easy")
+
+
+def test_top_results_group_set_skips_the_query():
+    bench = GroupDataset(["a", "b", "c", "d"], [0, 0, 1, 1])
+    ranks = np.array([[0, 2, 1, 3], [1, 0, 2, 3], [2, 3, 0, 1], [3, 0, 1, 2]])
+    assert bench.top_results(ranks, 0, k=2) == ([2, 1], [False, True])
+    assert bench.top_results(ranks, 3, k=5) == ([0, 1, 2], [False, False, True])
+    # the query is skipped wherever it is ranked
+    assert bench.top_results(np.array([[2, 1, 3, 0]] * 4), 0, k=3) == ([2, 1, 3], [False, True, False])
+
+
+def test_top_results_revisited_marks_junk_as_none(tmp_path):
+    doc = {"imlist": [f"db{i}" for i in range(4)], "qimlist": ["q0"],
+           "gnd": [{"bbx": [0, 0, 20, 20], "easy": [2], "hard": [0], "junk": [1]}]}
+    _revisited_tree(tmp_path, doc)
+    r = RevisitedDataset("roxford5k", tmp_path)
+    assert r.top_results(np.array([[1, 2, 3, 0]]), 0, k=4) == ([1, 2, 3, 0], [None, True, False, True])
+    assert r.top_results(np.array([[1, 2, 3, 0]]), 0, k=2) == ([1, 2], [None, True])
+
+
+def test_query_aps_group_set_by_hand_and_mean():
+    bench = GroupDataset(["a", "b", "c", "d"], [0, 0, 1, 1])
+    ranks = np.array([[0, 2, 1, 3],   # query 0: positive 1 at rank 1 after junk 0 and wrong 2
+                      [1, 0, 2, 3],   # query 1: its positive first
+                      [2, 3, 0, 1],
+                      [3, 0, 1, 2]])  # query 3: positive 2 last
+    aps = query_aps(bench, ranks)
+    # trapezoid AP (revisited protocol), junk removed: query 0 has its positive at
+    # position 1 -> 1/2 (0/1 + 1/2) = 0.25; query 3 at position 2 -> 1/2 (0/2 + 1/3) = 1/6
+    assert aps == pytest.approx([0.25, 1.0, 1.0, 1 / 6])
+    assert np.nanmean(aps) == pytest.approx(bench.evaluate(ranks)["mAP"])
+
+
+def test_query_aps_revisited_is_the_medium_protocol(tmp_path):
+    doc = _gnd_doc(None)
+    _revisited_tree(tmp_path, doc)
+    r = RevisitedDataset("roxford5k", tmp_path)
+    rng = np.random.default_rng(3)
+    R = np.stack([rng.permutation(len(r.database)) for _ in range(len(r.queries))])
+    aps = query_aps(r, R)
+    for q, g in enumerate(r.gnd):
+        want = _ap_loop(R[q].tolist(), set(g["easy"]) | set(g["hard"]), set(g["junk"]))
+        assert aps[q] == pytest.approx(want, abs=1e-12)
+    assert np.nanmean(aps) == pytest.approx(r.evaluate(R)["mAP/medium"], abs=1e-12)
+
+
+def test_relevance_errors(tmp_path):
+    d = GroupDataset.from_manifest(_manifest_tree(tmp_path / "set"))
+    with pytest.raises(IndexError, match="query 7 is not one of this benchmark's 7 queries"):
+        d.relevance(7, 0)
+    with pytest.raises(IndexError, match="query -1 is not one"):
+        d.relevance_row(-1, [0])
+    with pytest.raises(IndexError, match=r"database indices in 0\.\.6; got \[9\]"):
+        d.relevance(0, 9)
+    with pytest.raises(IndexError, match="one database index"):
+        d.relevance(0, 1.0)
+    with pytest.raises(ValueError, match="1-D sequence of database indices"):
+        d.relevance_row(0, np.zeros((2, 2), dtype=int))
+    with pytest.raises(ValueError, match=r"ranks has shape \(1, 7\)"):
+        d.top_results(np.zeros((1, 7), dtype=int), 0)

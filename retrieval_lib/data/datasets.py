@@ -3,8 +3,11 @@
 A :class:`Benchmark` has a ``name``, a ``database`` (:class:`~retrieval_lib.data.images.ImageList`),
 ``queries`` (an ``ImageList``, or ``None`` when every database image queries all the
 others), ``evaluate(ranks) -> {metric: float}`` (fractions, except the N-S score in
-0..4), ``describe()`` and ``subset(max_images)`` (a smaller benchmark of the same kind,
-for the ``smoke`` scale). ``ranks`` is ``(n_queries, n_db)``, database indices best first.
+0..4), ``headline_key`` (the metric a plot or table leads with), ``relevance(q, i)``
+(is database image ``i`` right for query ``q``: ``True``, ``False`` or ``None`` for junk),
+``summary()`` (one line of text) and ``subset(max_images)`` (a smaller benchmark of the
+same kind, for the ``smoke`` scale). ``ranks`` is ``(n_queries, n_db)``, database
+indices best first.
 
 - :class:`GroupDataset` — photos in groups of the same object or place: your own photos
   (one sub-folder per group, or a ``manifest.json``), :func:`real171` and
@@ -87,12 +90,26 @@ class Benchmark:
     """Base of every benchmark: ``name``, ``database``, ``queries`` and ``evaluate(ranks)``.
 
     ``queries is None`` means every database image is a query against all the others
-    (its own index is then ignored by ``evaluate``); ``ranks`` has one row per query.
+    (its own index is then junk: ignored by ``evaluate``); ``ranks`` has one row per query.
+
+    What is right for a query is answered in one place, :meth:`ground_truth` (built
+    once per benchmark): :meth:`relevance` for one image, :meth:`relevance_row` for a
+    whole ranked row, :meth:`top_results` for the first results of a ranking, and
+    :func:`retrieval_lib.search.evaluate.query_aps` for per-query AP all read it.
+
+    Attributes every benchmark has (``None`` where it does not apply):
+        labels: (N,) int64 group or class of each database image (group sets, CUB).
+        subsets: (N,) subset name of each database image (manifests with subsets).
+        headline_key: the metric of :meth:`evaluate` that a plot or table leads with:
+            ``"mAP"`` (group sets), ``"mAP/medium"`` (revisited Oxford/Paris), ``"R@1"`` (CUB).
     """
 
     name: str
     database: ImageList
     queries: Optional[ImageList] = None
+    labels: Optional[np.ndarray] = None
+    subsets: Optional[np.ndarray] = None
+    headline_key: str = "mAP"
 
     @property
     def n_queries(self) -> int:
@@ -106,13 +123,86 @@ class Benchmark:
         """A smaller benchmark of the same kind with at most ``max_images`` database images."""
         raise NotImplementedError
 
-    def describe(self) -> str:
+    def summary(self) -> str:
         """One line: what the benchmark holds."""
         q = "each image queries all the others" if self.queries is None else f"{len(self.queries)} queries"
         return f"{self.name}: {len(self.database)} database images; {q}"
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.describe()}>"
+        return f"<{type(self).__name__} {self.summary()}>"
+
+    # -- what is right for a query
+    def _build_ground_truth(self) -> list:
+        raise NotImplementedError
+
+    def ground_truth(self) -> list:
+        """Per query ``{"ok": int64 array, "junk": int64 array}`` of database indices.
+
+        The format of :func:`~retrieval_lib.search.evaluate.compute_map`, for the protocol of
+        :attr:`headline_key`: group sets and CUB -- ``ok`` the other images of the query's
+        group, ``junk`` the query itself; revisited Oxford/Paris -- the Medium protocol
+        (``ok`` easy + hard, ``junk`` junk). Built on first use and kept.
+        """
+        gt = self.__dict__.get("_ground_truth")
+        if gt is None:
+            gt = self._build_ground_truth()
+            self._ground_truth = gt
+        return gt
+
+    def _query(self, q) -> int:
+        n = self.n_queries
+        if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 0 <= int(q) < n:
+            raise IndexError(f"query {q!r} is not one of this benchmark's {n} queries (0..{n - 1})")
+        return int(q)
+
+    def relevance_row(self, q: int, indices) -> np.ndarray:
+        """Relevance of database images ``indices`` to query ``q``, vectorised: int8 ``(len(indices),)``.
+
+        ``1`` relevant, ``0`` not relevant, ``-1`` junk (neither: ignored by the metrics).
+        ``indices`` is any 1-D integer sequence, e.g. a row of ``ranks``.
+        """
+        q = self._query(q)
+        idx = np.asarray(indices.detach().cpu() if hasattr(indices, "detach") else indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValueError(f"indices must be a 1-D sequence of database indices, got shape {idx.shape} "
+                             f"and dtype {idx.dtype}")
+        n = len(self.database)
+        bad = idx[(idx < 0) | (idx >= n)]
+        if bad.size:
+            raise IndexError(f"indices must be database indices in 0..{n - 1}; got {bad[:5].tolist()}"
+                             f"{' ...' if bad.size > 5 else ''}")
+        g = self.ground_truth()[q]
+        out = np.zeros(idx.shape, dtype=np.int8)
+        out[np.isin(idx, g["ok"])] = 1
+        out[np.isin(idx, g["junk"])] = -1
+        return out
+
+    def relevance(self, q: int, i: int) -> Optional[bool]:
+        """Is database image ``i`` right for query ``q``? ``True``, ``False``, or ``None`` for junk.
+
+        Junk is what the protocol ignores: the query itself when every database image is a
+        query, the ``junk`` list of revisited Oxford/Paris. Raises ``IndexError`` for a
+        query or image outside the benchmark.
+        """
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise IndexError(f"i must be one database index, got {i!r}; for many use relevance_row")
+        code = int(self.relevance_row(q, [int(i)])[0])
+        return None if code < 0 else bool(code)
+
+    def top_results(self, ranks, q: int, k: int = 5) -> tuple:
+        """Query ``q``'s first ``k`` results and whether each is right: ``(indices, relevance)``.
+
+        ``ranks`` is ``(n_queries, n_db)``; ``relevance`` holds ``True``/``False``/``None``
+        (junk) as in :meth:`relevance`. When every database image is a query, the query
+        itself (junk, normally ranked first) is skipped, so the ``k`` results are others.
+        """
+        q = self._query(q)
+        R = _ranks(ranks, self.n_queries, len(self.database))
+        row = R[q]
+        if self.queries is None:
+            row = row[row != q]
+        row = row[: max(0, int(k))]
+        return row.tolist(), [None if c < 0 else bool(c) for c in self.relevance_row(q, row).tolist()]
 
 
 # ------------------------------------------------------------------------ group datasets
@@ -131,6 +221,8 @@ class GroupDataset(Benchmark):
         subsets: (N,) array of subset names, or ``None``.
         subset_names: subset names in manifest order (empty without subsets).
     """
+
+    headline_key = "mAP"
 
     def __init__(self, paths: Sequence, groups: Sequence, subsets: Optional[Sequence[str]] = None,
                  name: str = "groups", min_size: int = MIN_SIZE, max_aspect: float = MAX_ASPECT,
@@ -250,7 +342,8 @@ class GroupDataset(Benchmark):
 
         Returns (fractions unless said):
             ``"mAP"``, ``"mP@1"``, ``"mP@5"``: over the queries with at least one positive
-            (:func:`~retrieval_lib.search.evaluate.map_by_labels`; P@k as in the revisited protocol).
+            (:func:`~retrieval_lib.search.evaluate.compute_map` on :meth:`ground_truth`; P@k
+            as in the revisited protocol).
             ``"R@1"``: fraction of those queries whose first result other than itself is
             of its group (:func:`~retrieval_lib.search.evaluate.recall_from_ranks`); with full
             rankings it equals mP@1, under the name class-level papers use.
@@ -261,18 +354,18 @@ class GroupDataset(Benchmark):
             query's group (the query itself included) among its top 4
             (:func:`~retrieval_lib.search.evaluate.ns_score`).
         """
-        from retrieval_lib.search.evaluate import map_by_labels, ns_score, recall_from_ranks
+        from retrieval_lib.search.evaluate import compute_map, ns_score, recall_from_ranks
 
         n = len(self.database)
         R = _ranks(ranks, n, n)
-        res = map_by_labels(R, self.labels, kappas=(1, 5))
-        out = {"mAP": float(res["mAP"]), "mP@1": res["mP@k"][1], "mP@5": res["mP@k"][5]}
+        m, aps, mpk, _ = compute_map(R, self.ground_truth(), kappas=(1, 5))
+        out = {"mAP": float(m), "mP@1": float(mpk[0]), "mP@5": float(mpk[1])}
         has_pos = np.bincount(self.labels)[self.labels] > 1
         # singletons never have a hit, so the recall over all queries rescales exactly
         r1 = recall_from_ranks(R, self.labels, ks=(1,))[1]
         out["R@1"] = float(r1 * n / has_pos.sum()) if has_pos.any() else float("nan")
         for s in self.subset_names:
-            out[f"mAP/{s}"] = _nanmean(res["aps"][self.subsets == s])
+            out[f"mAP/{s}"] = _nanmean(aps[self.subsets == s])
         if UKBENCH_SUBSET in self.subset_names:
             rows = np.flatnonzero(self.subsets == UKBENCH_SUBSET)
             # ns_score takes query q = image q: put the ukbench queries' labels first and
@@ -281,7 +374,12 @@ class GroupDataset(Benchmark):
                                                     np.concatenate([self.labels[rows], self.labels]))
         return out
 
-    def describe(self) -> str:
+    def _build_ground_truth(self) -> list:
+        from retrieval_lib.search.evaluate import gnd_from_labels
+
+        return gnd_from_labels(self.labels)
+
+    def summary(self) -> str:
         n_single = int((np.bincount(self.labels) == 1).sum())
         parts = f"{len(self.database)} images in {len(self.group_names)} groups"
         if n_single:
@@ -354,7 +452,7 @@ def default_benchmark(root=None) -> GroupDataset:
 
 
 # ------------------------------------------------------------------------ offline default
-OFFLINE_VERSION = 1
+OFFLINE_VERSION = 2  # 2: images resized with engine.extract.resize_longer_side (bicubic)
 # colour photos that ship inside scikit-image (no download needed)
 _OFFLINE_SOURCES = ("chelsea", "coffee", "astronaut", "rocket", "stereo_motorcycle",
                     "hubble_deep_field", "retina")
@@ -418,30 +516,27 @@ def _view(base, rng: np.random.Generator):
     return img
 
 
-def _resize_long(img, long: int):
-    from PIL import Image
-
-    s = long / max(img.size)
-    return img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.LANCZOS)
-
-
 def _build_offline(folder: Path, n_views: int, n_distractors: int, seed: int) -> None:
     """Write the images and manifest.json of the offline default into ``folder``."""
     from PIL import Image
+
+    # the library's one resize (bicubic, longer side); imported here so that reading a
+    # data set never loads torch
+    from retrieval_lib.engine.extract import resize_longer_side
 
     subset = "skimage_views"
     (folder / subset).mkdir(parents=True)
     rng = np.random.default_rng(seed)
     items = []
     for name in _OFFLINE_SOURCES:
-        photo = _resize_long(Image.fromarray(_skimage_photo(name)).convert("RGB"), 720)
+        photo = resize_longer_side(Image.fromarray(_skimage_photo(name)).convert("RGB"), 720)
         W, H = photo.size
         # two instances per photo: its two halves across the long side (same style, other content)
         halves = ((0, 0, W // 2, H), (W // 2, 0, W, H)) if W >= H else ((0, 0, W, H // 2), (0, H // 2, W, H))
         for part, box in zip("ab", halves):
             base = photo.crop(box)
             group = f"{name}_{part}"
-            views = [_resize_long(base, 448)] + [_view(base, rng) for _ in range(n_views)]
+            views = [resize_longer_side(base, 448)] + [_view(base, rng) for _ in range(n_views)]
             for k, img in enumerate(views):
                 file = f"{group}_{k}.jpg"
                 img.save(folder / subset / file, quality=90)
@@ -454,7 +549,7 @@ def _build_offline(folder: Path, n_views: int, n_distractors: int, seed: int) ->
         tint = rng.uniform(0.5, 1.0, 3)
         rgb = np.clip(grey[y:y + ch, x:x + cw, None] * tint, 0, 255).astype(np.uint8)
         file = f"distractor_{name}.jpg"
-        _resize_long(Image.fromarray(rgb), int(rng.integers(320, 481))).save(folder / subset / file, quality=90)
+        resize_longer_side(Image.fromarray(rgb), int(rng.integers(320, 481))).save(folder / subset / file, quality=90)
         items.append([file, f"distractor_{name}"])
     manifest = {
         "format": "one folder per subset; items list [file, group]; images of one group show "
@@ -492,7 +587,7 @@ def offline_default(cache_dir=None, n_views: int = 3, n_distractors: int = 4, se
     descriptors score an mAP of about 0.7–0.8 on it, so poolings can still be told apart.
 
     The JPEGs and a ``manifest.json`` (the format of real171) are written to
-    ``<cache_dir>/offline_default_v1/seed<seed>-views<n_views>-distractors<n>/``
+    ``<cache_dir>/offline_default_v2/seed<seed>-views<n_views>-distractors<n>/``
     (``cache_dir`` defaults to :func:`cache_root`) by building a temporary folder and
     renaming it, and reused when present. The same seed gives the same pixels.
     It is a teaching and smoke-test default: its numbers are not comparable to any paper.
@@ -598,6 +693,8 @@ class RevisitedDataset(Benchmark):
         imlist, qimlist: image names without ``.jpg``.
     """
 
+    headline_key = "mAP/medium"
+
     def __init__(self, name: str, root=None, gnd_path=None, min_size: int = MIN_SIZE,
                  max_aspect: float = MAX_ASPECT, on_error: str = "raise"):
         if name not in REVISITED:
@@ -633,7 +730,12 @@ class RevisitedDataset(Benchmark):
             out.update({f"mP@{k}/{p}": float(v) for k, v in res[p]["mP@k"].items()})
         return out
 
-    def describe(self) -> str:
+    def _build_ground_truth(self) -> list:
+        from retrieval_lib.search.evaluate import revisited_protocol
+
+        return revisited_protocol(self.gnd, "medium")
+
+    def summary(self) -> str:
         return (f"{self.name}: {len(self.database)} database images, {len(self.queries)} queries "
                 "cropped to their boxes; Easy/Medium/Hard protocols")
 
@@ -729,6 +831,8 @@ class CUB200(Benchmark):
         labels: (N,) int64 class ids (1..200). class_names: ``{id: name}`` if classes.txt exists.
     """
 
+    headline_key = "R@1"
+
     def __init__(self, root=None, split: str = "test", use_boxes: bool = False,
                  min_size: int = MIN_SIZE, max_aspect: float = MAX_ASPECT, on_error: str = "raise"):
         if split not in _CUB_SPLITS:
@@ -767,7 +871,12 @@ class CUB200(Benchmark):
         R = _ranks(ranks, n, n)
         return {f"R@{k}": v for k, v in recall_from_ranks(R, self.labels, ks=(1, 2, 4, 8)).items()}
 
-    def describe(self) -> str:
+    def _build_ground_truth(self) -> list:
+        from retrieval_lib.search.evaluate import gnd_from_labels
+
+        return gnd_from_labels(self.labels)
+
+    def summary(self) -> str:
         return (f"{self.name}: {len(self.database)} images of {len(np.unique(self.labels))} bird "
                 "classes; each image queries all the others (Recall@K)")
 
@@ -783,7 +892,7 @@ class CUB200(Benchmark):
                 used += size
         idx = np.flatnonzero(np.isin(self.labels, keep))
         out = CUB200.__new__(CUB200)
-        out.__dict__.update(self.__dict__)
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_ground_truth"})
         db = self.database
         out.name = f"{self.name}-sub{len(idx)}"
         out.labels = self.labels[idx]

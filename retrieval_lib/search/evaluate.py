@@ -23,6 +23,11 @@ __all__ = [
     "recall_from_ranks",
     "recall_at_k",
     "ns_score",
+    "revisited_protocol",
+    "query_aps",
+    "compare_aps",
+    "HEADLINE_KEYS",
+    "headline",
 ]
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
@@ -197,13 +202,8 @@ def evaluate_revisited(ranks: ArrayLike, gnd: Sequence[dict], kappas: Sequence[i
     """Easy / Medium / Hard mAP and mP@k of the revisited Oxford and Paris benchmarks.
 
     ``gnd[q]`` holds the raw ``"easy"``, ``"hard"`` and ``"junk"`` lists of query ``q``
-    (as in ``gnd_roxford5k.pkl``). The three protocols (Radenovic et al., CVPR 2018) are
-
-        Easy:   ok = easy,         junk = junk + hard
-        Medium: ok = easy + hard,  junk = junk
-        Hard:   ok = hard,         junk = junk + easy
-
-    each scored with :func:`compute_map`. Taught in ``notebooks/00_pipeline.ipynb``.
+    (as in ``gnd_roxford5k.pkl``). The three protocols of :func:`revisited_protocol`
+    (Radenovic et al., CVPR 2018), each scored with :func:`compute_map`. Taught in ``notebooks/00_pipeline.ipynb``.
 
     Args:
         ranks: (n_q, n_ranked) database indices, best first.
@@ -214,21 +214,10 @@ def evaluate_revisited(ranks: ArrayLike, gnd: Sequence[dict], kappas: Sequence[i
         ``{"easy": {"mAP": float, "mP@k": {k: float}}, "medium": {...}, "hard": {...}}``,
         fractions.
     """
-    parts: dict[str, list] = {"easy": [], "medium": [], "hard": []}
-    for q, g in enumerate(gnd):
-        missing = {"easy", "hard", "junk"} - set(g)
-        if missing:
-            raise KeyError(f"gnd[{q}] lacks {sorted(missing)}; revisited ground truth needs "
-                           "'easy', 'hard' and 'junk' lists (use compute_map for 'ok'/'junk')")
-        easy, hard, junk = (np.asarray(_to_numpy(g[k]), dtype=np.int64).reshape(-1)
-                            for k in ("easy", "hard", "junk"))
-        parts["easy"].append({"ok": easy, "junk": np.concatenate([junk, hard])})
-        parts["medium"].append({"ok": np.concatenate([easy, hard]), "junk": junk})
-        parts["hard"].append({"ok": hard, "junk": np.concatenate([junk, easy])})
     ks = _check_kappas(kappas)
     out = {}
-    for name, g in parts.items():
-        m, _, mpk, _ = compute_map(ranks, g, ks)
+    for name in _PROTOCOLS:
+        m, _, mpk, _ = compute_map(ranks, revisited_protocol(gnd, name), ks)
         out[name] = {"mAP": m, "mP@k": {k: float(v) for k, v in zip(ks, mpk)}}
     return out
 
@@ -406,3 +395,104 @@ def ns_score(ranks: ArrayLike, labels: ArrayLike) -> float:
     if R[:, :4].max(initial=0) >= len(lab):
         raise ValueError(f"ranks holds index {R[:, :4].max()} but there are only {len(lab)} labels")
     return float((lab[R[:, :4]] == lab[:n_q, None]).sum(1).mean())
+
+
+# ----------------------------------------------------------------------------------------
+# protocols, per-query AP and the headline number
+# ----------------------------------------------------------------------------------------
+_PROTOCOLS = ("easy", "medium", "hard")
+
+
+def revisited_protocol(gnd: Sequence[dict], protocol: str = "medium") -> list[dict]:
+    """The ``{"ok", "junk"}`` ground truth of one revisited protocol, for :func:`compute_map`.
+
+    ``gnd[q]`` holds the raw ``"easy"``, ``"hard"`` and ``"junk"`` lists of query ``q``
+    (as in ``gnd_roxford5k.pkl``). The protocols (Radenovic et al., CVPR 2018) are
+
+        Easy:   ok = easy,         junk = junk + hard
+        Medium: ok = easy + hard,  junk = junk
+        Hard:   ok = hard,         junk = junk + easy
+
+    Medium is the usual headline. Raises ``ValueError`` for another protocol name and
+    ``KeyError`` for an entry without the three lists. Taught in ``notebooks/00_pipeline.ipynb``.
+    """
+    if protocol not in _PROTOCOLS:
+        raise ValueError(f"unknown revisited protocol {protocol!r}; choose one of {_PROTOCOLS}")
+    out = []
+    for q, g in enumerate(gnd):
+        missing = {"easy", "hard", "junk"} - set(g)
+        if missing:
+            raise KeyError(f"gnd[{q}] lacks {sorted(missing)}; revisited ground truth needs "
+                           "'easy', 'hard' and 'junk' lists (use compute_map for 'ok'/'junk')")
+        easy, hard, junk = (np.asarray(_to_numpy(g[k]), dtype=np.int64).reshape(-1)
+                            for k in ("easy", "hard", "junk"))
+        if protocol == "easy":
+            out.append({"ok": easy, "junk": np.concatenate([junk, hard])})
+        elif protocol == "medium":
+            out.append({"ok": np.concatenate([easy, hard]), "junk": junk})
+        else:
+            out.append({"ok": hard, "junk": np.concatenate([junk, easy])})
+    return out
+
+
+def query_aps(benchmark, ranks: ArrayLike) -> np.ndarray:
+    """Average precision of every query: ``(n_queries,)`` float64, NaN where it has no positive.
+
+    ``benchmark`` is a :class:`retrieval_lib.data.datasets.Benchmark`; its
+    ``ground_truth()`` says what is right (group sets and CUB: the query's group, the
+    query itself junk; revisited Oxford/Paris: the Medium protocol), scored with
+    :func:`compute_map`. For group sets and revisited Oxford/Paris the mean over the
+    non-NaN entries is the benchmark's headline mAP (``"mAP"``, ``"mAP/medium"``); CUB's
+    headline is R@1, not AP. Taught in ``notebooks/02_spoc.ipynb``.
+    """
+    return compute_map(ranks, benchmark.ground_truth(), kappas=(1,))[1]
+
+
+def compare_aps(ap_a: ArrayLike, ap_b: ArrayLike, tol: float = 1e-9) -> dict:
+    """Which queries descriptor A wins or loses against descriptor B, by per-query AP.
+
+    ``ap_a``, ``ap_b``: ``(n,)`` per-query APs (e.g. from :func:`query_aps`); queries
+    where either is NaN are left out. Returns
+
+    * ``"delta"``: ``(n,)`` ``ap_a - ap_b`` (NaN where left out);
+    * ``"wins"``: indices with ``delta > tol``, biggest win first;
+    * ``"losses"``: indices with ``delta < -tol``, biggest loss first;
+    * ``"ties"``: indices with ``|delta| <= tol``, in index order.
+
+    Taught in ``notebooks/02_spoc.ipynb`` (SPoC against MAC).
+    """
+    a = np.asarray(_to_numpy(ap_a), dtype=np.float64)
+    b = np.asarray(_to_numpy(ap_b), dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"compare_aps: ap_a and ap_b must be 1-D of equal length, got {a.shape} and {b.shape}")
+    delta = a - b
+    idx = np.flatnonzero(np.isfinite(delta))
+    d = delta[idx]
+    wins = idx[d > tol]
+    losses = idx[d < -tol]
+    return {
+        "delta": delta,
+        "wins": wins[np.argsort(-delta[wins], kind="stable")],
+        "losses": losses[np.argsort(delta[losses], kind="stable")],
+        "ties": idx[np.abs(d) <= tol],
+    }
+
+
+#: Metric keys :func:`headline` tries in order when no key is given: group sets report
+#: ``"mAP"``, revisited Oxford/Paris ``"mAP/medium"``, class-level sets such as CUB ``"R@1"``.
+HEADLINE_KEYS = ("mAP", "mAP/medium", "R@1")
+
+
+def headline(metrics: dict, key: Optional[str] = None) -> float:
+    """The one number a plot or table shows from a metrics dict, as a float.
+
+    ``key`` (e.g. ``benchmark.headline_key``) picks it; without one the first of
+    :data:`HEADLINE_KEYS` present in ``metrics`` is used. Raises ``KeyError`` naming the
+    available metrics when the key (or every default key) is missing.
+    """
+    keys = (key,) if key is not None else HEADLINE_KEYS
+    for k in keys:
+        if k in metrics:
+            return float(metrics[k])
+    raise KeyError(f"headline: no {' or '.join(map(repr, keys))} in the metrics {sorted(metrics)}; "
+                   "pass key= one of them (e.g. benchmark.headline_key)")
