@@ -1,7 +1,7 @@
 """retrieval_lib.book.regional against plain references: grid sizes, region levels and counts,
-sweeps over L on a fake book, and DBA + alpha-QE against loops."""
+mAP against L on a real session over tiny benchmarks (tests/_fakes.py), and DBA + alpha-QE
+against loops."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,17 +9,11 @@ import torch
 from PIL import Image
 
 import retrieval_lib.layers.functional as F
-from retrieval_lib.search.evaluate import map_by_labels
-from retrieval_lib.engine.extract import pool_fmaps
+from _fakes import cub_benchmark, group_benchmark, group_map_loop, recall1_loop, revisited_benchmark, tiny_book
+from retrieval_lib.book.regional import aspect_crop, fmap_size, map_vs_L, region_count_table, region_levels
+from retrieval_lib.engine.extract import resize_longer_side
+from retrieval_lib.layers.pooling import RMAC
 from retrieval_lib.search.rerank import exclude_self, expand
-from retrieval_lib.book.regional import (
-    aspect_crop,
-    describe,
-    fmap_size,
-    map_vs_L,
-    region_count_table,
-    region_levels,
-)
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,6 +57,10 @@ def test_aspect_crop_resizes_the_long_side():
     img, _ = _gradient_image(400, 300)
     assert aspect_crop(img, 2.0, long_side=100).size == (100, 50)
     assert aspect_crop(img, 0.5, long_side=100).size == (50, 100)
+    # the crop is resized exactly as the network input is (same filter, same rounding)
+    got = aspect_crop(img, 4 / 3 + 0.1, long_side=97)
+    want = resize_longer_side(aspect_crop(img, 4 / 3 + 0.1), 97)
+    assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("aspect", [0, -1.0, float("nan"), float("inf"), "4:3"])
@@ -144,89 +142,60 @@ def test_region_count_table_rejects_bad_input(kwargs):
 
 
 # ----------------------------------------------------------------------------------------
-# describe and map_vs_L on a small fake book
+# map_vs_L on a real session over tiny benchmarks
 # ----------------------------------------------------------------------------------------
-class FakeBook:
-    """The parts of retrieval_lib.book.Book that describe/map_vs_L use, over fixed maps."""
-
-    def __init__(self, fmaps, labels, keeps_fmaps=True, scales=(1.0,), query_fmaps=None):
-        self.cfg = SimpleNamespace(scales=scales)
-        self.keeps_fmaps = keeps_fmaps
-        self.benchmark = SimpleNamespace(queries=None if query_fmaps is None else "some queries")
-        self._maps = {"database": fmaps, "queries": query_fmaps}
-        self.labels = np.asarray(labels)
-        self.calls = []
-
-    def descriptors(self, pooling, which="database", scales=None):
-        self.calls.append((which, tuple(scales), isinstance(pooling, dict)))
-        if isinstance(pooling, dict):
-            return {k: pool_fmaps(self._maps[which], p) for k, p in pooling.items()}
-        return pool_fmaps(self._maps[which], pooling)
-
-    def evaluate(self, X, Q=None):
-        Q = X if Q is None else Q
-        ranks = torch.argsort(Q @ X.T, dim=1, descending=True).numpy()
-        return {"mAP": float(map_by_labels(ranks, self.labels)["mAP"]), "n_db": float(len(X))}
+def _rmac_by_hand(maps, L, include_global=True):
+    return torch.stack([F.l2n(F.rmac(m[None], L=L, include_global=include_global))[0] for m in maps])
 
 
-def _fmaps(n, C=6, H=9, W=13, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(C, H, W, generator=g, dtype=torch.float64) for _ in range(n)]
-
-
-def _labels(n):
-    return np.arange(n) // 3  # groups of three
-
-
-def test_map_vs_L_equals_pooling_and_evaluating_each_L():
-    maps, labels = _fmaps(12), _labels(12)
-    book = FakeBook(maps, labels)
+def test_map_vs_L_equals_pooling_and_scoring_each_L_by_hand(tmp_path):
+    bench = group_benchmark(tmp_path)
+    book = tiny_book(tmp_path, bench)
     got = map_vs_L(book, Ls=(1, 2, 3))
-    x = torch.stack(maps)
-    for L in (1, 2, 3):
-        ref = book.evaluate(F.rmac(x, L=L))["mAP"]
-        assert got[L] == pytest.approx(ref, abs=1e-12)
     assert list(got) == [1, 2, 3]
+    maps = book.fmaps()
+    for L in (1, 2, 3):
+        assert got[L] == pytest.approx(group_map_loop(_rmac_by_hand(maps, L), bench.labels), abs=1e-12)
     no_global = map_vs_L(book, Ls=(2,), include_global=False)
-    assert no_global[2] == pytest.approx(book.evaluate(F.rmac(x, L=2, include_global=False))["mAP"], abs=1e-12)
+    assert no_global[2] == pytest.approx(group_map_loop(_rmac_by_hand(maps, 2, False), bench.labels), abs=1e-12)
+    assert no_global[2] != got[2]
 
 
-def test_map_vs_L_other_key_and_missing_key():
-    book = FakeBook(_fmaps(6), _labels(6), scales=(1.0, 0.5))
-    assert map_vs_L(book, Ls=(1,), key="n_db", scales=[1]) == {1: 6.0}
-    assert book.calls == [("database", (1.0,), False)]  # one scale asked: the cached maps
-    map_vs_L(book, Ls=(1, 2), key="n_db")  # the book's two scales: one pass for both L
-    assert book.calls[1:] == [("database", (1.0, 0.5), True)]
-    with pytest.raises(KeyError, match="n_db"):
+def test_map_vs_L_same_with_and_without_kept_maps(tmp_path):
+    bench = group_benchmark(tmp_path)
+    kept = map_vs_L(tiny_book(tmp_path / "a", bench, scale="smoke"), Ls=(1, 2))
+    direct = map_vs_L(tiny_book(tmp_path / "b", bench, scale="full"), Ls=(1, 2))
+    assert kept == pytest.approx(direct, abs=1e-9)
+
+
+def test_map_vs_L_reports_each_benchmark_headline(tmp_path):
+    """Default key: the benchmark's headline -- Medium mAP on revisited, R@1 on CUB (was "mAP": KeyError)."""
+    rev = revisited_benchmark(tmp_path / "rev")
+    book = tiny_book(tmp_path / "rev", rev)
+    got = map_vs_L(book, Ls=(1, 2))
+    for L in (1, 2):
+        X = _rmac_by_hand(book.fmaps(), L)
+        Q = _rmac_by_hand(book.fmaps("queries"), L)
+        assert got[L] == rev.evaluate(torch.argsort(Q @ X.T, dim=1, descending=True).numpy())["mAP/medium"]
+    cub = cub_benchmark(tmp_path / "cub")
+    book = tiny_book(tmp_path / "cub", cub)
+    got = map_vs_L(book, Ls=(1, 2))
+    assert got[2] == pytest.approx(recall1_loop(_rmac_by_hand(book.fmaps(), 2), cub.labels), abs=1e-12)
+
+
+def test_map_vs_L_other_key_scales_and_errors(tmp_path):
+    bench = group_benchmark(tmp_path)
+    book = tiny_book(tmp_path, bench, scales=(1.0, 0.5))
+    one = map_vs_L(book, Ls=(2,), key="R@1", scales=[1])
+    X = _rmac_by_hand(book.fmaps(), 2)
+    assert one[2] == pytest.approx(bench.evaluate(torch.argsort(X @ X.T, dim=1, descending=True).numpy())["R@1"])
+    two = map_vs_L(book, Ls=(2,))  # the book's two scales
+    X2 = book.describe(RMAC(L=2), scales=(1.0, 0.5))
+    assert two[2] == pytest.approx(group_map_loop(X2, bench.labels), abs=1e-12)
+    with pytest.raises(KeyError, match="R@100"):
         map_vs_L(book, Ls=(1,), key="R@100")
     with pytest.raises(ValueError):
         map_vs_L(book, Ls=())
-
-
-def test_describe_reads_cached_maps_per_pooling_at_one_scale():
-    maps = _fmaps(5)
-    book = FakeBook(maps, _labels(5))
-    out = describe(book, {"mac": "mac", "r": F.rmac})
-    assert set(out) == {"mac", "r"}
-    X, Q = out["mac"]
-    assert Q is None
-    torch.testing.assert_close(X, F.l2n(torch.stack(maps).amax(dim=(-2, -1))))
-    assert book.calls == [("database", (1.0,), False)] * 2
-
-
-def test_describe_one_pass_for_several_scales_and_queries():
-    maps, qmaps = _fmaps(5), _fmaps(2, seed=1)
-    book = FakeBook(maps, _labels(5), query_fmaps=qmaps)
-    out = describe(book, {"mac": "mac", "gem": "gem"}, scales=(1, 0.5))
-    assert book.calls == [("database", (1.0, 0.5), True), ("queries", (1.0, 0.5), True)]
-    X, Q = out["gem"]
-    assert X.shape == (5, 6) and Q.shape == (2, 6)
-    # a book that keeps no maps (full scale) always takes the one-pass path
-    book = FakeBook(maps, _labels(5), keeps_fmaps=False)
-    describe(book, {"mac": "mac"})
-    assert book.calls == [("database", (1.0,), True)]
-    with pytest.raises(ValueError):
-        describe(book, {})
 
 
 # ----------------------------------------------------------------------------------------

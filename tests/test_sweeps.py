@@ -1,72 +1,43 @@
-"""retrieval_lib.book.sweeps: sweeps over p and image size, per-query AP, spatial weights.
+"""retrieval_lib.book.sweeps: sweeps over p and image size, spatial weights, pairs and subsets;
+and the per-query helpers they lean on (search.evaluate: compare_aps, headline).
 
-The sweeps run on a small stand-in for a notebook's ``book``: synthetic feature maps of a
-real :class:`GroupDataset` (whose files are never opened), so each check is exact and fast.
+The sweeps run on a real session over tiny real benchmarks with a fixed stand-in backbone
+(tests/_fakes.py); every metric is checked against pooling each map by hand, ranking
+with a loop and scoring with a plain AP (or Recall@1) loop.
 """
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from retrieval_lib.layers import functional
+from _fakes import cub_benchmark, group_benchmark, group_map_loop, recall1_loop, revisited_benchmark, tiny_book
+from retrieval_lib.book.sweeps import (evaluate_many, gem_contributions, gem_poolings, map_on_subset,
+                                       pair_similarity_vs_p, self_similarity, spoc_weights, sweep_image_size,
+                                       sweep_p)
 from retrieval_lib.data.datasets import GroupDataset
-from retrieval_lib.search.evaluate import compute_map, evaluate_revisited, map_by_labels
-from retrieval_lib.engine.extract import pool_fmaps
+from retrieval_lib.layers import functional
+from retrieval_lib.layers.pooling import GeM
+from retrieval_lib.search.evaluate import HEADLINE_KEYS, compare_aps, headline
 from retrieval_lib.search.nearest import rank_database
-from retrieval_lib.book.sweeps import (GeM64, compare_aps, describe_many, evaluate_many, fmaps_of,
-                                  gem_contributions, gem_poolings, headline, map_on_subset,
-                                  pair_similarity_vs_p, query_aps, self_similarity, spoc_weights,
-                                  sweep_image_size, sweep_p, top_results)
 
 
-# ------------------------------------------------------------------------- a tiny book
-def _fmaps(n, labels, size, seed=0, C=12):
-    """Group-specific peaks on noise; the map size grows with the input size."""
-    g = torch.Generator().manual_seed(seed + size)
-    h = max(2, size // 12)
-    protos = torch.rand(int(labels.max()) + 1, C, generator=g) * 5
-    out = []
-    for k in range(n):
-        shape = (C, h, h + 1) if k % 3 else (C, h + 1, h)
-        x = torch.rand(shape, generator=g) * 2
-        x.view(C, -1)[:, 0] += protos[labels[k]]  # the object, at one spot
-        out.append(x)
-    return out
-
-
-class TinyBook:
-    """What the sweeps use of a Book: cfg, benchmark, fmaps, descriptors, evaluate."""
-
-    def __init__(self, keeps=True, sizes=(32, 40, 48)):
-        self.labels = np.repeat(np.arange(5), 3)
-        self.benchmark = GroupDataset([f"img{k}.jpg" for k in range(15)], self.labels.tolist())
-        self.cfg = SimpleNamespace(scales=(1.0,), image_size=40, batch_size=4)
-        self.keeps_fmaps = keeps
-        self.device = torch.device("cpu")
-        self.model = None
-        self.progress = False
-        self._f = {s: _fmaps(15, self.labels, s) for s in sizes}
-        self.fmap_calls = []
-
-    def fmaps(self, which="database", image_size=None):
-        self.fmap_calls.append((which, image_size))
-        return self._f[image_size or self.cfg.image_size]
-
-    def _images(self, which):
-        return self.benchmark.database
-
-    def evaluate(self, X, Q=None):
-        return self.benchmark.evaluate(rank_database(X if Q is None else Q, X))
+def _by_hand(maps, fn):
+    """Pool every map on its own and L2-normalise: the plain reference."""
+    return torch.stack([functional.l2n(fn(m[None]))[0] for m in maps])
 
 
 # ------------------------------------------------------------------------- headline
-def test_headline_picks_map_then_medium():
+def test_headline_picks_the_benchmark_key_or_the_first_known_one():
     assert headline({"mAP": 0.5, "mAP/medium": 0.1}) == 0.5
     assert headline({"mAP/easy": 0.9, "mAP/medium": 0.4}) == 0.4
+    assert headline({"R@1": 0.7, "R@2": 0.8}) == 0.7  # class-level sets such as CUB
+    assert headline({"mAP": 0.5, "R@1": 0.25}, key="R@1") == 0.25
+    assert HEADLINE_KEYS == ("mAP", "mAP/medium", "R@1")
+    with pytest.raises(KeyError, match="no 'mAP/hard' in the metrics"):
+        headline({"mAP": 0.5}, key="mAP/hard")
     with pytest.raises(KeyError, match="headline"):
-        headline({"R@1": 1.0})
+        headline({"N-S": 3.0})
 
 
 # ------------------------------------------------------------------------- spatial weights
@@ -128,80 +99,92 @@ def test_gem_contributions_errors():
 
 
 # ------------------------------------------------------------------------- GeM in float64
-def test_gem64_matches_gem_and_survives_large_p():
+def test_gem_poolings_match_gem_and_survive_large_p():
     x = torch.rand(2, 5, 3, 3, generator=torch.Generator().manual_seed(0)) * 6
-    assert torch.allclose(GeM64(3.0)(x), functional.gem(x, 3.0), rtol=1e-5)
-    assert GeM64(3.0)(x).dtype == torch.float32
+    pools = gem_poolings([3.0, 60.0])
+    assert list(pools) == [3.0, 60.0]
+    assert torch.allclose(pools[3.0](x), functional.gem(x, 3.0), rtol=1e-5)
+    assert pools[3.0](x).dtype == torch.float32
     x[:, :, 0, 0] = 6.0
     assert not torch.isfinite(functional.gem(x, 60.0)).all()  # float32 overflows at 6^60 ...
-    big = GeM64(60.0)(x)
+    big = pools[60.0](x)
     assert torch.isfinite(big).all()  # ... float64 does not, and it is close to the max
     assert torch.allclose(big, x.amax((2, 3)), rtol=0.05)
-    assert repr(GeM64(2.0)) == "GeM64(p=2, eps=1e-06)"
-    with pytest.raises(ValueError, match="positive"):
-        GeM64(0.0)
-
-
-def test_gem_poolings_keys_and_errors():
-    pools = gem_poolings([1, 2.5, 8])
-    assert list(pools) == [1.0, 2.5, 8.0] and pools[2.5].p == 2.5
     with pytest.raises(ValueError, match="at least one"):
         gem_poolings([])
 
 
 # ------------------------------------------------------------------------- many poolings
-def test_describe_and_evaluate_many_repool_cached_maps():
-    book = TinyBook()
+def test_evaluate_many_equals_a_plain_reference(tmp_path):
+    bench = group_benchmark(tmp_path)
+    book = tiny_book(tmp_path, bench)
     pools = {"mac": "mac", "spoc": "spoc"}
-    X = describe_many(book, pools)
-    f = book._f[40]
-    assert torch.allclose(X["mac"], pool_fmaps(f, "mac")) and torch.allclose(X["spoc"], pool_fmaps(f, "spoc"))
-    m = evaluate_many(book, pools)
-    ranks = rank_database(X["spoc"], X["spoc"])
-    assert m["spoc"]["mAP"] == pytest.approx(map_by_labels(ranks, book.labels)["mAP"])
-    m2, X2, Q2 = evaluate_many(book, pools, image_size=48, return_descriptors=True)
-    assert Q2 is X2 and ("database", 48) in book.fmap_calls
+    metrics, X, Q = evaluate_many(book, pools, return_descriptors=True)
+    assert Q == {"mac": None, "spoc": None}  # every image is a query: Q=None, as everywhere
+    for label, fn in (("mac", functional.mac), ("spoc", functional.spoc)):
+        ref = _by_hand(book.fmaps(), fn)
+        torch.testing.assert_close(X[label], ref)
+        assert metrics[label]["mAP"] == pytest.approx(group_map_loop(ref, bench.labels), abs=1e-12)
+    assert metrics["mac"]["mAP"] != metrics["spoc"]["mAP"]
     with pytest.raises(ValueError, match="empty"):
-        describe_many(book, {})
+        evaluate_many(book, {})
 
 
-def test_describe_many_runs_the_backbone_once_when_maps_are_not_kept(monkeypatch):
-    import retrieval_lib.engine.extract as extract
-
-    calls = []
-
-    def fake_extract(model, images, pooling, scales, image_size, device, batch_size, progress):
-        calls.append((dict(pooling), scales, image_size))
-        return {k: torch.zeros(len(images), 3) for k in pooling}
-
-    monkeypatch.setattr(extract, "extract_descriptors", fake_extract)
-    book = TinyBook(keeps=False)
-    out = describe_many(book, {"a": "mac", "b": "spoc"}, image_size=40)
-    assert len(calls) == 1 and set(calls[0][0]) == {"a", "b"} and calls[0][2] == 40
-    assert set(out) == {"a", "b"} and book.fmap_calls == []
+def test_evaluate_many_is_the_same_with_and_without_kept_maps(tmp_path):
+    bench = group_benchmark(tmp_path)
+    pools = {"mac": "mac", "gem3": GeM(p=3.0, learn_p=False)}
+    kept = evaluate_many(tiny_book(tmp_path / "a", bench, scale="smoke"), pools)
+    direct = evaluate_many(tiny_book(tmp_path / "b", bench, scale="full"), pools)
+    for label in pools:
+        assert kept[label] == pytest.approx(direct[label], abs=1e-9)
 
 
-def test_sweep_p_matches_direct_gem_and_spoc():
-    book = TinyBook()
+def test_evaluate_many_with_separate_queries(tmp_path):
+    bench = revisited_benchmark(tmp_path)
+    book = tiny_book(tmp_path, bench)
+    metrics, X, Q = evaluate_many(book, {"mac": "mac"}, return_descriptors=True)
+    assert Q["mac"].shape == (3, 8)
+    assert metrics["mac"] == bench.evaluate(rank_database(Q["mac"], X["mac"]))
+
+
+def test_sweep_p_matches_direct_gem_and_spoc(tmp_path):
+    bench = group_benchmark(tmp_path)
+    book = tiny_book(tmp_path, bench)
     res = sweep_p(book, [1.0, 3.0, 30.0])
     assert list(res["p"]) == [1.0, 3.0, 30.0] and len(res["metrics"]) == 3
-    f = book._f[40]
-    spoc = book.evaluate(pool_fmaps(f, "spoc"))["mAP"]
-    gem3 = book.evaluate(pool_fmaps(f, lambda x: functional.gem(x.double(), 3.0).float()))["mAP"]
-    assert res["mAP"][0] == pytest.approx(spoc, abs=1e-12)  # p = 1 is SPoC
-    assert res["mAP"][1] == pytest.approx(gem3, abs=1e-12)
-    assert res["mAP"][0] != res["mAP"][2]  # the sweep does change the descriptor
+    maps = book.fmaps()
+    assert res["mAP"][0] == pytest.approx(group_map_loop(_by_hand(maps, functional.spoc), bench.labels),
+                                          abs=1e-9)  # p = 1 is SPoC
+    gem3 = _by_hand(maps, lambda x: functional.gem(x.double(), 3.0).float())
+    assert res["mAP"][1] == pytest.approx(group_map_loop(gem3, bench.labels), abs=1e-9)
+    assert len(set(res["mAP"].tolist())) > 1  # the sweep does change the descriptor
 
 
-def test_sweep_image_size_per_size_values():
-    book = TinyBook()
-    res = sweep_image_size(book, [32, 48], {"mac": "mac", "spoc": "spoc"}, progress=False)
+def test_sweeps_plot_recall_at_1_on_cub(tmp_path):
+    """CUB reports Recall@K only: the sweeps plot its headline, R@1 (they raised KeyError)."""
+    bench = cub_benchmark(tmp_path)
+    assert bench.headline_key == "R@1"
+    book = tiny_book(tmp_path, bench)
+    res = sweep_p(book, [1.0, 8.0])
+    maps = book.fmaps()
+    for k, p in enumerate([1.0, 8.0]):
+        X = _by_hand(maps, lambda x: functional.gem(x.double(), p).float())
+        assert res["mAP"][k] == pytest.approx(recall1_loop(X, bench.labels), abs=1e-12)
+    sizes = sweep_image_size(book, [40, 48], {"mac": "mac"})
+    assert sizes["mAP"]["mac"][1] == pytest.approx(recall1_loop(book.describe("mac"), bench.labels), abs=1e-12)
+
+
+def test_sweep_image_size_per_size_values(tmp_path):
+    bench = group_benchmark(tmp_path)
+    book = tiny_book(tmp_path, bench)
+    res = sweep_image_size(book, [32, 48], {"mac": "mac", "spoc": "spoc"})
     assert list(res["size"]) == [32, 48]
-    for label in ("mac", "spoc"):
+    for label, fn in (("mac", functional.mac), ("spoc", functional.spoc)):
         for k, s in enumerate([32, 48]):
-            X = pool_fmaps(book._f[s], label)
-            assert res["mAP"][label][k] == pytest.approx(book.evaluate(X)["mAP"], abs=1e-12)
-            assert torch.allclose(res["X"][label][s], X)
+            X = _by_hand(book.fmaps(image_size=s), fn)
+            assert res["mAP"][label][k] == pytest.approx(group_map_loop(X, bench.labels), abs=1e-12)
+            torch.testing.assert_close(res["X"][label][s], X)
+    assert not torch.allclose(res["X"]["mac"][32], res["X"]["mac"][48])  # the size does matter
     with pytest.raises(ValueError, match="at least 32"):
         sweep_image_size(book, [8], {"mac": "mac"})
     with pytest.raises(ValueError, match="empty"):
@@ -219,35 +202,6 @@ def test_self_similarity():
 
 
 # ------------------------------------------------------------------------- per query
-def test_query_aps_group_set_by_hand_and_mean():
-    bench = GroupDataset(["a", "b", "c", "d"], [0, 0, 1, 1])
-    ranks = np.array([[0, 2, 1, 3],   # query 0: positive 1 at rank 1 after junk 0 and wrong 2
-                      [1, 0, 2, 3],   # query 1: its positive first
-                      [2, 3, 0, 1],
-                      [3, 0, 1, 2]])  # query 3: positive 2 last
-    aps = query_aps(bench, ranks)
-    # trapezoid AP (revisited protocol), junk removed: query 0 has its positive at
-    # position 1 -> 1/2 (0/1 + 1/2) = 0.25; query 3 at position 2 -> 1/2 (0/2 + 1/3) = 1/6
-    assert aps == pytest.approx([0.25, 1.0, 1.0, 1 / 6])
-    assert np.nanmean(aps) == pytest.approx(bench.evaluate(ranks)["mAP"])
-
-
-def test_query_aps_revisited_medium_protocol():
-    gnd = [{"easy": [0], "hard": [3], "junk": [1]}, {"easy": [], "hard": [2], "junk": []},
-           {"easy": [], "hard": [], "junk": [0]}]
-    bench = SimpleNamespace(queries=["q0", "q1", "q2"], gnd=gnd)
-    ranks = np.array([[1, 0, 2, 3], [0, 1, 2, 3], [3, 2, 1, 0]])
-    aps = query_aps(bench, ranks)
-    want = compute_map(ranks, [{"ok": [0, 3], "junk": [1]}, {"ok": [2], "junk": []}, {"ok": [], "junk": [0]}])[1]
-    assert np.allclose(aps, want, equal_nan=True) and np.isnan(aps[2])
-    assert np.nanmean(aps) == pytest.approx(evaluate_revisited(ranks, gnd)["medium"]["mAP"])
-
-
-def test_query_aps_needs_a_ground_truth():
-    with pytest.raises(TypeError, match="neither group labels"):
-        query_aps(SimpleNamespace(queries=None), np.zeros((1, 1), dtype=np.int64))
-
-
 def test_compare_aps_orders_wins_and_losses():
     a = [0.9, 0.5, np.nan, 0.2, 0.7, 0.4]
     b = [0.1, 0.5, 0.3, 0.6, 0.6, 0.9]
@@ -260,45 +214,7 @@ def test_compare_aps_orders_wins_and_losses():
         compare_aps([0.1, 0.2], [0.1])
 
 
-# ------------------------------------------------------------------------- fmaps_of
-def test_fmaps_of_cached_and_extracted(monkeypatch):
-    book = TinyBook()
-    got = fmaps_of(book, [4, 0])
-    assert got[0] is book._f[40][4] and got[1] is book._f[40][0]
-    with pytest.raises(IndexError, match="outside"):
-        fmaps_of(book, [15])
-
-    import retrieval_lib.engine.extract as extract
-
-    seen = {}
-
-    def fake_extract_fmaps(model, images, image_size, device, batch_size, progress):
-        seen["paths"] = list(images.paths)
-        seen["size"] = image_size
-        return ["m"] * len(images)
-
-    monkeypatch.setattr(extract, "extract_fmaps", fake_extract_fmaps)
-    book = TinyBook(keeps=False)
-    assert fmaps_of(book, [2, 7]) == ["m", "m"]
-    assert [p.split("/")[-1] for p in seen["paths"]] == ["img2.jpg", "img7.jpg"] and seen["size"] == 40
-    assert book.fmap_calls == []  # no pass over the whole set
-
-
-# ------------------------------------------------------------------------- small helpers
-def test_top_results_group_set_skips_the_query():
-    bench = GroupDataset(["a", "b", "c", "d"], [0, 0, 1, 1])
-    ranks = np.array([[0, 2, 1, 3], [1, 0, 2, 3], [2, 3, 0, 1], [3, 0, 1, 2]])
-    assert top_results(bench, ranks, 0, k=2) == ([2, 1], [False, True])
-    assert top_results(bench, ranks, 3, k=5) == ([0, 1, 2], [False, False, True])
-
-
-def test_top_results_revisited_marks_junk_as_none():
-    bench = SimpleNamespace(queries=["q"], gnd=[{"easy": [2], "hard": [0], "junk": [1]}])
-    assert top_results(bench, np.array([[1, 2, 3, 0]]), 0, k=4) == ([1, 2, 3, 0], [None, True, False, True])
-    with pytest.raises(TypeError, match="neither group labels"):
-        top_results(SimpleNamespace(queries=None), np.zeros((1, 1), dtype=np.int64), 0)
-
-
+# ------------------------------------------------------------------------- pairs and subsets
 def test_pair_similarity_vs_p_by_hand():
     a = torch.rand(5, 3, 4, generator=torch.Generator().manual_seed(0)) * 6
     b = torch.rand(5, 4, 3, generator=torch.Generator().manual_seed(1)) * 6

@@ -12,7 +12,8 @@ import torch
 from retrieval_lib.layers import functional
 from retrieval_lib.layers.pooling import GeM, MAC
 from retrieval_lib.engine.mining import mine_pairs, split_groups
-from retrieval_lib.engine.train import fit_pooling, pool_images
+from retrieval_lib.engine.extract import pool_fmaps
+from retrieval_lib.engine.train import fit_pooling, pool_fmaps_with_grad
 from retrieval_lib.layers.functional import gem_grads
 from retrieval_lib.layers.losses import contrastive_loss
 
@@ -211,19 +212,30 @@ def _mixed_fmaps(n=8, C=6, seed=0):
     return [torch.rand(shapes[k % 2], generator=g) * 6 for k in range(n)]
 
 
-def test_pool_images_keeps_the_requested_order_across_sizes():
+def test_pool_fmaps_with_grad_keeps_the_requested_order_across_sizes():
     fmaps = _mixed_fmaps()
     gem = GeM(p=2.5)
     idx = [5, 0, 3, 2, 7]
-    got = pool_images(fmaps, gem, idx)
+    got = pool_fmaps_with_grad(fmaps, gem, idx)
     want = torch.stack([functional.l2n(functional.gem(fmaps[k][None], 2.5))[0] for k in idx])
     assert torch.allclose(got, want, atol=1e-6)
     got.sum().backward()
     assert gem.p.grad is not None and torch.isfinite(gem.p.grad).all()
-    assert torch.allclose(pool_images(fmaps, MAC(), torch.tensor([1, 4])),
+    assert torch.allclose(pool_fmaps_with_grad(fmaps, MAC(), torch.tensor([1, 4])),
                           functional.l2n(torch.stack([fmaps[1].amax((1, 2)), fmaps[4].amax((1, 2))])))
     with pytest.raises(ValueError, match="no indices"):
-        pool_images(fmaps, gem, [])
+        pool_fmaps_with_grad(fmaps, gem, [])
+
+
+def test_pool_fmaps_with_grad_equals_pool_fmaps_on_every_map():
+    """The training variant and extraction's helper give the same descriptors; only the
+    first keeps the graph."""
+    fmaps = _mixed_fmaps(n=7, seed=3)
+    gem = GeM(p=3.5)
+    with_grad = pool_fmaps_with_grad(fmaps, gem, range(len(fmaps)))
+    plain = pool_fmaps(fmaps, gem)
+    assert with_grad.requires_grad and not plain.requires_grad
+    torch.testing.assert_close(with_grad.detach(), plain)
 
 
 def _peaky_problem(seed=0):
@@ -246,7 +258,7 @@ def _peaky_problem(seed=0):
 def test_fit_pooling_raises_p_when_peaks_carry_the_identity():
     fmaps, labels = _peaky_problem()
     gem = GeM(p=2.0)
-    X = pool_images(fmaps, gem, range(len(fmaps))).detach()
+    X = pool_fmaps(fmaps, gem)
     i, j, y = mine_pairs(X, labels, n_neg=3)
     hist = fit_pooling(fmaps, gem, i, j, y, steps=15, lr=0.3, margin=0.5, progress=False)
     assert len(hist["loss"]) == len(hist["params"]) == 16
@@ -258,7 +270,7 @@ def test_fit_pooling_raises_p_when_peaks_carry_the_identity():
 def test_fit_pooling_zero_steps_reports_the_starting_loss():
     fmaps, labels = _peaky_problem(1)
     gem = GeM(p=3.0)
-    i, j, y = mine_pairs(pool_images(fmaps, gem, range(len(fmaps))).detach(), labels, n_neg=2)
+    i, j, y = mine_pairs(pool_fmaps(fmaps, gem), labels, n_neg=2)
     hist = fit_pooling(fmaps, gem, i, j, y, steps=0, margin=0.6, progress=False)
     D = torch.stack([functional.l2n(functional.gem(f[None], 3.0))[0] for f in fmaps])
     want = contrastive_loss(D[i], D[j], y, margin=0.6)

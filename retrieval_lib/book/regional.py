@@ -7,8 +7,8 @@ around them:
 * ``fmap_size``, ``aspect_crop`` -- the feature-map grid an image of a given size and shape gets;
 * ``region_levels``, ``region_count_table`` -- which scale level each region belongs to,
   and how many regions each aspect ratio and ``L`` give;
-* ``describe``, ``map_vs_L`` -- descriptors for several poolings from one backbone pass,
-  and mAP as a function of ``L``;
+* ``map_vs_L`` -- the headline metric as a function of ``L``, through the session's one
+  descriptor path (``book.describe``);
 
 Descriptors are ``(N, D)`` rows, L2-normalised, as everywhere in the library.
 Taught in ``notebooks/04_rmac.ipynb``.
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 
+from retrieval_lib.engine.extract import resize_longer_side
 from retrieval_lib.layers.functional import _check_int as _positive_int, rmac_regions
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "aspect_crop",
     "region_levels",
     "region_count_table",
-    "describe",
     "map_vs_L",
 ]
 
@@ -66,8 +65,8 @@ def aspect_crop(img, aspect: float, long_side: Optional[int] = None):
     """Centre crop of a PIL image to ``width / height = aspect``, optionally resized.
 
     The largest centred box of that shape is kept; with ``long_side`` the crop is then
-    resized (bilinear) so that its longer side has ``long_side`` pixels, as the network
-    input would be. Used to show how the R-MAC grid follows the image's shape.
+    resized so that its longer side has ``long_side`` pixels, exactly as the network input
+    is (:func:`retrieval_lib.engine.extract.resize_longer_side`). Used to show how the R-MAC grid follows the image's shape.
     Taught in ``notebooks/04_rmac.ipynb``.
     """
     aspect = _positive_float(aspect, "aspect", "aspect_crop")
@@ -79,9 +78,7 @@ def aspect_crop(img, aspect: float, long_side: Optional[int] = None):
     x0, y0 = (W - w) // 2, (H - h) // 2
     out = img.crop((x0, y0, x0 + w, y0 + h))
     if long_side is not None:
-        long_side = _positive_int(long_side, "long_side", "aspect_crop")
-        s = long_side / max(w, h)
-        out = out.resize((max(1, round(w * s)), max(1, round(h * s))), resample=2)  # 2: bilinear
+        out = resize_longer_side(out, _positive_int(long_side, "long_side", "aspect_crop"))
     return out
 
 
@@ -143,56 +140,27 @@ def region_count_table(aspects: Iterable, Ls: Iterable[int] = (1, 2, 3, 4), long
 
 
 # ----------------------------------------------------------------------------------------
-# descriptors for several poolings, and sweeps
+# mAP against the number of levels
 # ----------------------------------------------------------------------------------------
-def describe(book, poolings: Mapping, scales: Optional[Sequence[float]] = None) -> dict:
-    """Database and query descriptors for several poolings: ``{label: (X, Q)}``.
-
-    ``book`` is a :class:`retrieval_lib.book.Book`; ``poolings`` maps labels to poolings
-    (names, modules or functions ``(B, C, H, W) -> (B, D)``). ``X`` is ``(N, D)``,
-    L2-normalised; ``Q`` is the query descriptors, or ``None`` when every database image is
-    a query (group sets such as real171), so ``book.evaluate(X, Q)`` works either way.
-
-    When the book keeps feature maps (``smoke``/``cpu``) and one scale is asked, each
-    pooling reads the cached maps; otherwise (``full`` scale, or several ``scales``) the
-    backbone runs once per scale for all the poolings together.
-    Taught in ``notebooks/04_rmac.ipynb``.
-    """
-    poolings = dict(poolings)
-    if not poolings:
-        raise ValueError("describe: give at least one pooling, e.g. {'mac': 'mac'}")
-    scales = tuple(float(s) for s in scales) if scales is not None else tuple(book.cfg.scales)
-    has_queries = book.benchmark.queries is not None
-
-    def run(which):
-        if book.keeps_fmaps and scales == (1.0,):
-            return {k: book.descriptors(p, which, scales=scales) for k, p in poolings.items()}
-        return book.descriptors(poolings, which, scales=scales)
-
-    X = run("database")
-    Q = run("queries") if has_queries else {k: None for k in poolings}
-    return {k: (X[k], Q[k]) for k in poolings}
-
-
 def map_vs_L(book, Ls: Iterable[int] = (1, 2, 3, 4, 5), include_global: bool = True,
-             key: str = "mAP", scales: Optional[Sequence[float]] = None) -> dict:
-    """R-MAC's ``key`` metric (default mAP) for each number of scale levels: ``{L: value}``.
+             key: Optional[str] = None, scales: Optional[Sequence[float]] = None) -> dict:
+    """R-MAC's ``key`` metric for each number of scale levels: ``{L: value}``.
 
-    Each ``L`` pools with :class:`retrieval_lib.layers.pooling.RMAC` ``(L, include_global)`` via
-    :func:`describe` (one backbone pass, or the cached maps; ``scales`` as there, default
-    the book's) and evaluates with ``book.evaluate``. Raises ``KeyError`` naming the
-    available metrics when ``key`` is not one of them. Taught in ``notebooks/04_rmac.ipynb``.
+    ``key`` defaults to the benchmark's ``headline_key``. Every ``L`` pools with
+    :class:`retrieval_lib.layers.pooling.RMAC` ``(L, include_global)``; the descriptors of all
+    of them come from one ``book.describe`` call (one backbone pass, or the kept maps;
+    ``scales`` as there, default the book's) and are scored by ``book.evaluate``. Raises
+    ``KeyError`` naming the available metrics when ``key`` is not one of them. Taught in
+    ``notebooks/04_rmac.ipynb``.
     """
     from retrieval_lib.layers.pooling import RMAC
+    from retrieval_lib.search.evaluate import headline
 
     Ls = [_positive_int(L, "L", "map_vs_L") for L in Ls]
     if not Ls:
         raise ValueError("map_vs_L: give at least one L")
-    descs = describe(book, {L: RMAC(L=L, include_global=include_global) for L in Ls}, scales=scales)
-    out = {}
-    for L, (X, Q) in descs.items():
-        metrics = book.evaluate(X, Q)
-        if key not in metrics:
-            raise KeyError(f"map_vs_L: metric {key!r} not in the benchmark's metrics {sorted(metrics)}")
-        out[L] = float(metrics[key])
-    return out
+    key = book.benchmark.headline_key if key is None else key
+    pools = {L: RMAC(L=L, include_global=include_global) for L in Ls}
+    X = book.describe(pools, "database", scales=scales)
+    Q = book.describe(pools, "queries", scales=scales)
+    return {L: headline(book.evaluate(X[L], Q[L]), key) for L in Ls}

@@ -6,8 +6,9 @@ papers fine-tune the whole network (Radenović et al. learn ``p`` jointly with R
 on SfM-120k, TPAMI 2018). The loss lives in :mod:`retrieval_lib.layers.losses`, the
 pairs come from :mod:`retrieval_lib.engine.mining`. Taught in ``notebooks/03_gem.ipynb``.
 
-* :func:`pool_images`, :func:`fit_pooling` -- pool maps of any sizes with gradients, and
-  the optimisation loop.
+* :func:`pool_fmaps_with_grad`, :func:`fit_pooling` -- pool maps of any sizes *with
+  gradients*, and the optimisation loop. To pool maps without training (no gradients,
+  every map) use :func:`retrieval_lib.engine.extract.pool_fmaps`.
 """
 from __future__ import annotations
 
@@ -20,19 +21,21 @@ from tqdm.auto import tqdm
 from retrieval_lib.layers import functional
 from retrieval_lib.layers.losses import contrastive_loss
 
-__all__ = ["pool_images", "fit_pooling"]
+__all__ = ["pool_fmaps_with_grad", "fit_pooling"]
 
 
-def pool_images(fmaps: Sequence[torch.Tensor], pooling, indices) -> torch.Tensor:
+def pool_fmaps_with_grad(fmaps: Sequence[torch.Tensor], pooling, indices) -> torch.Tensor:
     """L2-normalised descriptors ``(len(indices), D)`` of some maps, keeping gradients.
 
-    ``fmaps`` is a list of ``(C, h, w)`` maps of any sizes; maps of equal size are pooled
+    The training variant of :func:`retrieval_lib.engine.extract.pool_fmaps` (which pools
+    every map under ``torch.no_grad``): ``fmaps`` is a list of ``(C, h, w)`` maps of any
+    sizes, of which the ``indices`` are pooled, in that order; maps of equal size are pooled
     in one batch (no Python loop over images), and gradients flow into ``pooling``'s
     parameters (e.g. GeM's ``p``). Maps move to the device of ``pooling``'s parameters.
     """
     idx = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
     if not idx:
-        raise ValueError("pool_images: no indices given")
+        raise ValueError("pool_fmaps_with_grad: no indices given")
     params = list(pooling.parameters()) if isinstance(pooling, nn.Module) else []
     device = params[0].device if params else fmaps[idx[0]].device
     groups: dict = {}
@@ -53,7 +56,7 @@ def fit_pooling(fmaps: Sequence[torch.Tensor], pooling: nn.Module, i, j, y, step
                 lr: float = 0.1, margin: float = 0.7, progress: bool = True) -> dict:
     """Fit a pooling layer's parameters with Adam on the contrastive loss of given pairs.
 
-    Every step pools the maps of all images in the pairs (:func:`pool_images`), computes
+    Every step pools the maps of all images in the pairs (:func:`pool_fmaps_with_grad`), computes
     :func:`contrastive_loss` (mean) of the pairs ``(i[n], j[n])`` with labels ``y[n]`` and
     takes one Adam step of size ``lr``. The backbone is not involved: ``fmaps`` are fixed.
 
@@ -81,7 +84,7 @@ def fit_pooling(fmaps: Sequence[torch.Tensor], pooling: nn.Module, i, j, y, step
         return {name: q.detach().clone() for name, q in pooling.named_parameters()}
 
     def loss_now():
-        D = pool_images(fmaps, pooling, uniq)
+        D = pool_fmaps_with_grad(fmaps, pooling, uniq)
         return contrastive_loss(D[pi.to(D.device)], D[pj.to(D.device)], y.to(D.device), margin)
 
     for _ in tqdm(range(steps), desc="fit pooling", unit="step", disable=not progress):
