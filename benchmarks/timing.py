@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from retrieval_lib.book import report
+
 __all__ = [
     "Timing",
     "bench",
@@ -365,10 +367,9 @@ def _cell(v: Any) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; booleans print as yes / **no**, floats with 3 significant digits."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """The library's markdown table (``retrieval_lib.book.report``) with the benchmarks' cells:
+    booleans as yes / **no**, floats with 3 significant digits."""
+    return report.markdown_table(headers, rows, fmt=_cell)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -4,23 +4,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from retrieval_lib.book.config import SCALES
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m retrieval_lib",
                                      description="The runnable textbook of deep image retrieval.")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="off-the-shelf comparison + every notebook, one results table")
-    rep.add_argument("--scale", choices=["smoke", "cpu", "full"], default="cpu",
-                     help="smoke: seconds; cpu: minutes on a laptop; full: GPU, the papers' setting")
-    rep.add_argument("--out", default="results", help="folder for tables and executed notebooks")
+    rep.add_argument("--scale", choices=list(SCALES), default="cpu",
+                     help="smoke: seconds; cpu: minutes on a laptop; full: a GPU. What each runs: "
+                          + "; ".join(cfg.summary() for cfg in SCALES.values()))
+    rep.add_argument("--out", default="results",
+                     help="folder for tables and executed notebooks (relative to the current directory)")
     rep.add_argument("--data", default=None,
-                     help="data root holding real171/ (default: $RETRIEVAL_DATA, else the offline default)")
+                     help="data root holding real171/ (full scale: roxford5k/) "
+                          "(default: $RETRIEVAL_DATA, else the offline default)")
     rep.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
     rep.add_argument("--notebooks", default="all",
                      help="'all', 'none', or a comma list of notebook numbers such as 00,03")
     rep.add_argument("--notebooks-dir", default=None, help="where the NN_*.ipynb notebooks are")
     rep.add_argument("--cache", default=None, help="feature cache folder (default: $RETRIEVAL_CACHE)")
-    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars (the executed notebooks never show any)")
     return parser
 
 

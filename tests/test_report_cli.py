@@ -1,15 +1,20 @@
 """metrics.json, results tables, scales, the notebook session and `python -m retrieval_lib reproduce`."""
 import json
-import math
+import os
+import pickle
+from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from retrieval_lib.__main__ import main
-from retrieval_lib.book.config import SCALES, scale_config
-from retrieval_lib.book.report import markdown_table, paper_vs_ours, read_metrics, results_table, write_metrics
-from retrieval_lib.book.reproduce import find_notebooks, offtheshelf_table, run_notebooks
+from retrieval_lib.book.config import SCALES, benchmark_for_scale, default_progress, scale_config
+from retrieval_lib.book.report import (OFF_THE_SHELF, SETTING_FIELDS, markdown_table, measured, paper_result,
+                                       paper_vs_ours, read_metrics, results_table, write_metrics)
+from retrieval_lib.book.reproduce import CELL_TIMEOUT_S, find_notebooks, offtheshelf, offtheshelf_table, run_notebooks
 
 
 def test_metrics_round_trip_and_nan(tmp_path):
@@ -29,15 +34,99 @@ def test_metrics_errors(tmp_path):
         read_metrics(tmp_path)
 
 
-def test_tables():
+def test_markdown_table():
     table = markdown_table(["a", "b"], [[1, 0.12345], ["x", None]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.123 |", "| x | – |"]
-    pv = paper_vs_ours({"mAP": 0.5}, {"mAP": {"value": 0.6, "setting": "VGG16", "source": "T 1"}, "other": 0.7})
-    rows = pv.splitlines()[2:]
-    assert rows[0] == "| mAP | 0.500 | 0.600 | VGG16; T 1 |"
-    assert rows[1].startswith("| other | – | 0.700")  # a paper number we did not measure shows as missing
-    rt = results_table([{"notebook": "01", "ours": {"m": 0.25}, "paper": {"m": {"value": 0.5}}}])
-    assert rt.splitlines()[2] == "| 01 | m | 0.250 | 0.500 |"
+    assert markdown_table(["a"], [["x | y"]]).splitlines()[2] == "| x \\| y |"  # a "|" must not split the cell
+    assert markdown_table(["a"], [[True]], fmt=lambda v: "yes" if v else "no").splitlines()[2] == "| yes |"
+
+
+# ------------------------------------------------------------------ paper vs. ours
+ROXF = dict(dataset="roxford5k", protocol="mAP medium", training=OFF_THE_SHELF, backbone="resnet101",
+            resolution="1024 px")
+
+
+def _rows(table):
+    """Markdown table rows as lists of cells (header and rule dropped)."""
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in table.splitlines()[2:]]
+
+
+def test_paper_vs_ours_pairs_only_the_same_setting():
+    paper = [paper_result(0.417, method="MAC", source="Radenović et al., CVPR 2018, Table 3", **ROXF),
+             paper_result(0.647, method="GeM p=3", source="TPAMI 2018", **dict(ROXF, training="fine-tuned SfM-120k"))]
+    # same setting written differently (case, punctuation, 1024 vs "1024 px"): they match
+    ours = [measured(0.40, method="mac", **dict(ROXF, backbone="ResNet-101", resolution=1024)),
+            measured(0.55, method="GeM p=3", **ROXF)]
+    rows = _rows(paper_vs_ours(ours, paper))
+    assert rows[0][1:3] == ["0.417", "0.400"]
+    assert rows[0][0] == "MAC; roxford5k, mAP medium; resnet101, ImageNet, off the shelf, 1024 px"
+    assert rows[0][3] == "mac; roxford5k, mAP medium; ResNet-101, ImageNet, off the shelf, 1024 px"  # ours, stated
+    assert rows[0][4] == "Radenović et al., CVPR 2018, Table 3"
+    # our GeM is off the shelf, the paper's fine-tuned: never paired
+    assert rows[1][1:3] == ["0.647", "–"]
+    assert rows[1][3] == ("no comparable measurement (ours: GeM p=3; roxford5k, mAP medium; resnet101, "
+                          "ImageNet, off the shelf, 1024 px; differs in training)")
+
+
+@pytest.mark.parametrize("field", SETTING_FIELDS)
+def test_paper_vs_ours_one_different_field_prevents_pairing(field):
+    paper = [paper_result(0.5, method="MAC", source="s", **ROXF)]
+    ours = [measured(0.4, **dict(dict(ROXF, method="MAC"), **{field: "something else"}))]
+    (row,) = _rows(paper_vs_ours(ours, paper))
+    assert row[2] == "–"
+    assert row[3].startswith("no comparable measurement (ours: ") and row[3].endswith(f"differs in {field})")
+
+
+def test_paper_vs_ours_never_pairs_by_name_alone():
+    # The older call matched a paper number to ours by the dictionary key, even when the
+    # paper measured ResNet-101 fine-tuned on revisited Oxford and we measured Lite0 on real171.
+    old_paper = {"mAP/medium": {"value": 0.647, "setting": "ROxford5k Medium; ResNet-101 fine-tuned", "source": "T 1"},
+                 "other": 0.7}
+    (r1, r2) = _rows(paper_vs_ours({"mAP/medium": 0.5}, old_paper))
+    assert r1[:3] == ["mAP/medium; ROxford5k Medium; ResNet-101 fine-tuned", "0.647", "–"]
+    assert r1[3].startswith("not compared: this paper entry states no structured setting") and r1[4] == "T 1"
+    assert r2[:3] == ["other", "0.700", "–"]
+    # structured paper entries against a plain {name: number} mapping: nothing states our setting
+    (row,) = _rows(paper_vs_ours({"mAP": 0.4}, [paper_result(0.5, method="MAC", source="s", **ROXF)]))
+    assert row[2:4] == ["–", "no comparable measurement (ours: no number measured with a stated setting)"]
+
+
+def test_paper_entries_errors():
+    with pytest.raises(ValueError, match="needs its source"):
+        paper_result(0.5, method="MAC", source="", **ROXF)
+    with pytest.raises(ValueError, match=r"\['dataset'\] are empty"):
+        measured(0.5, method="MAC", **dict(ROXF, dataset=" "))
+    with pytest.raises(TypeError, match="must be a number"):
+        measured("0.5", method="MAC", **ROXF)
+    with pytest.raises(ValueError, match="share the setting"):
+        paper_vs_ours([measured(0.4, method="MAC", **ROXF), measured(0.5, method="mac", **ROXF)],
+                      [paper_result(0.5, method="MAC", source="s", **ROXF)])
+    with pytest.raises(ValueError, match="needs the fields"):
+        paper_vs_ours([{"value": 0.4, "method": "MAC"}], [])
+    assert measured(torch.tensor(0.25), method="MAC", **ROXF)["value"] == 0.25
+    assert paper_result(None, method="SPoC", source="s", **ROXF)["value"] is None  # not verified: no number
+
+
+def test_results_table_and_metrics_with_settings(tmp_path):
+    ours_entries = [measured(0.40, method="MAC", key="mAP/mac", **ROXF)]
+    paper = [paper_result(0.417, method="MAC", source="CVPR 2018", **ROXF),
+             paper_result(0.180, method="MAC", source="CVPR 2018", **dict(ROXF, protocol="mAP hard"))]
+    write_metrics(tmp_path / "01", "01_mac", {"mAP/mac": 0.40, "rf": 3}, paper, scale="full", measured=ours_entries)
+    doc = read_metrics(tmp_path / "01")
+    assert doc["measured"] == ours_entries and doc["paper"] == paper
+    legacy = {"notebook": "00", "ours": {"m": 0.25}, "paper": {"m": {"value": 0.5}}}  # an older metrics.json
+    table = results_table([doc, legacy])
+    first, second = table.split("Every number measured in this run:")
+    rows = _rows(first.strip().split("\n", 2)[2])
+    assert [r[:4] for r in rows] == [["01_mac", "MAC; roxford5k, mAP medium; resnet101, ImageNet, off the shelf, 1024 px",
+                                      "0.417", "0.400"],
+                                     ["01_mac", "MAC; roxford5k, mAP hard; resnet101, ImageNet, off the shelf, 1024 px",
+                                      "0.180", "–"],
+                                     ["00", "m", "0.500", "–"]]
+    assert rows[1][4].endswith("differs in protocol)") and rows[2][4].startswith("not compared")
+    assert _rows(second.strip()) == [["01_mac", "mAP/mac", "0.400"], ["01_mac", "rf", "3"], ["00", "m", "0.250"]]
+    with pytest.raises(ValueError, match="needs the fields"):
+        write_metrics(tmp_path, "x", {"m": 1.0}, measured=[{"value": 1.0}])
 
 
 def test_scale_config(monkeypatch):
@@ -49,32 +138,79 @@ def test_scale_config(monkeypatch):
         scale_config("huge")
 
 
-def test_book_smoke_offline(monkeypatch):
+def test_default_progress(monkeypatch):
+    monkeypatch.delenv("RETRIEVAL_PROGRESS", raising=False)
+    assert default_progress() is True
+    monkeypatch.setenv("RETRIEVAL_PROGRESS", "0")
+    assert default_progress() is False
+    monkeypatch.setenv("RETRIEVAL_PROGRESS", "1")
+    assert default_progress() is True
+    monkeypatch.setenv("RETRIEVAL_PROGRESS", "maybe")
+    with pytest.raises(ValueError, match="RETRIEVAL_PROGRESS='maybe'"):
+        default_progress()
+
+
+def test_start_smoke_offline_reads_the_progress_switch(monkeypatch):
     from retrieval_lib.book.session import start
-    from retrieval_lib.engine.extract import pool_fmaps
 
     monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
-    book = start("smoke", progress=False)
+    monkeypatch.setenv("RETRIEVAL_PROGRESS", "0")  # what reproduce sets for the notebooks it runs
+    book = start("smoke")
+    assert book.progress is False
     assert book.data_name.startswith("offline_default") and len(book.benchmark.database) <= 40
-    X = book.descriptors("gem")
-    torch.testing.assert_close(X, pool_fmaps(book.fmaps(), "gem"))
-    metrics = book.evaluate(X)
-    assert 0 <= metrics["mAP"] <= 1
-    assert book.image(0).size[0] == 224 or book.image(0).size[1] == 224
+    assert book.cfg == scale_config("smoke")
+    monkeypatch.delenv("RETRIEVAL_PROGRESS")
+    assert start("smoke").progress is True and start("smoke", progress=False).progress is False
 
 
-def test_book_full_scale_without_data_says_how_to_get_it(tmp_path):
+def test_full_scale_without_data_says_how_to_get_it(tmp_path):
     from retrieval_lib.book.session import start
 
-    with pytest.raises(FileNotFoundError, match="download_revisited"):
+    # the notebooks (start) and the off-the-shelf table (reproduce) need the same data at full scale
+    with pytest.raises(FileNotFoundError, match="full scale runs on roxford5k.*download_revisited"):
         start("full", data_root=tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="full scale runs on roxford5k.*download_revisited"):
+        offtheshelf("full", data_root=tmp_path, progress=False)
+
+
+def _tiny_revisited(root, n_db=10, name="roxford5k"):
+    """A stand-in revisited data set: n_db coloured database images, 2 queries with boxes."""
+    jpg = root / name / "jpg"
+    jpg.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    imlist, qimlist = [f"db{i}" for i in range(n_db)], ["q0", "q1"]
+    for n in imlist + qimlist:
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(jpg / f"{n}.jpg")
+    gnd = [{"bbx": [4.0, 4.0, 60.0, 44.0], "easy": [0, 1], "hard": [2], "junk": [3]},
+           {"bbx": [0.0, 0.0, 64.0, 48.0], "easy": [4], "hard": [5, 6], "junk": []}]
+    with open(root / name / f"gnd_{name}.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
+
+
+def test_one_benchmark_per_scale_for_start_and_reproduce(tmp_path, monkeypatch):
+    from retrieval_lib.book.session import start
+
+    _tiny_revisited(tmp_path)
+    full = benchmark_for_scale("full", tmp_path)
+    assert full.name == "roxford5k" and len(full.database) == 10 and len(full.queries) == 2
+    # a cheap scale that measures the same kind of data: both entry points see the same benchmark
+    cfg = scale_config("smoke", data="roxford5k", max_images=6, image_size=64)
+    res = offtheshelf(cfg, data_root=tmp_path, progress=False, cache_dir=None)
+    book = start(cfg, tmp_path, progress=False)
+    assert res["benchmark"] == book.data_name == "roxford5k-sub6"
+    assert (res["n_database"], res["n_queries"]) == (len(book.benchmark.database), len(book.benchmark.queries)) == (6, 2)
+    assert res["setting"] == cfg.summary() and "roxford5k" in res["setting"]
+    # the default benchmark at smoke scale, for both
+    monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
+    assert benchmark_for_scale("smoke").name == start("smoke", progress=False).data_name
+    with pytest.raises(ValueError, match="unknown data 'imagenet'"):
+        benchmark_for_scale(scale_config("smoke", data="imagenet"))
 
 
 def test_reproduce_command_offline_default(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
     out = tmp_path / "res"
-    assert main(["reproduce", "--scale", "smoke", "--notebooks", "none", "--out", str(out), "--quiet",
-                 "--cache", str(tmp_path / "cache")]) == 0
+    assert main(["reproduce", "--scale", "smoke", "--notebooks", "none", "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "offtheshelf.json").read_text())
     assert list(res["rows"]) == ["MAC", "SPoC", "GeM (p=3)", "R-MAC (L=3)"]
     for metrics in res["rows"].values():
@@ -90,13 +226,20 @@ def test_reproduce_rejects_bad_scale():
         main(["reproduce", "--scale", "huge"])
 
 
+ENV_SEEN = ("RETRIEVAL_PROGRESS", "RETRIEVAL_DATA", "RETRIEVAL_CACHE", "RETRIEVAL_SCALE")
+
+
 def _tiny_notebook(path, value):
+    """A numbered notebook that writes metrics.json, recording what it was handed."""
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('SCALE = "cpu"\nOUT_DIR = "x"')
+    params = nbformat.v4.new_code_cell('SCALE = "cpu"\nOUT_DIR = "x"\nDATA_ROOT = None')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(
+        "import os\n"
         "from retrieval_lib.book.report import write_metrics\n"
-        f"write_metrics(OUT_DIR, {path.stem!r}, {{'mAP/x': {value}}}, {{'mAP/x': 0.9}}, scale=SCALE)")]
+        f"write_metrics(OUT_DIR, {path.stem!r}, {{'mAP/x': {value}}}, {{'mAP/x': 0.9}}, scale=SCALE,\n"
+        f"              extra={{'OUT_DIR': OUT_DIR, 'DATA_ROOT': DATA_ROOT, 'cwd': os.getcwd(),\n"
+        f"                     'env': {{k: os.environ.get(k) for k in {ENV_SEEN!r}}}}})")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
 
@@ -112,5 +255,49 @@ def test_run_notebooks_gathers_metrics(tmp_path):
     assert [d["notebook"] for d in docs] == ["01_b"]
     assert docs[0]["ours"] == {"mAP/x": 0.5} and docs[0]["scale"] == "smoke" and docs[0]["seconds"] > 0
     assert (tmp_path / "out" / "01_b" / "01_b.ipynb").exists()  # the executed copy is kept
-    with pytest.raises(FileNotFoundError, match="notebooks"):
+    with pytest.raises(FileNotFoundError, match="pass --notebooks-dir DIR"):
         find_notebooks(tmp_path / "missing")
+
+
+def test_find_notebooks_default_is_the_repositorys_folder(tmp_path, monkeypatch):
+    repo_notebooks = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert repo_notebooks and repo_notebooks[0].startswith("00_")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the checkout's notebooks
+    assert [p.name for p in find_notebooks()] == repo_notebooks
+    (tmp_path / "notebooks").mkdir()  # a notebooks/ folder here comes first
+    _tiny_notebook(tmp_path / "notebooks" / "07_here.ipynb", 0.1)
+    assert [p.name for p in find_notebooks()] == ["07_here.ipynb"]
+
+
+def test_reproduce_hands_notebooks_absolute_paths_and_no_progress(tmp_path, monkeypatch, capsys):
+    # The README's command uses a relative --out; the notebooks run inside the notebooks
+    # folder, so every path they are handed must be absolute.
+    nb_dir = tmp_path / "nbs"
+    nb_dir.mkdir()
+    _tiny_notebook(nb_dir / "00_a.ipynb", 0.25)
+    (tmp_path / "data").mkdir()  # a data root without real171: the offline default, with a warning
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("RETRIEVAL_PROGRESS", raising=False)
+    monkeypatch.setenv("RETRIEVAL_SCALE", "cpu")
+    before = dict(os.environ)
+    with pytest.warns(UserWarning, match="no real171"):
+        assert main(["reproduce", "--scale", "smoke", "--out", "results", "--data", "../data", "--cache", "cache",
+                     "--notebooks-dir", str(nb_dir), "--quiet"]) == 0
+    assert dict(os.environ) == before  # the environment is restored afterwards
+    out = work / "results"
+    doc = read_metrics(out / "notebooks" / "00_a")
+    assert doc["ours"] == {"mAP/x": 0.25}
+    seen = doc["extra"]
+    assert seen["OUT_DIR"] == str(out / "notebooks" / "00_a") and seen["cwd"] == str(nb_dir)
+    assert seen["DATA_ROOT"] == str(tmp_path / "data")
+    assert seen["env"] == {"RETRIEVAL_PROGRESS": "0", "RETRIEVAL_DATA": str(tmp_path / "data"),
+                           "RETRIEVAL_CACHE": str(work / "cache"), "RETRIEVAL_SCALE": "smoke"}
+    assert (work / "cache" / "features").is_dir()  # the relative --cache is used from here too
+    assert not (nb_dir / "results").exists()
+    assert (out / "offtheshelf.md").is_file() and "00_a" in (out / "results.md").read_text()
+
+
+def test_smoke_cells_time_out_within_a_minute():
+    assert CELL_TIMEOUT_S["smoke"] <= 60 and CELL_TIMEOUT_S["cpu"] >= CELL_TIMEOUT_S["smoke"]

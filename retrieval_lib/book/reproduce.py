@@ -1,26 +1,33 @@
 """The main job: ``python -m retrieval_lib reproduce``.
 
-1. The off-the-shelf comparison of MAC, SPoC, GeM (p=3) and R-MAC (L=3) on the
-   available data (real171 when ``RETRIEVAL_DATA`` finds it, else the offline default),
-   written as ``offtheshelf.md`` and ``offtheshelf.json``.
+1. The off-the-shelf comparison of MAC, SPoC, GeM (p=3) and R-MAC (L=3) on the scale's
+   benchmark (:func:`~retrieval_lib.book.config.benchmark_for_scale`, the same data the
+   notebooks measure at that scale), written as ``offtheshelf.md`` and ``offtheshelf.json``.
 2. Every notebook ``notebooks/NN_*.ipynb`` executed in order with papermill at the same
    scale, the executed copies saved, and every ``metrics.json`` gathered into
    ``results.md`` / ``results.json`` with the papers' numbers beside ours.
+
+The notebooks run with the notebooks folder as working directory, so every path handed
+to them (``OUT_DIR``, ``DATA_ROOT``, ``RETRIEVAL_DATA``, ``RETRIEVAL_CACHE``) is made
+absolute first; they run with ``RETRIEVAL_PROGRESS=0`` so the saved copies hold no
+progress widgets.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
 
-from retrieval_lib.book.config import scale_config
+from retrieval_lib.book.config import benchmark_for_scale, scale_config
 from retrieval_lib.book.report import markdown_table, read_metrics, results_table
 
-__all__ = ["offtheshelf", "offtheshelf_table", "run_notebooks", "find_notebooks", "OFF_THE_SHELF"]
+__all__ = ["offtheshelf", "offtheshelf_table", "run_notebooks", "find_notebooks", "OFF_THE_SHELF", "CELL_TIMEOUT_S"]
 
 OFF_THE_SHELF = ("MAC", "SPoC", "GeM (p=3)", "R-MAC (L=3)")
-CELL_TIMEOUT_S = {"smoke": 300, "cpu": 1800, "full": 4 * 3600}
+# per-cell limit: a hang at smoke scale fails within a minute; cpu/full cells may extract for long
+CELL_TIMEOUT_S = {"smoke": 60, "cpu": 1800, "full": 4 * 3600}
 
 
 def _poolings():
@@ -29,23 +36,23 @@ def _poolings():
     return {"MAC": MAC(), "SPoC": SPoC(), "GeM (p=3)": GeM(p=3.0, learn_p=False), "R-MAC (L=3)": RMAC(L=3)}
 
 
-def offtheshelf(scale: str = "cpu", data_root=None, device="auto", cache_dir=None,
+def offtheshelf(scale="cpu", data_root=None, device="auto", cache_dir=None,
                 progress: bool = True, benchmark=None) -> dict:
     """Run the off-the-shelf comparison; return ``{"rows": {pooling: metrics}, ...}``.
 
-    The backbone runs once per image (and scale); every pooling reads the same maps.
+    ``scale``: a scale name or a :class:`~retrieval_lib.book.config.ScaleConfig`.
+    The data is :func:`~retrieval_lib.book.config.benchmark_for_scale` (what ``start``
+    gives the notebooks at this scale) unless ``benchmark`` is passed. The backbone runs
+    once per image (and scale); every pooling reads the same maps.
     """
     from retrieval_lib.models.backbones import load_backbone
-    from retrieval_lib.data.datasets import default_benchmark
     from retrieval_lib.engine.device import get_device
     from retrieval_lib.search.nearest import rank_database
 
     cfg = scale_config(scale)
     dev = get_device(device)
     if benchmark is None:
-        benchmark = default_benchmark(data_root)
-        if cfg.max_images is not None:
-            benchmark = benchmark.subset(cfg.max_images)
+        benchmark = benchmark_for_scale(cfg, data_root)
     model = load_backbone(cfg.backbone).to(dev).eval()
     t0 = time.perf_counter()
     common = dict(scales=cfg.scales, image_size=cfg.image_size, device=dev, batch_size=cfg.batch_size,
@@ -62,7 +69,9 @@ def offtheshelf(scale: str = "cpu", data_root=None, device="auto", cache_dir=Non
         "benchmark": benchmark.name,
         "n_database": len(benchmark.database),
         "n_queries": len(benchmark.queries) if benchmark.queries is not None else len(benchmark.database),
+        "setting": cfg.summary(),
         "backbone": cfg.backbone,
+        "weights": getattr(model, "weights", None),  # the weight set loaded, when the backbone names it
         "image_size": cfg.image_size,
         "scales": list(cfg.scales),
         "device": str(dev),
@@ -84,65 +93,111 @@ def offtheshelf_table(result: dict) -> str:
     rows = [[name] + [metrics.get(k) for k in keys] for name, metrics in result["rows"].items()]
     head = (f"Off-the-shelf descriptors on **{result['benchmark']}** "
             f"({result['n_queries']} queries, {result['n_database']} database images), "
-            f"{result['backbone']} at {result['image_size']} px, scales {result['scales']}, "
-            f"device {result['device']}.")
+            f"{result['backbone']} (ImageNet weights{' ' + result['weights'] if result.get('weights') else ''}, "
+            f"off the shelf) at {result['image_size']} px, scales {result['scales']}, device {result['device']}.")
     return head + "\n\n" + markdown_table(["pooling"] + keys, rows)
 
 
 def find_notebooks(notebooks_dir=None, only=None) -> list[Path]:
-    """The numbered notebooks ``NN_*.ipynb`` in order (optionally only those whose NN is listed)."""
-    nb_dir = Path(notebooks_dir) if notebooks_dir else Path(__file__).resolve().parents[1] / "notebooks"
-    if not nb_dir.is_dir():
-        raise FileNotFoundError(f"no notebooks folder at {nb_dir}; pass --notebooks DIR")
+    """The numbered notebooks ``NN_*.ipynb`` in order (optionally only those whose NN is listed).
+
+    ``notebooks_dir`` defaults to ``notebooks/`` in the current directory, else the one in the
+    checkout this package was installed from (``pip install -e .``).
+    """
+    if notebooks_dir:
+        places = [Path(notebooks_dir).expanduser().resolve()]
+    else:
+        places = [Path.cwd() / "notebooks", Path(__file__).resolve().parents[2] / "notebooks"]
+    nb_dir = next((d for d in places if d.is_dir()), None)
+    if nb_dir is None:
+        raise FileNotFoundError(f"no notebooks folder at {' or '.join(str(d) for d in places)}; run from the "
+                                "repository's root or pass --notebooks-dir DIR")
     found = sorted(p for p in nb_dir.glob("[0-9][0-9]_*.ipynb"))
     if only:
         found = [p for p in found if p.name[:2] in set(only)]
     return found
 
 
+@contextlib.contextmanager
+def _environ(**values):
+    """Set environment variables (``None``: unset) for the duration of a block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _absolute(path) -> Path | None:
+    return None if path is None or str(path).strip() == "" else Path(path).expanduser().resolve()
+
+
 def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=None,
                   progress: bool = True) -> list[dict]:
-    """Execute the notebooks with papermill; return the gathered metrics documents."""
+    """Execute the notebooks with papermill; return the gathered metrics documents.
+
+    Each notebook runs with its own folder as working directory, so ``out_dir`` and
+    ``data_root`` (default ``RETRIEVAL_DATA``) are handed over as absolute paths, and
+    ``RETRIEVAL_DATA`` / ``RETRIEVAL_CACHE`` are made absolute in the kernel's environment.
+    The kernel gets ``RETRIEVAL_PROGRESS=0`` (no progress widgets in the saved notebooks);
+    ``progress`` is papermill's own bar over the cells.
+    """
     import papermill as pm
 
-    out_dir = Path(out_dir)
+    out_dir = _absolute(out_dir)
+    data_root = _absolute(data_root if data_root is not None else os.environ.get("RETRIEVAL_DATA"))
+    cache = _absolute(os.environ.get("RETRIEVAL_CACHE"))
     docs = []
-    for nb in find_notebooks(notebooks_dir, only):
-        nb_out = out_dir / nb.stem
-        nb_out.mkdir(parents=True, exist_ok=True)
-        params = {"SCALE": scale, "OUT_DIR": str(nb_out)}
-        if data_root is not None:
-            params["DATA_ROOT"] = str(data_root)
-        t0 = time.perf_counter()
-        # a per-cell limit, so that a stuck cell fails the run instead of hanging it
-        pm.execute_notebook(str(nb), str(nb_out / nb.name), parameters=params, progress_bar=progress,
-                            cwd=str(nb.parent), kernel_name="python3",
-                            execution_timeout=CELL_TIMEOUT_S[scale])
-        doc = read_metrics(nb_out)
-        doc["seconds"] = time.perf_counter() - t0
-        docs.append(doc)
+    env = dict(RETRIEVAL_PROGRESS="0", RETRIEVAL_SCALE=scale, RETRIEVAL_DATA=data_root, RETRIEVAL_CACHE=cache)
+    with _environ(**env):
+        for nb in find_notebooks(notebooks_dir, only):
+            nb_out = out_dir / nb.stem
+            nb_out.mkdir(parents=True, exist_ok=True)
+            params = {"SCALE": scale, "OUT_DIR": str(nb_out)}
+            if data_root is not None:
+                params["DATA_ROOT"] = str(data_root)
+            t0 = time.perf_counter()
+            # a per-cell limit, so that a stuck cell fails the run instead of hanging it
+            pm.execute_notebook(str(nb), str(nb_out / nb.name), parameters=params, progress_bar=progress,
+                                cwd=str(nb.parent), kernel_name="python3",
+                                execution_timeout=CELL_TIMEOUT_S[scale])
+            doc = read_metrics(nb_out)
+            doc["seconds"] = time.perf_counter() - t0
+            docs.append(doc)
     return docs
 
 
 def main_reproduce(args) -> int:
-    """Entry point behind ``python -m retrieval_lib reproduce``."""
-    out = Path(args.out)
+    """Entry point behind ``python -m retrieval_lib reproduce``.
+
+    Relative ``--out``, ``--data`` and ``--cache`` are taken from the current directory
+    (and passed on as absolute paths). The environment is restored afterwards.
+    """
+    out = _absolute(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.data is not None:
-        os.environ["RETRIEVAL_DATA"] = str(args.data)
-    os.environ["RETRIEVAL_SCALE"] = args.scale
-    cache_dir = args.cache or os.environ.get("RETRIEVAL_CACHE") or str(Path.home() / ".cache" / "retrieval_lib")
-    res = offtheshelf(args.scale, data_root=args.data, device=args.device, cache_dir=Path(cache_dir) / "features",
-                      progress=not args.quiet)
-    table = offtheshelf_table(res)
-    (out / "offtheshelf.md").write_text(table + "\n")
-    (out / "offtheshelf.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
-    print(table)
-    print(f"\nextraction: {res['extraction_images_per_s']:.1f} images/s; wrote {out / 'offtheshelf.md'}")
-    if args.notebooks == "none":
-        return 0
-    only = None if args.notebooks == "all" else [s.strip().zfill(2) for s in args.notebooks.split(",")]
-    docs = run_notebooks(args.scale, out / "notebooks", args.notebooks_dir, only, args.data, progress=not args.quiet)
+    data = _absolute(args.data if args.data is not None else os.environ.get("RETRIEVAL_DATA"))
+    cache = _absolute(args.cache or os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval_lib")
+    with _environ(RETRIEVAL_DATA=data, RETRIEVAL_CACHE=cache, RETRIEVAL_SCALE=args.scale):
+        res = offtheshelf(args.scale, data_root=data, device=args.device, cache_dir=cache / "features",
+                          progress=not args.quiet)
+        table = offtheshelf_table(res)
+        (out / "offtheshelf.md").write_text(table + "\n")
+        (out / "offtheshelf.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
+        print(table)
+        print(f"\nextraction: {res['extraction_images_per_s']:.1f} images/s; wrote {out / 'offtheshelf.md'}")
+        if args.notebooks == "none":
+            return 0
+        only = None if args.notebooks == "all" else [s.strip().zfill(2) for s in args.notebooks.split(",")]
+        docs = run_notebooks(args.scale, out / "notebooks", args.notebooks_dir, only, data, progress=not args.quiet)
     if docs:
         table = results_table(docs)
         timing = markdown_table(["notebook", "seconds"], [[d["notebook"], d["seconds"]] for d in docs])
