@@ -197,6 +197,74 @@ def test_wgem_matches_loop_and_one_hot():
     assert torch.allclose(got[0], x[0, :, 1, 2]) and torch.allclose(got[1], x[1, :, 2, 0])
 
 
+def test_gem_and_wgem_share_one_power_mean():
+    """GeM is wGeM with weights 1/(HW); both go through the one power mean, per-channel p too."""
+    x = _fmap(B=2, C=3, H=3, W=4)
+    p = torch.tensor([1.5, 3.0, 7.0], dtype=torch.float64)
+    uniform = torch.full((1, 1, 3, 4), 1 / 12, dtype=torch.float64)
+    torch.testing.assert_close(F.wgem(x, uniform, p=p), F.gem(x, p=p), rtol=1e-12, atol=0)
+    for c in range(3):  # per-channel exponent against the plain formula
+        ref = x[:, c].pow(p[c]).mean(dim=(-2, -1)).pow(1 / p[c])
+        torch.testing.assert_close(F.gem(x, p=p)[:, c], ref, rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# multi-scale power mean
+# ----------------------------------------------------------------------------------------
+def loop_multiscale(descs, p):
+    """(mean_s f_s^p)^(1/p), then L2, one image and one dimension at a time in plain Python."""
+    S, N, D = len(descs), descs[0].shape[0], descs[0].shape[1]
+    out = []
+    for n in range(N):
+        ps = [p[d] for d in range(D)] if isinstance(p, list) else [p] * D
+        v = [(sum(descs[s][n, d].item() ** ps[d] for s in range(S)) / S) ** (1 / ps[d]) for d in range(D)]
+        norm = math.sqrt(sum(t * t for t in v)) + 1e-6
+        out.append([t / norm for t in v])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _unit_rows(N=4, D=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.l2n(torch.rand(N, D, generator=g, dtype=torch.float64) + 0.01)
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0, 0.5, [1.0, 2.0, 3.0, 4.0, 8.0]])
+def test_multiscale_mean_matches_loop(p):
+    descs = [_unit_rows(seed=s) for s in range(3)]
+    pt = torch.tensor(p, dtype=torch.float64) if isinstance(p, list) else p
+    got = F.multiscale_mean(descs, pt)
+    torch.testing.assert_close(got, loop_multiscale(descs, p), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(F.multiscale_mean(torch.stack(descs), pt), got, rtol=0, atol=0)  # (S, N, D) too
+
+
+def test_multiscale_mean_identities():
+    f = _unit_rows()
+    for p in (1.0, 3.0):  # one scale, or the same descriptor at every scale: unchanged (up to l2n's eps)
+        torch.testing.assert_close(F.multiscale_mean([f], p), f, rtol=1e-5, atol=0)
+        torch.testing.assert_close(F.multiscale_mean([f, f, f], p), f, rtol=1e-5, atol=0)
+    g = _unit_rows(seed=1)
+    torch.testing.assert_close(F.multiscale_mean([f, g], 1.0), F.l2n((f + g) / 2))  # p = 1: plain mean
+    # a shared p given as a one-element tensor is the float p
+    torch.testing.assert_close(F.multiscale_mean([f, g], torch.tensor([3.0])), F.multiscale_mean([f, g], 3.0))
+
+
+def test_multiscale_mean_bad_inputs():
+    f = _unit_rows()
+    with pytest.raises(ValueError, match="no descriptors given"):
+        F.multiscale_mean([], 3.0)
+    with pytest.raises(ValueError, match="one shape"):
+        F.multiscale_mean([f, f[:2]], 3.0)
+    with pytest.raises(ValueError, match=r"\(S, N, D\)"):
+        F.multiscale_mean(f, 3.0)
+    with pytest.raises(ValueError, match="positive finite"):
+        F.multiscale_mean([f, f], 0.0)
+    with pytest.raises(ValueError, match=r"one per dimension \(5,\)"):
+        F.multiscale_mean([f, f], torch.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        F.multiscale_mean([f, -f], 3.0)
+    F.multiscale_mean([f, -f + 1e-3], 1.0)  # p = 1 takes any sign
+
+
 # ----------------------------------------------------------------------------------------
 # R-MAC regions: hand-worked cases
 # ----------------------------------------------------------------------------------------

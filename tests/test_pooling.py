@@ -166,3 +166,53 @@ def test_module_errors():
         GeM()(torch.rand(4, 5, 6))
     with pytest.raises(ValueError, match="4-D feature map"):
         WGeM(4)(torch.rand(4, 5, 6))
+
+
+def test_each_pooling_declares_its_multiscale_exponent():
+    assert MAC().multiscale_p == SPoC().multiscale_p == RMAC().multiscale_p == 1.0
+    assert GeM(p=2.5).multiscale_p == 2.5 and isinstance(GeM(p=2.5).multiscale_p, float)
+    assert WGeM(4, p=4.0, learn_p=False).multiscale_p == 4.0
+    g = GeM(p=3.0)
+    with torch.no_grad():
+        g.p.fill_(0.5)  # learned below p_min: the forward uses p_min, so does the multi-scale mean
+    assert g.multiscale_p == 1.0
+    per = GeM(p=2.0, per_channel=True, channels=3)
+    with torch.no_grad():
+        per.p.copy_(torch.tensor([2.0, 3.0, 5.0]))
+    assert torch.equal(per.multiscale_p, torch.tensor([2.0, 3.0, 5.0]))
+    assert not per.multiscale_p.requires_grad
+
+
+def test_gem_in_float64_survives_large_p():
+    x = torch.rand(2, 5, 3, 3, generator=torch.Generator().manual_seed(0)) * 6
+    g64 = GeM(p=3.0, learn_p=False, dtype=torch.float64)
+    assert g64.p.dtype == torch.float64
+    assert g64(x).dtype == torch.float32  # the input's dtype comes back
+    torch.testing.assert_close(g64(x), F.gem(x, 3.0), rtol=1e-5, atol=0)
+    x[:, :, 0, 0] = 6.0
+    assert not torch.isfinite(GeM(p=60.0, learn_p=False)(x)).all()  # float32 overflows at 6^60 ...
+    big = GeM(p=60.0, learn_p=False, dtype=torch.float64)(x)
+    assert torch.isfinite(big).all()  # ... float64 does not, and it is close to the max
+    torch.testing.assert_close(big, x.amax((2, 3)), rtol=0.05, atol=0)
+    torch.testing.assert_close(big, F.gem(x.double(), 60.0).float())
+    assert repr(g64) == "GeM(p=3.0000, eps=1e-06, fixed, dtype=torch.float64)"
+
+
+def test_wgem_dtype_and_gradients():
+    x = _fmap()
+    w64 = WGeM(4, p=3.0, dtype=torch.float64)
+    out = w64(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.gem(x.double(), 3.0).float())  # zero conv: uniform weights
+    out.sum().backward()
+    assert w64.p.grad is not None and w64.conv.weight.grad is not None
+    assert "dtype=torch.float64" in repr(w64)
+
+
+def test_dtype_and_p_errors():
+    with pytest.raises(ValueError, match="floating point torch.dtype"):
+        GeM(dtype=torch.int64)
+    with pytest.raises(ValueError, match="floating point torch.dtype"):
+        WGeM(4, dtype="float64")
+    with pytest.raises(ValueError, match="positive finite"):
+        GeM(p=float("inf"))

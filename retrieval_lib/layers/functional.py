@@ -3,7 +3,9 @@
 Every function here takes a feature map ``x`` of shape ``(B, C, H, W)`` (non-negative in
 practice: the output of a ReLU/ReLU6 backbone) and returns descriptors ``(B, C)`` (or
 ``(B, R, C)`` for per-region descriptors). Nothing is L2-normalised unless the docstring
-says so; :func:`l2n` does it. Outputs follow the device and dtype of ``x``.
+says so; :func:`l2n` does it. Outputs follow the device and dtype of ``x``. One function,
+:func:`multiscale_mean`, works on descriptors instead: it combines those of several input
+scales into one.
 
 Thin ``nn.Module`` wrappers live in :mod:`retrieval_lib.layers.pooling`.
 
@@ -15,6 +17,7 @@ Functions, their source and the notebook that teaches them:
 * ``gem`` -- Radenović, Tolias & Chum, TPAMI 2018 -- ``03_gem``
 * ``rmac_regions``, ``region_mac``, ``rmac`` -- Tolias, Sicre & Jégou, ICLR 2016 -- ``04_rmac``
 * ``wgem`` -- Wu et al., ICIP 2018 -- ``05_wgem``
+* ``multiscale_mean`` -- Radenović, Tolias & Chum, TPAMI 2018 (cirtorch) -- ``04_rmac``
 """
 from __future__ import annotations
 
@@ -25,6 +28,12 @@ from typing import Sequence, Union
 
 import torch
 
+# The checks live in _checks; the underscore names stay importable from here for the book.
+from retrieval_lib.layers._checks import check_eps as _check_eps
+from retrieval_lib.layers._checks import check_fmap as _check_fmap
+from retrieval_lib.layers._checks import check_int as _check_int
+from retrieval_lib.layers._checks import check_p as _check_p
+
 __all__ = [
     "l2n",
     "mac",
@@ -32,6 +41,7 @@ __all__ = [
     "gem",
     "gem_grads",
     "wgem",
+    "multiscale_mean",
     "rmac_regions",
     "region_mac",
     "rmac",
@@ -43,64 +53,6 @@ Regions = Union[torch.Tensor, Sequence[Sequence[int]]]
 # and the candidate numbers of regions along the long side of the map.
 _RMAC_OVERLAP = 0.4
 _RMAC_STEPS = (2, 3, 4, 5, 6, 7)
-
-
-# ----------------------------------------------------------------------------------------
-# input checks
-# ----------------------------------------------------------------------------------------
-def _check_fmap(x: torch.Tensor, fn: str) -> None:
-    """Raise a clear error unless ``x`` is a floating-point ``(B, C, H, W)`` tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"{fn}: expected a torch.Tensor feature map of shape (B, C, H, W), "
-            f"got {type(x).__name__}"
-        )
-    if x.dim() != 4:
-        raise ValueError(
-            f"{fn}: expected a 4-D feature map (B, C, H, W), got shape {tuple(x.shape)}; "
-            "add a batch dimension with x.unsqueeze(0) for a single image"
-        )
-    if x.shape[-2] < 1 or x.shape[-1] < 1:
-        raise ValueError(
-            f"{fn}: the feature map has an empty spatial size {tuple(x.shape)}; "
-            "H and W must both be at least 1 (is the input image too small for the backbone?)"
-        )
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{fn}: expected a floating-point feature map, got dtype {x.dtype}; "
-            "convert it with x.float()"
-        )
-
-
-def _check_eps(eps: float, fn: str) -> None:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{fn}: eps must be a small positive number such as 1e-6, got {eps!r}")
-
-
-def _check_p(p: Union[float, torch.Tensor], channels: int, fn: str) -> None:
-    """Validate a GeM exponent: a positive float, or a tensor of shape (), (1,) or (C,)."""
-    if isinstance(p, torch.Tensor):
-        if p.dim() > 1 or (p.dim() == 1 and p.shape[0] not in (1, channels)):
-            raise ValueError(
-                f"{fn}: tensor p must have shape (1,) (one exponent shared by all channels) "
-                f"or ({channels},) (one per channel), got shape {tuple(p.shape)}"
-            )
-        if not p.is_floating_point():
-            raise TypeError(f"{fn}: tensor p must be floating point, got dtype {p.dtype}")
-        if not bool(torch.all(torch.isfinite(p) & (p > 0))):
-            raise ValueError(
-                f"{fn}: every element of p must be a positive finite number, got "
-                f"min {p.detach().min().item():.4g}; GeM needs p > 0 (p=1 is average "
-                "pooling, large p approaches max pooling)"
-            )
-    else:
-        if isinstance(p, bool) or not isinstance(p, (int, float)):
-            raise TypeError(f"{fn}: p must be a float or a tensor, got {type(p).__name__}")
-        if not (math.isfinite(p) and p > 0):
-            raise ValueError(
-                f"{fn}: p must be a positive finite number, got {p!r}; GeM needs p > 0 "
-                "(p=1 is average pooling, large p approaches max pooling)"
-            )
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,13 +124,25 @@ def spoc(x: torch.Tensor, center_prior: bool = False) -> torch.Tensor:
     return (x * weights).sum(dim=(-2, -1))
 
 
-def _gem_unchecked(x: torch.Tensor, p: Union[float, torch.Tensor], eps: float) -> torch.Tensor:
-    """GeM on inputs that are already validated (used by the modules each forward)."""
+def _power_mean(x: torch.Tensor, p: Union[float, torch.Tensor], eps: float,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The power mean behind GeM and wGeM, on inputs that are already validated.
+
+    ``f_k = ( sum_i w_i max(x_ik, eps)^p_k )^(1/p_k)`` over the ``H x W`` positions ``i``:
+    ``(B, C, H, W) -> (B, C)``. ``weights`` ``(B|1, 1, H, W)`` sum to 1 over ``H x W``;
+    ``None`` means the plain mean (``w_i = 1 / (H W)``), which is GeM. ``p`` is a float or
+    a tensor ``(1,)``/``(C,)``, cast to ``x``'s dtype.
+    """
     if isinstance(p, torch.Tensor):
         p = p.to(dtype=x.dtype).reshape(-1)  # (1,) or (C,)
-        pooled = x.clamp(min=eps).pow(p[:, None, None]).mean(dim=(-2, -1))  # (B, C)
-        return pooled.pow(1.0 / p)
-    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+        xp = x.clamp(min=eps).pow(p[:, None, None])  # (B, C, H, W)
+    else:
+        xp = x.clamp(min=eps).pow(p)
+    if weights is None:
+        pooled = xp.mean(dim=(-2, -1))  # (B, C)
+    else:
+        pooled = (xp * weights.to(dtype=x.dtype)).sum(dim=(-2, -1))  # (B, C)
+    return pooled.pow(1.0 / p)
 
 
 def gem(x: torch.Tensor, p: Union[float, torch.Tensor] = 3.0, eps: float = 1e-6) -> torch.Tensor:
@@ -199,7 +163,7 @@ def gem(x: torch.Tensor, p: Union[float, torch.Tensor] = 3.0, eps: float = 1e-6)
     _check_fmap(x, "gem")
     _check_eps(eps, "gem")
     _check_p(p, x.shape[1], "gem")
-    return _gem_unchecked(x, p, eps)
+    return _power_mean(x, p, eps)
 
 
 def gem_grads(x: torch.Tensor, p: Union[float, torch.Tensor], eps: float = 1e-6):
@@ -254,18 +218,6 @@ def _check_weights(weights: torch.Tensor, x: torch.Tensor, fn: str) -> None:
         )
 
 
-def _wgem_unchecked(
-    x: torch.Tensor, weights: torch.Tensor, p: Union[float, torch.Tensor], eps: float
-) -> torch.Tensor:
-    """Weighted GeM on validated inputs (used by the module each forward)."""
-    weights = weights.to(dtype=x.dtype)
-    if isinstance(p, torch.Tensor):
-        p = p.to(dtype=x.dtype).reshape(-1)  # (1,) or (C,)
-        pooled = (x.clamp(min=eps).pow(p[:, None, None]) * weights).sum(dim=(-2, -1))
-        return pooled.pow(1.0 / p)
-    return (x.clamp(min=eps).pow(p) * weights).sum(dim=(-2, -1)).pow(1.0 / p)
-
-
 def wgem(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -287,7 +239,65 @@ def wgem(
     _check_weights(weights, x, "wgem")
     _check_eps(eps, "wgem")
     _check_p(p, x.shape[1], "wgem")
-    return _wgem_unchecked(x, weights, p, eps)
+    return _power_mean(x, p, eps, weights)
+
+
+# ----------------------------------------------------------------------------------------
+# several input scales -> one descriptor
+# ----------------------------------------------------------------------------------------
+def multiscale_mean(descs: Union[torch.Tensor, Sequence[torch.Tensor]],
+                    p: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    """Combine descriptors of the same images at several input scales into one, L2-normalised.
+
+    ``f = l2n( ( (1/S) sum_{s=1..S} f_s^p )^(1/p) )``, element-wise, where ``f_s`` are the
+    L2-normalised descriptors of the images resized by scale ``s`` (e.g. ``s`` in
+    ``{1, 1/sqrt(2), 1/2}``). Shapes: ``S`` tensors ``(N, D)`` (a list, or one ``(S, N, D)``
+    tensor) ``-> (N, D)``, in their dtype and on their device.
+
+    ``p`` is the pooling's multi-scale exponent (the ``multiscale_p`` attribute of the
+    pooling modules): a GeM pooling's own p -- a float, or a tensor ``(D,)`` for one p
+    per channel -- and 1, the plain mean, for MAC, SPoC and R-MAC. With ``p != 1`` every
+    entry must be non-negative (as GeM descriptors are).
+
+    Source: Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with no human
+    annotation", TPAMI 2018, whose code (cirtorch, ``extract_ms``) averages multi-scale
+    GeM descriptors with the power ``p`` of the GeM layer and 1 otherwise.
+    Taught in ``notebooks/04_rmac.ipynb``.
+    """
+    fn = "multiscale_mean"
+    if isinstance(descs, torch.Tensor):
+        if descs.dim() != 3:
+            raise ValueError(f"{fn}: a tensor of descriptors must be (S, N, D), got shape "
+                             f"{tuple(descs.shape)}; stack one (N, D) matrix per scale")
+        descs = list(descs)
+    else:
+        descs = list(descs)
+    if not descs:
+        raise ValueError(f"{fn}: no descriptors given; pass one (N, D) matrix per scale")
+    shape = tuple(descs[0].shape)
+    if len(shape) != 2 or any(tuple(f.shape) != shape for f in descs):
+        raise ValueError(f"{fn}: every scale must give descriptors of one shape (N, D), got "
+                         f"{[tuple(f.shape) for f in descs]}")
+    if isinstance(p, torch.Tensor):
+        p = p.detach()
+        if p.numel() == 1:
+            p = float(p.reshape(-1)[0])
+        elif p.dim() != 1 or p.shape[0] != shape[1]:
+            raise ValueError(f"{fn}: a tensor p must hold one exponent or one per dimension "
+                             f"({shape[1]},), got shape {tuple(p.shape)}")
+    _check_p(p, shape[1], fn)
+    if isinstance(p, torch.Tensor):
+        p = p.to(device=descs[0].device, dtype=descs[0].dtype)
+    elif p == 1:
+        return l2n(sum(descs[1:], descs[0].clone()) / len(descs))
+    if any(bool((f < 0).any()) for f in descs):
+        raise ValueError(f"{fn}: a power mean with p != 1 needs non-negative descriptors, but some "
+                         "entries are negative; use p=1 (a plain mean) for descriptors that can be "
+                         "negative, e.g. after whitening")
+    acc = descs[0].pow(p)
+    for f in descs[1:]:
+        acc += f.pow(p)  # (N, D), one scale at a time
+    return l2n((acc / len(descs)).pow(1.0 / p))
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,12 +333,6 @@ def _rmac_regions_tuple(H: int, W: int, L: int) -> tuple:
         ys = starts(H, wl, level + extra_h, wl2)
         regions.extend((x0, y0, wl, wl) for y0 in ys for x0 in xs)
     return tuple(regions)
-
-
-def _check_int(value, name: str, fn: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def rmac_regions(H: int, W: int, L: int = 3) -> torch.Tensor:

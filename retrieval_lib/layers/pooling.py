@@ -7,22 +7,30 @@ L2-normalised by definition (a normalised sum of normalised regional vectors).
 
 ``POOLING`` maps names to classes and :func:`make_pooling` builds one by name, so a
 notebook parameter such as ``POOLING_NAME = "gem"`` picks the layer.
+
+Every module declares ``multiscale_p``, the exponent with which its descriptors of several
+input scales are averaged (:func:`retrieval_lib.layers.functional.multiscale_mean`): GeM's
+and WGeM's own p, 1 for the others. A pooling of your own can declare it too; without it
+the extraction uses 1. GeM and WGeM take ``dtype`` to compute the power mean in another
+precision (``torch.float64`` keeps ``x^p`` finite for large p) and return the input's dtype.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from retrieval_lib.layers import functional
+from retrieval_lib.layers import _checks, functional
 
 __all__ = ["MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling"]
 
 
 def _check_p_init(p: float, p_min: float, cls: str) -> None:
-    if not (isinstance(p_min, (int, float)) and p_min > 0):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and p > 0):
+        raise ValueError(f"{cls}: the initial p must be a positive finite number, got {p!r}")
+    if not (isinstance(p_min, (int, float)) and math.isfinite(p_min) and p_min > 0):
         raise ValueError(f"{cls}: p_min must be a positive number, got {p_min!r}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-        raise ValueError(f"{cls}: the initial p must be a positive number, got {p!r}")
     if p < p_min:
         raise ValueError(
             f"{cls}: the initial p={p} is below p_min={p_min}; the forward pass clamps p to "
@@ -44,6 +52,19 @@ def _register_p(module: nn.Module, init: torch.Tensor, learn_p: bool) -> None:
         module.register_buffer("p", init)
 
 
+def _check_dtype(dtype, cls: str):
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{cls}: dtype must be None (compute in the input's dtype) or a floating "
+                         f"point torch.dtype such as torch.float64, got {dtype!r}")
+    return dtype
+
+
+def _shared_or_per_channel(p: torch.Tensor):
+    """A p tensor as the multi-scale exponent: a float when shared, a ``(C,)`` tensor per channel."""
+    p = p.detach()
+    return float(p.reshape(-1)[0]) if p.numel() == 1 else p.clone()
+
+
 def _p_repr(p: torch.Tensor) -> str:
     p = p.detach()
     if p.numel() == 1:
@@ -57,6 +78,9 @@ class MAC(nn.Module):
     Taught in ``notebooks/01_mac.ipynb``.
     """
 
+    #: exponent of the mean over input scales (:func:`functional.multiscale_mean`)
+    multiscale_p = 1.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return functional.mac(x)
 
@@ -67,6 +91,9 @@ class SPoC(nn.Module):
     ``center_prior=True`` uses the Gaussian centre weighting of Babenko & Lempitsky
     (ICCV 2015). Taught in ``notebooks/02_spoc.ipynb``.
     """
+
+    #: exponent of the mean over input scales (:func:`functional.multiscale_mean`)
+    multiscale_p = 1.0
 
     def __init__(self, center_prior: bool = False):
         super().__init__()
@@ -92,6 +119,12 @@ class GeM(nn.Module):
       average-pooling end of GeM). The stored parameter is not changed; while it sits
       strictly below ``p_min`` it acts as ``p_min`` and gets no gradient from the pooling
       (at ``p == p_min`` the gradient passes, so a layer started at ``p_min`` can learn).
+    * ``dtype``: keep ``p`` and compute the power mean in this dtype, then cast the result
+      back to the input's. ``torch.float64`` is for large p: float32 ``x^p`` overflows past
+      ~3e38 (``x = 6``, the ReLU6 ceiling of EfficientNet-Lite, at ``p > 49``), float64
+      holds ``6^p`` up to ``p ~ 396``. ``None``: compute in the input's dtype.
+    * ``multiscale_p``: the current ``max(p, p_min)``, a float (a ``(C,)`` tensor per
+      channel): descriptors of several scales are averaged with GeM's own exponent.
 
     ``extra_repr`` reads e.g. ``p=3.0000, eps=1e-06, learnable``.
     Taught in ``notebooks/03_gem.ipynb``.
@@ -105,38 +138,49 @@ class GeM(nn.Module):
         per_channel: bool = False,
         channels: int | None = None,
         p_min: float = 1.0,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         _check_p_init(p, p_min, "GeM")
-        functional._check_eps(eps, "GeM")
+        _checks.check_eps(eps, "GeM")
+        dtype = _check_dtype(dtype, "GeM")
         if per_channel:
             if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
                 raise ValueError(
                     "GeM: per_channel=True needs the number of channels, e.g. "
                     f"GeM(per_channel=True, channels=1280); got channels={channels!r}"
                 )
-            init = torch.full((channels,), float(p))
+            init = torch.full((channels,), float(p), dtype=dtype)
         else:
-            init = torch.full((1,), float(p))
+            init = torch.full((1,), float(p), dtype=dtype)
         _register_p(self, init, learn_p)
         self.eps = eps
         self.p_min = float(p_min)
         self.learn_p = bool(learn_p)
         self.per_channel = bool(per_channel)
+        self.dtype = dtype
+
+    @property
+    def multiscale_p(self):
+        """Exponent of the mean over input scales: GeM's own p (see :func:`functional.multiscale_mean`)."""
+        return _shared_or_per_channel(_clamp_p(self.p, self.p_min))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        functional._check_fmap(x, "GeM")
+        _checks.check_fmap(x, "GeM")
         if self.per_channel and x.shape[1] != self.p.shape[0]:
             raise ValueError(
                 f"GeM: this layer has {self.p.shape[0]} per-channel exponents but the feature "
                 f"map has {x.shape[1]} channels (shape {tuple(x.shape)}); build it with "
                 f"channels={x.shape[1]}"
             )
-        return functional._gem_unchecked(x, _clamp_p(self.p, self.p_min), self.eps)
+        xc = x if self.dtype is None else x.to(self.dtype)
+        out = functional._power_mean(xc, _clamp_p(self.p, self.p_min), self.eps)  # (B, C)
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         mode = "learnable" if self.learn_p else "fixed"
-        return f"{_p_repr(self.p)}, eps={self.eps:.0e}, {mode}"
+        dtype = "" if self.dtype is None else f", dtype={self.dtype}"
+        return f"{_p_repr(self.p)}, eps={self.eps:.0e}, {mode}{dtype}"
 
 
 class RMAC(nn.Module):
@@ -147,10 +191,13 @@ class RMAC(nn.Module):
     Taught in ``notebooks/04_rmac.ipynb``.
     """
 
+    #: exponent of the mean over input scales (:func:`functional.multiscale_mean`)
+    multiscale_p = 1.0
+
     def __init__(self, L: int = 3, include_global: bool = True, eps: float = 1e-6):
         super().__init__()
-        self.L = functional._check_int(L, "L", "RMAC")
-        functional._check_eps(eps, "RMAC")
+        self.L = _checks.check_int(L, "L", "RMAC")
+        _checks.check_eps(eps, "RMAC")
         self.include_global = bool(include_global)
         self.eps = eps
 
@@ -170,7 +217,8 @@ class WGeM(nn.Module):
     :meth:`attention` returns them so notebooks can draw the masks. The convolution
     starts at zero, so an untrained layer gives uniform weights and equals :class:`GeM`.
     ``p`` is shared by all channels, learnable when ``learn_p`` and clamped to at least
-    ``p_min`` in the forward pass, as in :class:`GeM`.
+    ``p_min`` in the forward pass, as in :class:`GeM`; ``dtype`` and ``multiscale_p`` (the
+    current p) as in :class:`GeM`.
 
     Source: Wu et al., ICIP 2018 (weighted generalized mean pooling, Eq. 2).
     Taught in ``notebooks/05_wgem.ipynb``.
@@ -183,6 +231,7 @@ class WGeM(nn.Module):
         eps: float = 1e-6,
         learn_p: bool = True,
         p_min: float = 1.0,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
@@ -191,19 +240,26 @@ class WGeM(nn.Module):
                 f"integer, e.g. 1280 for EfficientNet-Lite0), got {in_channels!r}"
             )
         _check_p_init(p, p_min, "WGeM")
-        functional._check_eps(eps, "WGeM")
+        _checks.check_eps(eps, "WGeM")
+        dtype = _check_dtype(dtype, "WGeM")
         self.in_channels = in_channels
         self.conv = nn.Conv2d(in_channels, 1, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
-        init = torch.full((1,), float(p))
+        init = torch.full((1,), float(p), dtype=dtype)
         _register_p(self, init, learn_p)
         self.eps = eps
         self.p_min = float(p_min)
         self.learn_p = bool(learn_p)
+        self.dtype = dtype
+
+    @property
+    def multiscale_p(self) -> float:
+        """Exponent of the mean over input scales: WGeM's own p, as for :class:`GeM`."""
+        return _shared_or_per_channel(_clamp_p(self.p, self.p_min))
 
     def _check(self, x: torch.Tensor) -> None:
-        functional._check_fmap(x, "WGeM")
+        _checks.check_fmap(x, "WGeM")
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"WGeM: built for {self.in_channels} channels but the feature map has "
@@ -222,11 +278,14 @@ class WGeM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         p = _clamp_p(self.p, self.p_min)
-        return functional._wgem_unchecked(x, self._attention(x), p, self.eps)
+        weights = self._attention(x)  # (B, 1, H, W)
+        xc = x if self.dtype is None else x.to(self.dtype)
+        return functional._power_mean(xc, p, self.eps, weights).to(x.dtype)  # (B, C)
 
     def extra_repr(self) -> str:
         mode = "learnable" if self.learn_p else "fixed"
-        return f"in_channels={self.in_channels}, {_p_repr(self.p)}, eps={self.eps:.0e}, {mode}"
+        dtype = "" if self.dtype is None else f", dtype={self.dtype}"
+        return f"in_channels={self.in_channels}, {_p_repr(self.p)}, eps={self.eps:.0e}, {mode}{dtype}"
 
 
 POOLING = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "wgem": WGeM}
