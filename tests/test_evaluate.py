@@ -312,3 +312,35 @@ def test_bad_inputs_raise_clear_errors():
         ns_score(np.zeros((3, 4), dtype=int), [0, 0])
     with pytest.raises(ValueError, match="1-D"):
         gnd_from_labels(np.zeros((2, 2)))
+
+
+# ---------------------------------------------------------------- recall_at_k: NaN, inf, empty
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_recall_at_k_refuses_non_finite_descriptors(value):
+    g = torch.Generator().manual_seed(6)
+    X = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=1)
+    labels = torch.randint(0, 4, (20,), generator=g)
+    bad = X.clone()
+    bad[4, 0] = value
+    with pytest.raises(ValueError, match=r"recall_at_k: X contains NaN or inf values: 1 row\(s\) .*rows 4\)"):
+        recall_at_k(X[:5], bad, labels[:5], labels)
+    with pytest.raises(ValueError, match=r"recall_at_k: Q contains NaN or inf values"):
+        recall_at_k(bad, X, labels, labels)
+    with pytest.raises(ValueError, match=r"recall_at_k: Q contains NaN or inf values"):
+        recall_at_k(bad, bad, labels)  # the self-query form
+
+
+def test_recall_at_k_refuses_empty_inputs_and_mismatched_labels():
+    X = torch.eye(4)
+    with pytest.raises(ValueError, match=r"recall_at_k: Q has 0 descriptor\(s\).*pass at least one"):
+        recall_at_k(X[:0], X, [], [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"recall_at_k: X has 0 descriptor\(s\)"):
+        recall_at_k(X, X[:0], [0, 1, 2, 3], [])
+    with pytest.raises(ValueError, match="recall_at_k: ks is empty"):
+        recall_at_k(X, X, [0, 0, 1, 1], ks=())
+    with pytest.raises(ValueError, match="recall_at_k: q_labels has 3 entries but Q has 4 rows"):
+        recall_at_k(X, X, [0, 0, 1], exclude_self=False)
+    with pytest.raises(ValueError, match=r"recall_at_k: x_labels has 2 entries but X has 4 rows"):
+        recall_at_k(X[:2], X, [0, 1], [0, 1])
+    with pytest.raises(ValueError, match=r"x_labels=None \(the queries' labels\) has 2 entries but X has 4"):
+        recall_at_k(X[:2], X, [0, 1])

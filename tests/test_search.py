@@ -9,7 +9,7 @@ import torch
 import retrieval_lib.search.nearest as search
 from retrieval_lib.layers.functional import l2n
 from retrieval_lib.search.nearest import knn, rank_database
-from retrieval_lib.search.rerank import alpha_qe, dba
+from retrieval_lib.search.rerank import alpha_qe, dba, expand
 
 
 def _unit(n, d, seed):
@@ -195,3 +195,66 @@ def test_dba_numpy_in_numpy_out(QX):
     out = dba(X, n=3)
     assert isinstance(out, np.ndarray) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bad descriptors: NaN, inf, empty
+def _spoiled(A, value, row=3):
+    B = A.clone()
+    B[row, 1] = value
+    return B
+
+
+ENTRY_POINTS = {
+    "knn": lambda Q, X: knn(Q, X, 2),
+    "rank_database": lambda Q, X: rank_database(Q, X),
+    "rank_database_topk": lambda Q, X: rank_database(Q, X, k=2),
+    "alpha_qe": lambda Q, X: alpha_qe(Q, X, np.zeros((Q.shape[0], 2), dtype=np.int64), n=2),
+    "expand": lambda Q, X: expand(X, Q, n_qe=1),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", ["Q", "X"])
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_non_finite_descriptors_are_refused(QX, entry, which, value):
+    """NaN/inf descriptors used to be ranked silently; every entry point now names them."""
+    Q, X = QX
+    Q, X = (_spoiled(Q, value), X) if which == "Q" else (Q, _spoiled(X, value))
+    name = "expand" if entry == "expand" else entry.replace("_topk", "")
+    with pytest.raises(ValueError, match=rf"{name}: {which} contains NaN or inf values: 1 row\(s\) .*rows 3\)"
+                                         r".*recompute or drop"):
+        ENTRY_POINTS[entry](Q, X)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_dba_refuses_non_finite_database(QX, value):
+    with pytest.raises(ValueError, match=r"dba: X contains NaN or inf values"):
+        dba(_spoiled(QX[1], value), n=2)
+    with pytest.raises(ValueError, match=r"dba: X contains NaN or inf"):
+        dba(_spoiled(QX[1], value).numpy(), n=2)
+
+
+@pytest.mark.parametrize("which", ["Q", "X"])
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_empty_descriptors_are_refused(QX, entry, which):
+    Q, X = QX
+    Q, X = (Q[:0], X) if which == "Q" else (Q, X[:0])
+    name = "expand" if entry == "expand" else entry.replace("_topk", "")
+    with pytest.raises(ValueError, match=rf"{name}: {which} has 0 descriptor\(s\).*pass at least one descriptor"):
+        ENTRY_POINTS[entry](Q, X)
+
+
+def test_other_empty_or_bad_inputs_of_rerank(QX):
+    Q, X = QX
+    with pytest.raises(ValueError, match=r"dba: X has 0 descriptor\(s\)"):
+        dba(X[:0], n=2)
+    with pytest.raises(ValueError, match="dba: X has descriptors of dimension 0"):
+        dba(X[:, :0], n=2)
+    with pytest.raises(ValueError, match="dba: n must be an integer >= 1"):
+        dba(X, n=0)
+    with pytest.raises(ValueError, match="dba: n=101 neighbours but X has 100 rows"):
+        dba(X, n=101)
+    with pytest.raises(ValueError, match=r"alpha_qe: ranks holds database indices outside 0..99"):
+        alpha_qe(Q, X, np.full((13, 2), 100), n=2)
+    with pytest.raises(ValueError, match=r"expand: X has 0 descriptor\(s\)"):
+        expand(X[:0])

@@ -213,3 +213,32 @@ def test_bad_inputs_raise_clear_errors():
         Whitening(m=W.m[:3], P=W.P)
     with pytest.raises(TypeError, match="torch.Tensor or numpy array"):
         pca_whitening(X.tolist())
+
+
+# ---------------------------------------------------------------- NaN, inf and empty descriptors
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_every_entry_point_refuses_non_finite_descriptors(value):
+    X = _correlated(50, 6, 21)
+    bad = X.clone()
+    bad[7, 2] = value
+    for fn, call in (("pca_whitening", lambda A: pca_whitening(A)),
+                     ("zca_whitening", lambda A: zca_whitening(A)),
+                     ("learned_whitening", lambda A: learned_whitening(A, [0, 1, 2], [3, 4, 5]))):
+        with pytest.raises(ValueError, match=rf"{fn}: X contains NaN or inf values: 1 row\(s\) .*rows 7\)"):
+            call(bad)
+    W = pca_whitening(X)
+    with pytest.raises(ValueError, match=r"Whitening.apply: X contains NaN or inf values.*rows 7\)"):
+        W.apply(bad)  # used to whiten silently into NaN rows
+    with pytest.raises(ValueError, match=r"Whitening.apply: X contains NaN or inf"):
+        W(bad.numpy())
+
+
+def test_empty_and_integer_descriptors_are_refused():
+    X = _correlated(50, 6, 22)
+    W = pca_whitening(X)
+    with pytest.raises(ValueError, match=r"Whitening.apply: X has 0 descriptor\(s\).*pass at least one"):
+        W.apply(X[:0])
+    with pytest.raises(ValueError, match=r"pca_whitening: X has 0 descriptor\(s\).*at least 2 rows"):
+        pca_whitening(X[:0])
+    with pytest.raises(TypeError, match=r"zca_whitening: X must hold floating point descriptors.*\.float\(\)"):
+        zca_whitening(X.long())

@@ -29,39 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrieval_lib.layers._checks import as_descriptors
 from retrieval_lib.layers.functional import l2n
-from retrieval_lib.search.nearest import _from_numpy  # one zero-copy numpy -> tensor helper for the library
 
 __all__ = ["Whitening", "pca_whitening", "zca_whitening", "learned_whitening"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
-
-
-def _as_tensor(X: ArrayLike, name: str = "X") -> torch.Tensor:
-    if isinstance(X, np.ndarray):
-        X = _from_numpy(X)
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(X).__name__}")
-    return X
-
-
-def _out_dtype(X: torch.Tensor) -> torch.dtype:
-    return X.dtype if X.is_floating_point() else torch.get_default_dtype()
-
-
-def _check_descriptors(X: torch.Tensor, name: str = "X", min_rows: int = 2) -> None:
-    if X.ndim != 2:
-        raise ValueError(
-            f"{name} must be a 2-D (N, D) descriptor matrix, got shape {tuple(X.shape)}; "
-            "stack one descriptor per row"
-        )
-    if X.shape[0] < min_rows:
-        raise ValueError(
-            f"{name} has {X.shape[0]} descriptor(s); learning a whitening needs at least "
-            f"{min_rows} rows"
-        )
-    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
-        raise ValueError(f"{name} contains NaN or inf values; clean the descriptors first")
 
 
 def _canonical_sign(E: torch.Tensor) -> torch.Tensor:
@@ -146,17 +119,20 @@ class Whitening:
 
         Returns:
             (N, dim) L2-normalised descriptors, same type, dtype and device as ``X``.
+
+        Raises:
+            ValueError: ``X`` empty, holding NaN/inf, or not of shape ``(N, D)``.
         """
         is_np = isinstance(X, np.ndarray)
-        Xt = _as_tensor(X)
-        if Xt.ndim != 2 or Xt.shape[1] != self.dim_in:
+        Xt = as_descriptors(X, "X", "Whitening.apply")
+        if Xt.shape[1] != self.dim_in:
             raise ValueError(
-                f"X must have shape (N, {self.dim_in}) to be whitened, got {tuple(Xt.shape)}"
+                f"Whitening.apply: X must have shape (N, {self.dim_in}) to be whitened, got "
+                f"{tuple(Xt.shape)}; use descriptors of the model this whitening was learned on"
             )
-        dtype = _out_dtype(Xt)
-        P = self._rows(dim).to(device=Xt.device, dtype=dtype)
-        m = self.m.to(device=Xt.device, dtype=dtype)
-        out = l2n((Xt.to(dtype) - m) @ P.T)  # (N, D) -> (N, dim)
+        P = self._rows(dim).to(device=Xt.device, dtype=Xt.dtype)
+        m = self.m.to(device=Xt.device, dtype=Xt.dtype)
+        out = l2n((Xt - m) @ P.T)  # (N, D) -> (N, dim)
         return out.numpy() if is_np else out
 
     __call__ = apply
@@ -217,11 +193,9 @@ class Whitening:
         )
 
 
-def _covariance_eig(X: ArrayLike, shrinkage: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
+def _covariance_eig(Xt: torch.Tensor, shrinkage: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean (D,), descending eigenvalues (D,) and eigenvectors (D, D) of X's covariance, float64."""
-    Xt = _as_tensor(X)
-    _check_descriptors(Xt)
     if shrinkage < 0:
         raise ValueError(f"shrinkage must be >= 0, got {shrinkage}")
     X64 = Xt.to(torch.float64)
@@ -229,7 +203,7 @@ def _covariance_eig(X: ArrayLike, shrinkage: float
     Xc = X64 - m  # (N, D)
     C = Xc.T @ Xc / Xc.shape[0]  # (D, D) population covariance
     lam, U = _sorted_eigh(C)
-    return m, lam, U, _out_dtype(Xt)
+    return m, lam, U
 
 
 def _singular_error(N: int, D: int, rank: int, allow_dim: bool) -> ValueError:
@@ -272,9 +246,11 @@ def pca_whitening(X: ArrayLike, dim: Optional[int] = None, shrinkage: float = 0.
     Raises:
         ValueError: if a kept eigenvalue is zero (e.g. N samples < D dims) and
             ``shrinkage == 0``: pass ``shrinkage>0`` or ``dim<=N-1``.
+        ValueError: ``X`` not 2-D, with fewer than 2 rows, or holding NaN/inf.
     """
-    m, lam, U, dtype = _covariance_eig(X, shrinkage)
-    N, D = _as_tensor(X).shape
+    Xt = as_descriptors(X, "X", "pca_whitening", min_rows=2)
+    m, lam, U = _covariance_eig(Xt, shrinkage)
+    N, D = Xt.shape
     dim = D if dim is None else int(dim)
     if not 1 <= dim <= D:
         raise ValueError(f"dim={dim} must be between 1 and D={D}")
@@ -285,7 +261,7 @@ def pca_whitening(X: ArrayLike, dim: Optional[int] = None, shrinkage: float = 0.
         raise _singular_error(N, D, rank, allow_dim=True)
     lam_k = lam[:dim]
     P = (lam_k + shrinkage).rsqrt()[:, None] * U[:, :dim].T  # (dim, D)
-    dev = _as_tensor(X).device
+    dev, dtype = Xt.device, Xt.dtype
     return Whitening(m=m.to(dev, dtype), P=P.to(dev, dtype), kind="pca",
                      eigvals=lam_k.to(dev, dtype), extra={"shrinkage": float(shrinkage)})
 
@@ -312,15 +288,17 @@ def zca_whitening(X: ArrayLike, shrinkage: float = 0.0) -> Whitening:
     Raises:
         ValueError: if the covariance is singular (e.g. N samples < D dims) and
             ``shrinkage == 0``: pass ``shrinkage>0``.
+        ValueError: ``X`` not 2-D, with fewer than 2 rows, or holding NaN/inf.
     """
-    m, lam, U, dtype = _covariance_eig(X, shrinkage)
-    N, D = _as_tensor(X).shape
+    Xt = as_descriptors(X, "X", "zca_whitening", min_rows=2)
+    m, lam, U = _covariance_eig(Xt, shrinkage)
+    N, D = Xt.shape
     lam = lam.clamp_min(0)
     rank = int((lam > _rank_tol(lam, N)).sum())
     if shrinkage == 0 and rank < D:
         raise _singular_error(N, D, rank, allow_dim=False)
     P = (U * (lam + shrinkage).rsqrt()) @ U.T  # (D, D)
-    dev = _as_tensor(X).device
+    dev, dtype = Xt.device, Xt.dtype
     return Whitening(m=m.to(dev, dtype), P=P.to(dev, dtype), kind="zca",
                      eigvals=lam.to(dev, dtype), extra={"shrinkage": float(shrinkage)})
 
@@ -375,9 +353,12 @@ def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike) -> Whiteni
 
     Returns:
         :class:`Whitening` (kind ``"lw"``) with ``m`` (D,), ``P`` (D, D), ``eigvals`` ``lam``.
+
+    Raises:
+        ValueError: ``X`` not 2-D, with fewer than 2 rows, or holding NaN/inf; no pairs, or
+            indices outside ``X``.
     """
-    Xt = _as_tensor(X)
-    _check_descriptors(Xt)
+    Xt = as_descriptors(X, "X", "learned_whitening", min_rows=2)
     N, D = Xt.shape
     qi, pi = (torch.as_tensor(v if isinstance(v, torch.Tensor) else np.asarray(v))
               .reshape(-1).to(device=Xt.device, dtype=torch.long) for v in (qidx, pidx))
@@ -400,6 +381,6 @@ def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike) -> Whiteni
     C = Y.T @ Y / N
     lam, E = _sorted_eigh(C)
     P = E.T @ P1
-    dtype = _out_dtype(Xt)
+    dtype = Xt.dtype
     return Whitening(m=m.to(dtype), P=P.to(dtype), kind="lw", eigvals=lam.clamp_min(0).to(dtype),
                      extra={"cholesky_alpha": alpha, "n_pairs": int(qi.numel())})

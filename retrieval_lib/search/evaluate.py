@@ -355,20 +355,33 @@ def recall_at_k(Q: ArrayLike, X: ArrayLike, q_labels: ArrayLike, x_labels: Optio
 
     Returns:
         ``{K: recall}`` fractions. Taught in ``notebooks/00_pipeline.ipynb``.
+
+    Raises:
+        ValueError: ``Q`` or ``X`` empty, not 2-D or holding NaN/inf; labels whose
+            length is not the number of descriptors; no ``ks``.
     """
-    from retrieval_lib.search.nearest import knn
+    from retrieval_lib.search.nearest import _knn, _pair
 
     if exclude_self is None:
         exclude_self = Q is X
+    Qt, Xt = _pair(Q, X, "recall_at_k")
     qlab = _labels(q_labels, "q_labels")
     xlab = qlab if x_labels is None else _labels(x_labels, "x_labels")
-    kk = _check_kappas(ks, "ks")
-    n_db = X.shape[0]
-    k = min(max(kk) + int(exclude_self), n_db)
-    _, idx = knn(Q, X, k, chunk_size=chunk_size)
     if exclude_self and len(qlab) != len(xlab):
         raise ValueError("exclude_self=True means query i is database image i, but q_labels "
                          f"({len(qlab)}) and x_labels ({len(xlab)}) differ in length")
+    if len(qlab) != Qt.shape[0]:
+        raise ValueError(f"recall_at_k: q_labels has {len(qlab)} entries but Q has {Qt.shape[0]} "
+                         "rows; give one label per query")
+    if len(xlab) != Xt.shape[0]:
+        which = "x_labels" if x_labels is not None else "x_labels=None (the queries' labels)"
+        raise ValueError(f"recall_at_k: {which} has {len(xlab)} entries but X has {Xt.shape[0]} "
+                         "rows; give one label per database image")
+    kk = _check_kappas(ks, "ks")
+    if not kk:
+        raise ValueError("recall_at_k: ks is empty; give at least one K, e.g. ks=(1, 2, 4, 8)")
+    k = min(max(kk) + int(exclude_self), Xt.shape[0])
+    _, idx = _knn(Qt, Xt, k, chunk_size=chunk_size, fn="recall_at_k")
     return recall_from_ranks(idx, xlab, qlab, kk, exclude_self=exclude_self)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from retrieval_lib.layers.functional import l2n
+from retrieval_lib.layers._checks import as_descriptors
 
 __all__ = ["knn", "rank_database", "BACKENDS"]
 
@@ -28,48 +28,26 @@ _BLOCK_ELEMS = 1 << 25
 _MAX_QUERY_CHUNK = 4096
 
 
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    """Zero-copy tensor view of an array; read-only arrays (memory-mapped .npy) are fine
-    because the library never writes into its inputs."""
-    a = np.ascontiguousarray(a)
-    if a.flags.writeable:
-        return torch.from_numpy(a)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writ.*")
-        return torch.from_numpy(a)
-
-
-def _as_tensor(A: ArrayLike, name: str) -> torch.Tensor:
-    if isinstance(A, np.ndarray):
-        A = _from_numpy(A)
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(A).__name__}")
-    if A.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, D) with one descriptor per row, got shape "
-                         f"{tuple(A.shape)}; for a single descriptor use {name}[None]")
-    return A
-
-
-def _pair(Q: ArrayLike, X: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    Qt, Xt = _as_tensor(Q, "Q"), _as_tensor(X, "X")
+def _pair(Q: ArrayLike, X: ArrayLike, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and database as tensors: each a non-empty finite (N, D) matrix, the two alike."""
+    Qt = as_descriptors(Q, "Q", fn)
+    Xt = Qt if X is Q else as_descriptors(X, "X", fn)
     if Qt.shape[1] != Xt.shape[1]:
-        raise ValueError(f"Q has {Qt.shape[1]} dims but X has {Xt.shape[1]}; descriptors must "
+        raise ValueError(f"{fn}: Q has {Qt.shape[1]} dims but X has {Xt.shape[1]}; descriptors must "
                          "come from the same model (and the same whitening)")
     if Qt.device != Xt.device:
-        raise ValueError(f"Q is on {Qt.device} but X is on {Xt.device}; move both to one device")
+        raise ValueError(f"{fn}: Q is on {Qt.device} but X is on {Xt.device}; move both to one device")
     if Qt.dtype != Xt.dtype:
-        raise TypeError(f"Q is {Qt.dtype} but X is {Xt.dtype}; cast one so both match")
-    if not Qt.is_floating_point():
-        raise TypeError(f"descriptors must be floating point, got {Qt.dtype}")
+        raise TypeError(f"{fn}: Q is {Qt.dtype} but X is {Xt.dtype}; cast one so both match")
     return Qt, Xt
 
 
-def _check_k(k: int, n_db: int) -> int:
+def _check_k(k: int, n_db: int, fn: str) -> int:
     k = int(k)
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ValueError(f"{fn}: k must be >= 1, got {k}")
     if k > n_db:
-        raise ValueError(f"k={k} is larger than the database ({n_db} descriptors); pass "
+        raise ValueError(f"{fn}: k={k} is larger than the database ({n_db} descriptors); pass "
                          f"k<={n_db} (or use rank_database(Q, X, k=None) for a full ranking)")
     return k
 
@@ -208,14 +186,27 @@ def knn(Q: ArrayLike, X: ArrayLike, k: int, chunk_size: Optional[int] = None,
         ``Q``'s dtype (no gradient), idx int64. IVF-PQ scores are approximate and, when
         the probed lists hold fewer than ``k`` items, padded with idx ``-1`` and score
         ``-inf``.
+
+    Raises:
+        ValueError: ``Q`` or ``X`` empty, not 2-D, or holding NaN/inf (they would rank
+            arbitrarily); ``k`` out of range; an unknown backend.
     """
-    Qt, Xt = _pair(Q, X)
-    k = _check_k(k, Xt.shape[0])
+    Qt, Xt = _pair(Q, X, "knn")
+    return _knn(Qt, Xt, k, chunk_size, backend, nlist=nlist, m=m, nprobe=nprobe, nbits=nbits,
+                progress=progress, fn="knn")
+
+
+def _knn(Qt: torch.Tensor, Xt: torch.Tensor, k: int, chunk_size: Optional[int] = None,
+         backend: str = "torch", *, nlist: Optional[int] = None, m: Optional[int] = None,
+         nprobe: Optional[int] = None, nbits: int = 8, progress: bool = False, fn: str = "knn"
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn` on descriptors already checked by :func:`_pair`."""
+    k = _check_k(k, Xt.shape[0], fn)
     if backend == "torch":
         return _knn_torch(Qt, Xt, k, chunk_size, progress)
     if backend in ("faiss-flat", "faiss-ivfpq"):
         return _knn_faiss(Qt, Xt, k, backend, nlist, m, nprobe, int(nbits))
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    raise ValueError(f"{fn}: unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
 def rank_database(Q: ArrayLike, X: ArrayLike, k: Optional[int] = None,
@@ -234,8 +225,11 @@ def rank_database(Q: ArrayLike, X: ArrayLike, k: Optional[int] = None,
 
     Returns:
         (n_q, k or n_db) int64 numpy array.
+
+    Raises:
+        ValueError: as :func:`knn` (empty, non-finite or mismatched descriptors, bad ``k``).
     """
-    Qt, Xt = _pair(Q, X)
+    Qt, Xt = _pair(Q, X, "rank_database")
     n_q, n_db = Qt.shape[0], Xt.shape[0]
     if k is None and backend == "torch":
         out = np.empty((n_q, n_db), dtype=np.int64)
@@ -245,5 +239,5 @@ def rank_database(Q: ArrayLike, X: ArrayLike, k: Optional[int] = None,
             out[a:a + q_chunk] = torch.sort(S, dim=1, descending=True, stable=True).indices.cpu().numpy()
         return out
     k = n_db if k is None else k
-    _, idx = knn(Qt, Xt, k, chunk_size=chunk_size, backend=backend, **kwargs)
+    _, idx = _knn(Qt, Xt, k, chunk_size=chunk_size, backend=backend, fn="rank_database", **kwargs)
     return idx.cpu().numpy().astype(np.int64, copy=False)

@@ -16,8 +16,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from retrieval_lib.layers.functional import _check_int as _positive_int, l2n
-from retrieval_lib.search.nearest import ArrayLike, _as_tensor, _pair, knn, rank_database
+from retrieval_lib.layers._checks import as_descriptors, check_int
+from retrieval_lib.layers.functional import l2n
+from retrieval_lib.search.nearest import ArrayLike, _knn, _pair, rank_database
 
 __all__ = ["alpha_qe", "dba", "exclude_self", "expand"]
 
@@ -54,16 +55,25 @@ def alpha_qe(Q: ArrayLike, X: ArrayLike, ranks: ArrayLike, n: int = 2, alpha: fl
 
     Returns:
         (n_q, D) expanded queries, same type/dtype/device as ``Q``.
+
+    Raises:
+        ValueError: ``Q`` or ``X`` empty or holding NaN/inf; ``ranks`` of the wrong shape
+            or pointing outside ``X``; ``n`` larger than the columns of ``ranks``.
     """
     is_np = isinstance(Q, np.ndarray)
-    Qt, Xt = _pair(Q, X)
+    Qt, Xt = _pair(Q, X, "alpha_qe")
     R = ranks.detach() if isinstance(ranks, torch.Tensor) else torch.from_numpy(np.array(ranks))
     if R.ndim != 2 or R.shape[0] != Qt.shape[0]:
-        raise ValueError(f"ranks must be (n_q={Qt.shape[0]}, n_ranked), got shape {tuple(R.shape)}")
-    n = int(n)
-    if n < 0 or n > R.shape[1]:
-        raise ValueError(f"n={n} neighbours requested but ranks has {R.shape[1]} columns")
+        raise ValueError(f"alpha_qe: ranks must be (n_q={Qt.shape[0]}, n_ranked), got shape "
+                         f"{tuple(R.shape)}; pass the ranks of these queries, e.g. rank_database(Q, X, k=n)")
+    n = check_int(n, "n", "alpha_qe", minimum=0)
+    if n > R.shape[1]:
+        raise ValueError(f"alpha_qe: n={n} neighbours requested but ranks has {R.shape[1]} columns; "
+                         f"rank at least {n} database items per query")
     idx = R[:, :n].to(device=Qt.device, dtype=torch.long)  # (n_q, n)
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= Xt.shape[0]):
+        raise ValueError(f"alpha_qe: ranks holds database indices outside 0..{Xt.shape[0] - 1} "
+                         "(X has that many rows); were they computed against another X?")
     sims = torch.einsum("qd,qnd->qn", Qt, Xt[idx]) if n else idx.to(Qt.dtype)
     out = l2n(_weighted_sum(Qt, Xt, idx, sims, float(alpha)))
     return out.numpy() if is_np else out
@@ -91,10 +101,16 @@ def dba(X: ArrayLike, n: int = 2, alpha: float = 3.0, chunk_size: Optional[int] 
 
     Returns:
         (n_db, D) augmented database, same type/dtype/device as ``X``.
+
+    Raises:
+        ValueError: ``X`` empty or holding NaN/inf; ``n`` outside ``1..n_db``.
     """
     is_np = isinstance(X, np.ndarray)
-    Xt = _as_tensor(X, "X")
-    scores, idx = knn(Xt, Xt, n, chunk_size=chunk_size, progress=progress)  # (n_db, n)
+    Xt = as_descriptors(X, "X", "dba")
+    n = check_int(n, "n", "dba")
+    if n > Xt.shape[0]:
+        raise ValueError(f"dba: n={n} neighbours but X has {Xt.shape[0]} rows; pass n <= {Xt.shape[0]}")
+    scores, idx = _knn(Xt, Xt, n, chunk_size=chunk_size, progress=progress, fn="dba")  # (n_db, n)
     out = l2n(_weighted_sum(None, Xt, idx, scores, float(alpha)))
     return out.numpy() if is_np else out
 
@@ -139,14 +155,17 @@ def expand(X: torch.Tensor, Q: Optional[torch.Tensor] = None, n_qe: int = 2, n_d
     The formulas are :func:`alpha_qe` and
     :func:`dba`. Taught in ``notebooks/04_rmac.ipynb``.
     """
-    n_qe = _positive_int(n_qe, "n_qe", "expand", minimum=0)
-    n_dba = _positive_int(n_dba, "n_dba", "expand", minimum=0)
+    n_qe = check_int(n_qe, "n_qe", "expand", minimum=0)
+    n_dba = check_int(n_dba, "n_dba", "expand", minimum=0)
     alpha = float(alpha)
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"expand: alpha must be a finite number >= 0, got {alpha!r}")
     self_query = Q is None
-    Q = X if self_query else Q
-    n_db = X.shape[0]
+    n_db = as_descriptors(X, "X", "expand").shape[0]
+    if self_query:
+        Q = X
+    else:
+        as_descriptors(Q, "Q", "expand")
     if n_dba > n_db:
         raise ValueError(f"expand: n_dba={n_dba} neighbours but the database has {n_db} vectors")
     Xa = dba(X, n=n_dba, alpha=alpha) if n_dba >= 2 else X
