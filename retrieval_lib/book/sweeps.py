@@ -85,36 +85,24 @@ def gem_contributions(fmap: torch.Tensor, p: float, eps: float = 1e-6) -> torch.
 # ----------------------------------------------------------------------------------------
 # many poolings at once
 # ----------------------------------------------------------------------------------------
-class GeM64:
-    """GeM with a fixed ``p`` evaluated in float64: ``(B, C, H, W) -> (B, C)``, input dtype.
+def gem_poolings(ps: Sequence[float], eps: float = 1e-6) -> dict:
+    """``{p: GeM}`` for every exponent in ``ps`` (each a positive finite number).
 
-    :func:`functional.gem` in float32 overflows once ``x^p`` passes ~3e38 (e.g. ``x = 6``,
-    the ReLU6 ceiling of EfficientNet-Lite, at ``p > 49``); float64 holds ``6^p`` up to
+    Each is a fixed-p :class:`retrieval_lib.layers.pooling.GeM` computing in float64
+    (``dtype=torch.float64``): float32 ``x^p`` overflows once it passes ~3e38 (``x = 6``,
+    the ReLU6 ceiling of EfficientNet-Lite, at ``p > 49``), float64 holds ``6^p`` up to
     ``p ~ 396``. (At large ``p`` the powers of very small activations underflow to 0: a
     channel whose activations are all tiny, e.g. below 1e-3 at ``p = 200``, comes out as 0
-    instead of a tiny value.) Used by the sweeps;
-    the result is cast back to the input's dtype.
+    instead of a tiny value.) Descriptors come back in the input's dtype, and over several
+    scales they are averaged with the power ``p``, like any GeM. ``p_min = p``, so that
+    exponents below 1 are used as given.
     """
+    from retrieval_lib.layers.pooling import GeM
 
-    def __init__(self, p: float, eps: float = 1e-6):
-        functional._check_p(p, 1, "GeM64")
-        functional._check_eps(eps, "GeM64")
-        self.p = float(p)
-        self.eps = eps
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.gem(x.double(), self.p, self.eps).to(x.dtype)
-
-    def __repr__(self) -> str:
-        return f"GeM64(p={self.p:g}, eps={self.eps:g})"
-
-
-def gem_poolings(ps: Sequence[float], eps: float = 1e-6) -> dict:
-    """``{p: GeM64(p)}`` for every exponent in ``ps`` (each a positive finite number)."""
     ps = [float(p) for p in ps]
     if not ps:
         raise ValueError("gem_poolings: give at least one exponent p, e.g. [1, 2, 3, 4, 8]")
-    return {p: GeM64(p, eps) for p in ps}
+    return {p: GeM(p=p, eps=eps, learn_p=False, p_min=p, dtype=torch.float64) for p in ps}
 
 
 def evaluate_many(book, poolings: Mapping, image_size: int | None = None,
