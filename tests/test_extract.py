@@ -1,4 +1,5 @@
 """Extraction: batched == one image at a time by hand; multi-scale formula; cache; skips."""
+import copy
 import warnings
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import retrieval_lib.engine.extract as extract_mod
 from retrieval_lib.models.backbones import efficientnet_lite
 from retrieval_lib.engine.extract import (
     _size_batches,
@@ -17,9 +19,13 @@ from retrieval_lib.engine.extract import (
 )
 from retrieval_lib.layers.functional import gem, l2n, mac
 from retrieval_lib.data.images import ImageList, load_image
-from retrieval_lib.layers.pooling import GeM, MAC, RMAC
+from retrieval_lib.layers.pooling import GeM, MAC, RMAC, WGeM
 
 SIZE = 96  # small inputs keep the real backbone fast
+
+
+def _no_backbone(*args, **kwargs):
+    raise AssertionError("the backbone ran although a valid cache entry existed")
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +143,7 @@ def test_cache_reused_then_rebuilt_when_stale_or_corrupt(model, image_files, tmp
     files = list(tmp_path.glob("*.pt"))
     assert len(files) == 1
 
-    def boom(x):
-        raise AssertionError("the backbone ran although the cache was valid")
-
-    monkeypatch.setattr(model, "features", boom)
+    monkeypatch.setattr(extract_mod, "_iterate_fmaps", _no_backbone)
     torch.testing.assert_close(extract_descriptors(model, images, "gem", **kw), X)
     monkeypatch.undo()
 
@@ -215,3 +218,169 @@ def test_revisited_end_to_end_with_real_extraction(model, tmp_path, data_root):
     for protocol in ("easy", "medium", "hard"):
         assert out[f"mAP/{protocol}"] == ref[protocol]["mAP"]
         assert 0 <= out[f"mAP/{protocol}"] <= 1
+
+
+# ------------------------------------------------------------------------- cache keys
+
+
+@pytest.mark.parametrize("change", ["wgem_conv", "per_channel_p_same_mean", "p_past_4_decimals"])
+def test_cache_is_keyed_on_pooling_state_not_its_repr(model, image_files, tmp_path, change):
+    """A pooling whose weights change gets new descriptors, not the old cache entry."""
+    images = ImageList(image_files[:3])
+    kw = dict(image_size=SIZE, num_workers=0, progress=False)
+    if change == "wgem_conv":
+        pool = WGeM(model.out_channels, learn_p=False)
+    elif change == "per_channel_p_same_mean":
+        pool = GeM(p=3.0, per_channel=True, channels=model.out_channels, learn_p=False)
+    else:
+        pool = GeM(p=3.0, learn_p=False)
+    first = extract_descriptors(model, images, pool, cache_dir=tmp_path, **kw)
+    with torch.no_grad():
+        if change == "wgem_conv":  # attention conv trained away from zero: repr unchanged
+            pool.conv.weight.copy_(torch.randn(pool.conv.weight.shape, generator=torch.Generator().manual_seed(1)))
+        elif change == "per_channel_p_same_mean":  # mean p stays 3, the only thing repr showed
+            pool.p[::2] = 2.0
+            pool.p[1::2] = 4.0
+        else:
+            pool.p.fill_(3.00004)  # repr shows p=3.0000 either way
+    fresh = extract_descriptors(model, images, pool, **kw)  # no cache: the true descriptors
+    again = extract_descriptors(model, images, pool, cache_dir=tmp_path, **kw)
+    assert not torch.equal(fresh, first)
+    torch.testing.assert_close(again, fresh, atol=0, rtol=0)
+
+
+def test_cache_hit_for_an_equal_pooling_built_anew(model, image_files, tmp_path, monkeypatch):
+    images = ImageList(image_files[:2])
+    kw = dict(image_size=SIZE, num_workers=0, progress=False, cache_dir=tmp_path)
+    X = extract_descriptors(model, images, WGeM(model.out_channels, learn_p=False), **kw)
+    monkeypatch.setattr(extract_mod, "_iterate_fmaps", _no_backbone)
+    torch.testing.assert_close(extract_descriptors(model, images, WGeM(model.out_channels, learn_p=False), **kw),
+                               X, atol=0, rtol=0)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+
+def test_lambda_pooling_never_piles_up_cache_files(model, image_files, tmp_path):
+    """A plain function's state cannot be read, so it is not cached (and says so)."""
+    images = ImageList(image_files[:2])
+    kw = dict(image_size=SIZE, num_workers=0, progress=False, cache_dir=tmp_path)
+    pools = [lambda f: gem(f, 3.0), lambda f: gem(f, 3.0)]  # both alive: two addresses, two reprs
+    ref = extract_descriptors(model, images, GeM(p=3.0, learn_p=False), image_size=SIZE, num_workers=0,
+                              progress=False)
+    for pool in pools:
+        with pytest.warns(UserWarning, match="not cached"):
+            X = extract_descriptors(model, images, pool, **kw)
+        torch.testing.assert_close(X, ref, atol=2e-6, rtol=1e-5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_function_pooling_is_cached_once(model, image_files, tmp_path, monkeypatch):
+    images = ImageList(image_files[:2])
+    kw = dict(image_size=SIZE, num_workers=0, progress=False, cache_dir=tmp_path)
+    X = extract_descriptors(model, images, mac, **kw)
+    monkeypatch.setattr(extract_mod, "_iterate_fmaps", _no_backbone)
+    torch.testing.assert_close(extract_descriptors(model, images, mac, **kw), X, atol=0, rtol=0)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+
+def test_cache_is_keyed_on_backbone_weights(model, image_files, tmp_path):
+    """Two backbones with one name but different weights never share feature maps or descriptors."""
+    images = ImageList(image_files[:2])
+    kw = dict(image_size=SIZE, num_workers=0, progress=False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other._bn1.weight.mul_(2.0)  # e.g. a fine-tuned head: same name, same config
+    assert other.name == model.name
+    fm = extract_fmaps(model, images, cache_dir=tmp_path, **kw)
+    fm_other = extract_fmaps(other, images, cache_dir=tmp_path, **kw)
+    assert not torch.equal(fm[0], fm_other[0])
+    torch.testing.assert_close(fm_other[0], extract_fmaps(other, images, **kw)[0], atol=0, rtol=0)
+    X = extract_descriptors(model, images, "gem", cache_dir=tmp_path, **kw)
+    X_other = extract_descriptors(other, images, "gem", cache_dir=tmp_path, **kw)
+    torch.testing.assert_close(X_other, extract_descriptors(other, images, "gem", **kw), atol=0, rtol=0)
+    assert not torch.equal(X, X_other)
+
+
+class _TinyBackbone(torch.nn.Module):
+    """A backbone whose last activation is a setting, not a weight (like ReLU6 vs ReLU)."""
+
+    name = "tiny"
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+    out_channels = 8
+
+    def __init__(self, activation: str = "relu6"):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=8, padding=1)
+        torch.nn.init.normal_(self.conv.weight, std=3.0, generator=torch.Generator().manual_seed(0))
+        self.activation = activation
+
+    def features(self, x):
+        y = self.conv(x) * 4.0  # large enough that many values pass 6
+        return torch.nn.functional.relu6(y) if self.activation == "relu6" else torch.relu(y)
+
+
+def test_cache_is_keyed_on_backbone_config(image_files, tmp_path):
+    images = ImageList(image_files[:2])
+    kw = dict(image_size=SIZE, num_workers=0, progress=False)
+    a, b = _TinyBackbone("relu6"), _TinyBackbone("relu")
+    b.load_state_dict(a.state_dict())  # same weights, only the activation differs
+    Xa = extract_descriptors(a, images, "mac", cache_dir=tmp_path, **kw)
+    Xb = extract_descriptors(b, images, "mac", cache_dir=tmp_path, **kw)
+    torch.testing.assert_close(Xb, extract_descriptors(b, images, "mac", **kw), atol=0, rtol=0)
+    assert not torch.equal(Xa, Xb)
+    fa = extract_fmaps(a, images, cache_dir=tmp_path, **kw)
+    fb = extract_fmaps(b, images, cache_dir=tmp_path, **kw)
+    assert fa[0].max() <= 6 and fb[0].max() > 6
+
+
+# ------------------------------------------------------------------------- multi-scale exponent
+def test_multiscale_uniform_wgem_equals_gem(model, image_files):
+    """Each pooling declares its exponent: WGeM with uniform weights and p=3 is GeM(p=3) at any scales."""
+    images = ImageList(image_files[:3])
+    kw = dict(scales=(1.0, 2 ** -0.5), image_size=SIZE, num_workers=0, progress=False)
+    wgem = WGeM(model.out_channels, p=3.0, learn_p=False)  # zero conv: uniform weights
+    X = extract_descriptors(model, images, {"gem": GeM(p=3.0, learn_p=False), "wgem": wgem}, **kw)
+    torch.testing.assert_close(X["wgem"], X["gem"], atol=1e-6, rtol=0)
+
+
+def test_multiscale_float64_gem_of_the_sweeps_equals_gem(model, image_files):
+    """The sweeps' float64 GeM (formerly the GeM64 class) is averaged over scales with its p too."""
+    from retrieval_lib.book.sweeps import gem_poolings
+
+    images = ImageList(image_files[:3])
+    kw = dict(scales=(1.0, 2 ** -0.5), image_size=SIZE, num_workers=0, progress=False)
+    X = extract_descriptors(model, images, {"sweep": gem_poolings([3.0])[3.0], "gem": GeM(p=3.0, learn_p=False)},
+                            **kw)
+    torch.testing.assert_close(X["sweep"], X["gem"], atol=1e-6, rtol=0)
+
+
+def test_multiscale_per_channel_gem_uses_each_channels_p(model, image_files):
+    images = ImageList(image_files[:2])
+    scales = (1.0, 0.5)
+    pool = GeM(p=3.0, per_channel=True, channels=model.out_channels, learn_p=False)
+    with torch.no_grad():
+        pool.p[::2] = 2.0
+    X = extract_descriptors(model, images, pool, scales=scales, image_size=SIZE, num_workers=0, progress=False)
+    per_scale = [extract_descriptors(model, images, pool, scales=(s,), image_size=SIZE, num_workers=0,
+                                     progress=False) for s in scales]
+    p = pool.p.detach()
+    ref = l2n(((per_scale[0].pow(p) + per_scale[1].pow(p)) / 2).pow(1 / p))  # per channel: its own p
+    torch.testing.assert_close(X, ref, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------- empty inputs
+def test_empty_image_list_is_not_called_unreadable(model, image_files, tmp_path):
+    with pytest.raises(ValueError, match="no images given"):
+        extract_descriptors(model, ImageList([]), "mac", image_size=SIZE, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match="no images given"):
+        extract_fmaps(model, ImageList([]), image_size=SIZE, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match="no feature maps given"):
+        pool_fmaps([], "mac")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with warnings.catch_warnings(record=True) as caught:  # the image list and the extraction both warn
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="none of the 1 images could be read"):
+            extract_descriptors(model, ImageList([str(bad)], on_error="skip"), "mac", image_size=SIZE,
+                                num_workers=0, progress=False)
+    assert any("1 of 1 images could not be read and were skipped" in str(w.message) for w in caught)

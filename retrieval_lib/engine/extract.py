@@ -10,14 +10,23 @@ Images are resized so that their longer side equals ``image_size`` (bicubic, up 
 down) and normalised with the backbone's own ``mean``/``std``. Images of equal size
 are batched together; images of different sizes never share a batch, so there is no
 padding and no padding artefact in the pooled descriptors.
+
+The on-disk cache keys an entry on what decides its content: the image files, the
+image size and scale, and the backbone and pooling themselves -- their class, their
+settings and a hash of their parameters and buffers (:func:`module_fingerprint`), never
+their ``repr``. A plain function whose state cannot be read (a lambda, a closure) is not
+cached at all, with a warning.
 """
 from __future__ import annotations
 
+import enum
+import functools
 import hashlib
 import math
 import os
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -25,10 +34,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from retrieval_lib.layers.functional import l2n
+from retrieval_lib.layers.functional import l2n, multiscale_mean
 
 __all__ = [
     "resize_longer_side",
@@ -37,9 +47,11 @@ __all__ = [
     "pool_fmaps",
     "multiscale_power",
     "cache_key",
+    "module_fingerprint",
+    "Unkeyable",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: models and poolings keyed on class, settings and weights
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -174,12 +186,196 @@ def _images_fingerprint(images) -> str:
     return h.hexdigest()
 
 
-def cache_key(images, model, image_size: int, scale: float, what: str) -> str:
-    """Key of a cache entry: (dataset, model, image size, scale, what is stored)."""
-    name = getattr(model, "name", type(model).__name__)
-    parts = [f"v{CACHE_VERSION}", what, name, f"s{int(image_size)}", f"x{float(scale):.6f}",
-             _images_fingerprint(images)]
+class Unkeyable(Exception):
+    """Raised by :func:`module_fingerprint` for an object whose state cannot be read reliably."""
+
+
+# Attributes every nn.Module has (flags, parameter/buffer/sub-module tables, hooks): not settings.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+# Packages whose classes and functions are keyed by their qualified name alone.
+_TRUSTED = ("retrieval_lib", "torch", "torchvision")
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _trusted(obj) -> bool:
+    return (getattr(obj, "__module__", None) or "").split(".")[0] in _TRUSTED
+
+
+def _code_digest(code: types.CodeType, h) -> None:
+    """Bytecode, constants and names of a function (nested functions included)."""
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _code_digest(c, h)
+        else:
+            h.update(repr(c).encode())
+
+
+def _class_id(cls: type) -> str:
+    """A class's qualified name; for a class outside the library and torch (a notebook's own
+    pooling), also a hash of its methods' bytecode, so that editing it makes a new key."""
+    name = _qualname(cls)
+    if _trusted(cls):
+        return name
+    h = hashlib.sha1()
+    for klass in cls.__mro__:
+        if _trusted(klass) or klass is object:
+            continue
+        for attr, v in sorted(vars(klass).items()):
+            f = v.fget if isinstance(v, property) else getattr(v, "__func__", v)
+            code = getattr(f, "__code__", None)
+            if code is not None:
+                h.update(attr.encode())
+                _code_digest(code, h)
+            elif not attr.startswith("__") and isinstance(v, (bool, int, float, str, tuple, type(None))):
+                h.update(f"{attr}={v!r}".encode())
+    return f"{name}#{h.hexdigest()[:12]}"
+
+
+def _tensor_digest(t: torch.Tensor, h) -> None:
+    t = t.detach()
+    if t.device.type == "meta" or t.is_sparse or t.is_quantized:
+        raise Unkeyable(f"a {t.device.type} / sparse / quantized tensor has no readable values")
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _function_id(f) -> str:
+    """A named function without captured state, from the library or torch (pure code)."""
+    name = _qualname(f)
+    if "<" in name or getattr(f, "__closure__", None) or not _trusted(f):
+        raise Unkeyable(f"{name} is a plain function (its behaviour may depend on state the "
+                        "cache cannot read: a closure, globals, its source)")
+    return name
+
+
+def _canon(v, depth: int = 0) -> str:
+    """A stable text for a setting: values, not addresses. Raises Unkeyable when there is none."""
+    if depth > 8:
+        raise Unkeyable("settings nested too deeply")
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        return repr(v)  # floats: shortest exact repr, never rounded
+    if isinstance(v, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(v)
+    if isinstance(v, enum.Enum):
+        return f"{_qualname(type(v))}.{v.name}"
+    if isinstance(v, np.generic):
+        return repr(v.item())
+    if isinstance(v, (tuple, list)):
+        return type(v).__name__ + "(" + ",".join(_canon(x, depth + 1) for x in v) + ")"
+    if isinstance(v, (set, frozenset)):
+        return "set(" + ",".join(sorted(_canon(x, depth + 1) for x in v)) + ")"
+    if isinstance(v, dict):
+        return "{" + ",".join(sorted(f"{_canon(k, depth + 1)}:{_canon(x, depth + 1)}"
+                                     for k, x in v.items())) + "}"
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        h = hashlib.sha1()
+        _tensor_digest(torch.as_tensor(v), h)
+        return "tensor:" + h.hexdigest()
+    if isinstance(v, nn.Module):
+        return "module:" + module_fingerprint(v)
+    if isinstance(v, type):
+        return _class_id(v)
+    if isinstance(v, functools.partial):
+        return f"partial({_canon(v.func, depth + 1)},{_canon(v.args, depth + 1)},{_canon(v.keywords, depth + 1)})"
+    if isinstance(v, types.FunctionType):
+        return _function_id(v)
+    if isinstance(v, types.BuiltinFunctionType) and (v.__self__ is None or isinstance(v.__self__, types.ModuleType)):
+        return _qualname(v)  # a C function such as torch.relu
+    if isinstance(v, (types.MethodType, types.BuiltinFunctionType)):
+        raise Unkeyable(f"{v!r} is a bound method (its object's state is not read)")
+    if hasattr(v, "__dict__") and type(v).__repr__ is object.__repr__:
+        return f"{_class_id(type(v))}{_canon(vars(v), depth + 1)}"
+    text = repr(v)
+    if " at 0x" in text:
+        raise Unkeyable(f"{text} shows only an address")
+    return f"{_class_id(type(v))}:{text}"
+
+
+def module_fingerprint(obj) -> str:
+    """Hex digest of what decides a module's (or pooling function's) output.
+
+    For an ``nn.Module``: for it and every sub-module, the class (:func:`_class_id`: the
+    qualified name, plus a hash of the bytecode for classes outside the library and
+    torch), whether it is in training mode, and every setting in its ``__dict__`` (floats
+    exactly, never rounded); then every parameter and buffer (dtype, shape and bytes). So
+    two WGeM layers that differ only in their attention conv, or two backbones that differ
+    only in a setting such as their last activation, get different fingerprints; equal
+    layers built anew get the same one.
+
+    For a function: a named function without captured state from the library or torch
+    (e.g. ``functional.mac``), or a ``functools.partial`` of one with plain arguments.
+    Any other callable object is keyed on its class and ``__dict__``.
+
+    Raises :class:`Unkeyable` when the state cannot be read reliably (a lambda, a closure,
+    a function defined in a notebook, a value whose repr is only an address). Hooks are
+    not part of the fingerprint.
+    """
+    h = hashlib.sha1()
+    if isinstance(obj, nn.Module):
+        for name, sub in obj.named_modules(remove_duplicate=False):
+            h.update(f"[{name}:{_class_id(type(sub))}:training={sub.training}]".encode())  # BN, dropout
+            for k, v in sorted(vars(sub).items()):
+                if k not in _MODULE_INTERNALS:
+                    h.update(f"{k}={_canon(v)};".encode())
+        for name, t in list(obj.named_parameters(remove_duplicate=False)) + list(
+                obj.named_buffers(remove_duplicate=False)):
+            h.update(name.encode())
+            _tensor_digest(t, h)
+    else:
+        h.update(_canon(obj).encode())
+    return h.hexdigest()
+
+
+def _fingerprint_or_reason(obj) -> tuple[str | None, str]:
+    try:
+        return module_fingerprint(obj), ""
+    except Unkeyable as err:
+        return None, str(err)
+
+
+def _entry_key(images_fp: str, model_fp: str, name: str, image_size: int, scale: float, what: str) -> str:
+    parts = [f"v{CACHE_VERSION}", what, name, model_fp, f"s{int(image_size)}", f"x{float(scale)!r}", images_fp]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:20] + f"_{name}_{int(image_size)}_{what}"
+
+
+def cache_key(images, model, image_size: int, scale: float, what: str) -> str:
+    """Key of a cache entry: (image files, model, image size, scale, what is stored).
+
+    The model enters through :func:`module_fingerprint`: its class, settings and weights,
+    not only its name. Raises :class:`Unkeyable` for a model whose state cannot be read.
+    """
+    name = getattr(model, "name", type(model).__name__)
+    return _entry_key(_images_fingerprint(images), module_fingerprint(model), name, image_size, scale, what)
+
+
+class _Cache:
+    """The cache of one extraction call: fingerprints computed once, entries keyed per scale."""
+
+    def __init__(self, cache_dir, images, model, fn: str):
+        self.dir = None if cache_dir is None else Path(cache_dir)
+        if self.dir is None:
+            return
+        self.model_fp, reason = _fingerprint_or_reason(model)
+        if self.model_fp is None:
+            warnings.warn(f"{fn}: the model is not cached ({reason}); give it plain settings "
+                          "(numbers, strings, torch functions) to have its results cached",
+                          UserWarning, stacklevel=3)
+            self.dir = None
+            return
+        self.name = getattr(model, "name", type(model).__name__)
+        self.images_fp = _images_fingerprint(images)
+
+    def key(self, image_size: int, scale: float, what: str) -> str:
+        return _entry_key(self.images_fp, self.model_fp, self.name, image_size, scale, what)
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.pt"
 
 
 def _cache_load(path: Path, key: str, n: int):
@@ -256,6 +452,19 @@ def _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_wor
                       f"(indices {sorted(skipped)[:10]}{'...' if len(skipped) > 10 else ''})")
 
 
+def _check_images(images, fn: str) -> int:
+    n = len(images)
+    if n == 0:
+        raise ValueError(f"{fn}: no images given (the image list is empty); pass a list with at "
+                         "least one image, e.g. ImageList(paths) with at least one path")
+    return n
+
+
+def _none_readable(n: int, fn: str) -> ValueError:
+    return ValueError(f"{fn}: none of the {n} images could be read (every one was skipped, see the "
+                      "warning above for their indices); check that the files exist and are images")
+
+
 def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, device=None,
                   batch_size: int = 8, num_workers: int | None = None, amp: bool | None = None,
                   channels_last: bool | None = None, cache_dir: str | os.PathLike | None = None,
@@ -271,16 +480,21 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
         scale: extra resize factor applied to the network input (multi-scale extraction).
         device: where to run; default the model's device. AMP and channels_last are on by
             default on CUDA and off elsewhere.
-        cache_dir: when given, the maps are stored there keyed by (dataset, model, image
-            size, scale) and re-used; a stale or corrupt file is rebuilt.
+        cache_dir: when given, the maps are stored there keyed by (image files, model, image
+            size, scale) and re-used; the model is keyed on its class, settings and weights
+            (:func:`module_fingerprint`). A stale or corrupt file is rebuilt.
+
+    Raises:
+        ValueError: the image list is empty, or none of its images could be read.
 
     Taught in ``notebooks/00_pipeline.ipynb`` and used by every later notebook.
     """
-    n = len(images)
+    n = _check_images(images, "extract_fmaps")
+    cache = _Cache(cache_dir, images, model, "extract_fmaps")
     path = key = None
-    if cache_dir is not None:
-        key = cache_key(images, model, image_size, scale, "fmaps")
-        path = Path(cache_dir) / f"{key}.pt"
+    if cache.dir is not None:
+        key = cache.key(image_size, scale, "fmaps")
+        path = cache.path(key)
         cached = _cache_load(path, key, n)
         if cached is not None:
             return cached
@@ -292,23 +506,22 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
         fmap = fmap.cpu()
         for j, i in enumerate(idx):
             out[i] = fmap[j].clone()
+    if len(skipped) == n:
+        raise _none_readable(n, "extract_fmaps")
     if path is not None and not skipped:
         _cache_save(path, key, n, out)
     return out
 
 
-def multiscale_power(pooling) -> float:
-    """Exponent used to average descriptors over scales (cirtorch convention).
+def multiscale_power(pooling):
+    """The exponent with which ``pooling``'s descriptors are averaged over scales.
 
-    ``p`` for a GeM pooling with one shared p (fixed or learned, its current value);
-    1 for every other pooling and for per-channel p.
+    Each pooling declares it as its ``multiscale_p`` attribute (timm style): GeM and WGeM
+    their own p (a ``(C,)`` tensor for per-channel p), MAC, SPoC and R-MAC 1. A pooling
+    without the attribute (a function, a module of your own) gets 1, the plain mean.
+    See :func:`retrieval_lib.layers.functional.multiscale_mean`.
     """
-    if type(pooling).__name__ != "GeM":
-        return 1.0
-    p = getattr(pooling, "p", None)
-    if isinstance(p, torch.Tensor):
-        return float(p.detach().reshape(-1)[0]) if p.numel() == 1 else 1.0
-    return float(p) if p is not None else 1.0
+    return getattr(pooling, "multiscale_p", 1.0)
 
 
 def _as_pooling(pooling) -> Callable:
@@ -327,15 +540,20 @@ def pool_fmaps(fmaps: Sequence[torch.Tensor | None], pooling, normalize: bool = 
 
     Maps of equal size are pooled in one batch. ``None`` entries (skipped images) give
     zero rows. Descriptors are L2-normalised unless ``normalize=False``.
+    Raises ``ValueError`` for an empty list or one with only ``None`` entries.
     """
     pooling = _as_pooling(pooling)
     n = len(fmaps)
+    if n == 0:
+        raise ValueError("pool_fmaps: no feature maps given (the list is empty); pass the "
+                         "output of extract_fmaps for at least one image")
     groups: dict = {}
     for i, f in enumerate(fmaps):
         if f is not None:
             groups.setdefault(tuple(f.shape), []).append(i)
     if not groups:
-        raise ValueError("no feature maps to pool (every entry is None)")
+        raise ValueError("pool_fmaps: no feature maps to pool (every entry is None: none of the "
+                         "images could be read)")
     out = None
     with torch.no_grad():
         for idx in groups.values():
@@ -351,6 +569,24 @@ def pool_fmaps(fmaps: Sequence[torch.Tensor | None], pooling, normalize: bool = 
     return out
 
 
+def _pooling_tags(poolings: dict, cache: _Cache) -> dict:
+    """``{label: cache tag}`` of every pooling whose state can be keyed; warn about the others."""
+    tags = {}
+    if cache.dir is None:
+        return tags
+    for label, pool in poolings.items():
+        fp, reason = _fingerprint_or_reason(pool)
+        if fp is None:
+            name = "pooling" if label == "_" else f"pooling {label!r}"
+            warnings.warn(
+                f"extract_descriptors: {name} is not cached: {reason}. To cache it, pass a "
+                "pooling module (e.g. GeM(p=3.0)), a name ('gem') or a function of "
+                "retrieval_lib.layers.functional", UserWarning, stacklevel=3)
+        else:
+            tags[label] = "desc-" + fp[:16]
+    return tags
+
+
 def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), image_size: int = 512,
                         device=None, batch_size: int = 8, num_workers: int | None = None,
                         amp: bool | None = None, channels_last: bool | None = None,
@@ -364,39 +600,47 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
 
     Multi-scale as in cirtorch (Radenović et al., TPAMI 2018): for scales s (e.g. 1, 1/√2,
     1/2) the network input is resized by s, and the descriptor is
-    ``l2n((mean_s f_s^msp)^(1/msp))`` where f_s is the L2-normalised descriptor at scale s
-    and ``msp`` = p for a GeM pooling with fixed p, else 1 (:func:`multiscale_power`).
+    ``l2n((mean_s f_s^msp)^(1/msp))`` (:func:`retrieval_lib.layers.functional.multiscale_mean`)
+    where f_s is the L2-normalised descriptor at scale s and ``msp`` is the exponent the
+    pooling declares as its ``multiscale_p`` (GeM's and WGeM's p, else 1; see
+    :func:`multiscale_power`).
 
     Rows of images that could not be read (``on_error="skip"``) are zero; with
     ``return_info=True`` the function returns ``(X, info)`` where ``info`` has
     ``skipped`` (indices), ``seconds`` and ``images_per_s``.
 
-    With ``cache_dir``, descriptors are cached per (dataset, model, image size, scale,
-    pooling); a stale or corrupt cache file is rebuilt.
+    With ``cache_dir``, descriptors are cached per (image files, model, image size, scale,
+    pooling); model and pooling are keyed on their class, settings and weights
+    (:func:`module_fingerprint`), so a trained head never reads an untrained head's entry.
+    A pooling whose state cannot be read (a lambda or other plain function) is computed
+    but not cached, with a warning. A stale or corrupt cache file is rebuilt.
+
+    Raises:
+        ValueError: the image list is empty ("no images given"), none of its images could
+            be read, the pooling dict is empty, or a scale is not positive.
 
     Taught in ``notebooks/00_pipeline.ipynb``; multi-scale in ``04_rmac``.
     """
     single = not isinstance(pooling, dict)
     poolings = {"_": _as_pooling(pooling)} if single else {k: _as_pooling(v) for k, v in pooling.items()}
     if not poolings:
-        raise ValueError("pooling dict is empty")
+        raise ValueError("extract_descriptors: the pooling dict is empty; give {label: pooling}")
     scales = tuple(float(s) for s in scales)
-    if not scales or any(s <= 0 for s in scales):
-        raise ValueError(f"scales must be positive numbers, got {scales}")
-    n = len(images)
+    if not scales or any(not (math.isfinite(s) and s > 0) for s in scales):
+        raise ValueError(f"extract_descriptors: scales must be positive numbers, got {scales}")
+    n = _check_images(images, "extract_descriptors")
+    cache = _Cache(cache_dir, images, model, "extract_descriptors")
+    tags = _pooling_tags(poolings, cache)
     t0 = time.perf_counter()
-    acc: dict = {}
+    per_label: dict = {label: [] for label in poolings}  # label -> one (N, D) per scale
     skipped: list[int] = []
     for s in scales:
         per_scale: dict = {}
-        keys: dict = {}
-        for label, pool in poolings.items():
-            if cache_dir is not None:
-                tag = "desc-" + hashlib.sha1(repr(pool).encode()).hexdigest()[:8]
-                keys[label] = cache_key(images, model, image_size, s, tag)
-                cached = _cache_load(Path(cache_dir) / f"{keys[label]}.pt", keys[label], n)
-                if cached is not None:
-                    per_scale[label] = cached
+        keys = {label: cache.key(image_size, s, tag) for label, tag in tags.items()}
+        for label, key in keys.items():
+            cached = _cache_load(cache.path(key), key, n)
+            if cached is not None:
+                per_scale[label] = cached
         todo = [label for label in poolings if label not in per_scale]
         if todo:
             skipped = []
@@ -408,23 +652,16 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
                     if label not in per_scale:
                         per_scale[label] = torch.zeros(n, d.shape[1])
                     per_scale[label][idx] = d
-            if len(per_scale) < len(poolings):
-                raise ValueError("none of the images could be read; nothing to describe")
-            if cache_dir is not None and not skipped:
+            if len(skipped) == n:
+                raise _none_readable(n, "extract_descriptors")
+            if not skipped:
                 for label in todo:
-                    _cache_save(Path(cache_dir) / f"{keys[label]}.pt", keys[label], n, per_scale[label])
+                    if label in keys:
+                        _cache_save(cache.path(keys[label]), keys[label], n, per_scale[label])
         for label, X in per_scale.items():
-            msp = multiscale_power(poolings[label])
-            term = X.clamp(min=0).pow(msp) if (msp != 1 and len(scales) > 1) else X
-            acc[label] = term if label not in acc else acc[label] + term
-    out = {}
-    for label, a in acc.items():
-        if len(scales) == 1:
-            out[label] = a
-            continue
-        msp = multiscale_power(poolings[label])
-        a = a / len(scales)
-        out[label] = l2n(a.pow(1.0 / msp) if msp != 1 else a)
+            per_label[label].append(X)
+    out = {label: Xs[0] if len(Xs) == 1 else multiscale_mean(Xs, multiscale_power(poolings[label]))
+           for label, Xs in per_label.items()}
     result = out["_"] if single else out
     seconds = time.perf_counter() - t0
     if return_info:
