@@ -8,7 +8,8 @@ and restored once the kernel is up:
 - ``RETRIEVAL_SCALE=smoke``: every parameters cell reads ``SCALE`` from it;
 - ``RETRIEVAL_PROGRESS=0``: no progress widgets;
 - ``RETRIEVAL_CACHE``: a private folder for this pytest session, not ``~/.cache``;
-- ``RETRIEVAL_DATA``: ``../shared/data`` beside the checkout when present (unless already set);
+- ``RETRIEVAL_DATA``: ``../shared/data`` beside the checkout when present, unless already set
+  (``RETRIEVAL_DATA=`` runs them on the offline default);
 - ``MPLBACKEND``: matplotlib's inline backend, the one a Jupyter user gets, even where the
   shell exported ``MPLBACKEND=Agg`` for headless scripts.
 
@@ -42,7 +43,10 @@ _cache_dir = None
 
 def kernel_environment(cache_dir) -> dict:
     """The environment variables the notebook kernels start with (``None``: unset)."""
-    data = os.environ.get("RETRIEVAL_DATA") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
+    if "RETRIEVAL_DATA" in os.environ:  # set, even to "" (= the offline default): keep it
+        data = os.environ["RETRIEVAL_DATA"]
+    else:
+        data = str(SHARED_DATA) if SHARED_DATA.is_dir() else None
     return {"RETRIEVAL_SCALE": "smoke", "RETRIEVAL_PROGRESS": "0", "RETRIEVAL_CACHE": str(cache_dir),
             "RETRIEVAL_DATA": data, "MPLBACKEND": INLINE_BACKEND}
 
