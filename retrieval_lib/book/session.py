@@ -168,10 +168,6 @@ class Book:
                                       progress=self.progress)
         return out["_"] if single else out
 
-    def descriptors(self, pooling, which: str = "database", image_size: int | None = None, scales=None):
-        """Old name of :meth:`describe`, kept until ``tests/test_report_cli.py`` moves to it."""
-        return self.describe(pooling, which, image_size, scales)
-
     # -- search and scores
     def rank(self, X: torch.Tensor, Q: torch.Tensor | None = None):
         """``ranks`` (n_queries, n_db): database indices best first; ``Q=None``: the queries are X."""
