@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from _fakes import ap_loop as _ap_loop
@@ -577,6 +578,7 @@ def test_group_relevance_matches_a_loop_over_labels(tmp_path):
         assert codes.tolist() == [-1 if w is None else int(w) for w in want[::-1]]
     assert d.relevance(6, 6) is None and not any(d.relevance(6, i) for i in range(6))  # the singleton
     assert d.relevance(np.int64(0), np.int64(1)) is True
+    assert d.relevance(torch.tensor(0), torch.tensor(1)) is True  # a 0-d tensor from ranks[q, k]
 
 
 def test_revisited_relevance_matches_a_loop_over_gnd(tmp_path, data_root):
@@ -704,6 +706,10 @@ def test_relevance_errors(tmp_path):
         d.relevance(0, 9)
     with pytest.raises(IndexError, match="one database index"):
         d.relevance(0, 1.0)
+    with pytest.raises(IndexError, match="one database index"):
+        d.relevance(0, True)
+    with pytest.raises(IndexError, match="query 0.0 is not one"):
+        d.relevance(0.0, 1)
     with pytest.raises(ValueError, match="1-D sequence of database indices"):
         d.relevance_row(0, np.zeros((2, 2), dtype=int))
     with pytest.raises(ValueError, match=r"ranks has shape \(1, 7\)"):

@@ -23,6 +23,7 @@ Taught in ``notebooks/00_pipeline.ipynb``.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import pickle
 import shutil
@@ -79,6 +80,16 @@ def _ranks(ranks, n_queries: int, n_db: int) -> np.ndarray:
                          f"({n_queries}, up to {n_db}): one row per query, database indices best "
                          "first (e.g. search.rank_database(Q, X))")
     return R
+
+
+def _index(v) -> Optional[int]:
+    """``v`` as a Python int when it is one integer (int, numpy or 0-d tensor), else None."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 def _nanmean(a: np.ndarray) -> float:
@@ -151,9 +162,10 @@ class Benchmark:
 
     def _query(self, q) -> int:
         n = self.n_queries
-        if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 0 <= int(q) < n:
+        k = _index(q)
+        if k is None or not 0 <= k < n:
             raise IndexError(f"query {q!r} is not one of this benchmark's {n} queries (0..{n - 1})")
-        return int(q)
+        return k
 
     def relevance_row(self, q: int, indices) -> np.ndarray:
         """Relevance of database images ``indices`` to query ``q``, vectorised: int8 ``(len(indices),)``.
@@ -184,9 +196,10 @@ class Benchmark:
         query, the ``junk`` list of revisited Oxford/Paris. Raises ``IndexError`` for a
         query or image outside the benchmark.
         """
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        k = _index(i)
+        if k is None:
             raise IndexError(f"i must be one database index, got {i!r}; for many use relevance_row")
-        code = int(self.relevance_row(q, [int(i)])[0])
+        code = int(self.relevance_row(q, [k])[0])
         return None if code < 0 else bool(code)
 
     def top_results(self, ranks, q: int, k: int = 5) -> tuple:
