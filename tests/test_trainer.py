@@ -169,14 +169,26 @@ def test_trainer_learns_the_tiny_problem():
 ])
 def test_schedules_scale_every_group(schedule, want):
     fmaps, labels = problem()
-    trainer = build(fmaps, labels, epochs=2)
-    trainer.schedule = schedule if callable(schedule) else trainer.schedule
-    if isinstance(schedule, str):
-        from retrieval_lib.engine.trainer import SCHEDULES
-        trainer.schedule = SCHEDULES[schedule]
+    trainer = build(fmaps, labels, epochs=2, schedule=schedule)
     hist = trainer.fit()
     expect = [0.01 * want(s, e, 6) for s, e in zip(range(6), hist["epoch"])]
     assert hist["lr"] == pytest.approx(expect)
+    by = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert by["weights"] == pytest.approx(expect[-1]) and by["p"] == pytest.approx(10 * expect[-1])
+
+
+def test_amp_on_cpu_describes_in_bfloat16_and_trains_in_float32():
+    fmaps, labels = problem()
+    full = build(fmaps, labels, epochs=1)
+    amp = build(fmaps, labels, epochs=1, amp=True)  # bfloat16 autocast on the CPU
+    assert amp.amp and amp.amp_dtype == torch.bfloat16 and not full.amp
+    idx = torch.arange(len(fmaps))
+    a, f = amp.describe(idx), full.describe(idx)
+    assert a.dtype == torch.float32 and torch.allclose(a, f, atol=3e-2)
+    assert not torch.equal(a, f)  # it did run in reduced precision
+    hist = amp.fit()
+    assert all(math.isfinite(v) for v in hist["loss"])
+    assert all(v.dtype == torch.float32 for v in amp.model.state_dict().values())
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
@@ -316,6 +328,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, o
         if child.poll() is None:
             child.kill()
             child.wait()
+        child.stdout.close()
     assert flag.read_text() == "5"
     assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt-000000002.pt", "ckpt-000000004.pt"]
 

@@ -389,11 +389,17 @@ class Trainer:
         seed: seeds the miner's generator (queries, pools, P x K draws).
         config: your own settings (JSON-able) stored in every checkpoint and checked on resume.
         freeze_batchnorm: keep BatchNorm layers in eval mode while training (cirtorch does).
+        describe_batch: images per forward when the miner describes its pool (no gradient).
+        find_unused_parameters: passed to DistributedDataParallel (a model with parameters the
+            objective does not use, e.g. a classifier under a ranking loss alone).
         on_step: ``f(trainer, step, loss)`` called after every step (after its checkpoint).
         progress: show a progress bar with the running mean loss of the epoch.
 
     ``fit()`` returns the history ``{"loss", "lr", "epoch"}`` (one entry per step; the loss is
-    the whole batch's, averaged over processes) and leaves the trained weights in ``model``.
+    the whole batch's, averaged over processes; ``lr`` is the base group's rate) and leaves the
+    trained weights in ``model`` and the optimizer in ``trainer.optimizer``. A checkpoint
+    records :meth:`config` (settings, miner, objective, model shapes, number of processes);
+    resuming with other values is refused -- except ``epochs``, which may grow to train on.
     """
 
     def __init__(self, model: nn.Module, objective: Callable, miner, source, optimizer="adam",
@@ -437,6 +443,8 @@ class Trainer:
         self.history = {"loss": [], "lr": [], "epoch": []}
         self.resumed_from: Optional[Path] = None
         self.rank, self.world_size = 0, 1
+        self.optimizer: Optional[torch.optim.Optimizer] = None  # built by fit()
+        self._settle_device(int(os.environ.get("LOCAL_RANK", 0)))
 
     # -- settings
     def _resolve_device(self, local_rank: int) -> torch.device:
@@ -569,19 +577,23 @@ class Trainer:
             if owns_group and dist.is_initialized():
                 dist.destroy_process_group()
 
-    def _fit(self, resume: bool, local_rank: int) -> dict:
+    def _settle_device(self, local_rank: int) -> None:
         self.device = self._resolve_device(local_rank)
         cuda = self.device.type == "cuda"
         self.amp = cuda if self.amp_spec is None else bool(self.amp_spec)
-        self.amp_dtype = torch.bfloat16 if (cuda and torch.cuda.is_bf16_supported()) else torch.float16
-        if self.device.type == "cpu":
-            self.amp_dtype = torch.bfloat16
+        self.amp_dtype = torch.bfloat16
+        if cuda and not torch.cuda.is_bf16_supported():
+            self.amp_dtype = torch.float16  # older GPUs: float16 with gradient scaling
+
+    def _fit(self, resume: bool, local_rank: int) -> dict:
+        self._settle_device(local_rank)
+        cuda = self.device.type == "cuda"
         channels_last = cuda if self.channels_last_spec is None else bool(self.channels_last_spec)
         self.model.to(self.device)
         if channels_last and getattr(self.model, "backbone", None) is not None:
             self.model.backbone.to(memory_format=torch.channels_last)
             self.model.channels_last = True
-        opt = self._make_optimizer()
+        opt = self.optimizer = self._make_optimizer()
         scaler = torch.amp.GradScaler("cuda") if (self.amp and cuda and self.amp_dtype == torch.float16) else None
         generator = torch.Generator().manual_seed(self.seed)
         plan, next_batch = None, 0
