@@ -71,3 +71,39 @@ def test_make_views_errors(tmp_path, kw, match):
     ds = _groups(tmp_path / "imgs", groups=2, per=1)
     with pytest.raises(ValueError, match=match):
         make_views(ds, cache_dir=tmp_path / "c", **kw)
+
+
+def test_composite_returns_the_box_it_pasted():
+    rng = np.random.default_rng(0)
+    fg = Image.fromarray(rng.integers(50, 256, (80, 120, 3), dtype=np.uint8))  # no black pixel
+    bg = Image.fromarray(np.zeros((100, 150, 3), dtype=np.uint8))
+    for seed in range(5):
+        out, (x0, y0, x1, y1) = composite(fg, bg, np.random.default_rng(seed), max_side=150, return_box=True)
+        pasted = np.asarray(out).any(axis=2)  # (H, W) where the foreground landed
+        ys, xs = np.nonzero(pasted)
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+        assert pasted[y0:y1, x0:x1].all() and pasted.sum() == (x1 - x0) * (y1 - y0)
+        # the same draw without the box gives the same pixels
+        same = composite(fg, bg, np.random.default_rng(seed), max_side=150)
+        assert np.array_equal(np.asarray(same), np.asarray(out))
+
+
+def test_view_set_records_the_box_of_each_composite(tmp_path):
+    ds = _groups(tmp_path / "imgs")
+    vs = make_views(ds, n_views=1, n_composites=1, seed=0, max_side=96, cache_dir=tmp_path / "cache", progress=False)
+    assert vs.boxes.shape == (len(vs), 4)
+    is_comp = vs.kind == "composite"
+    assert np.isnan(vs.boxes[~is_comp]).all() and np.isfinite(vs.boxes[is_comp]).all()
+    for path, box, src in zip(np.array(vs.paths)[is_comp], vs.boxes[is_comp], vs.source[is_comp]):
+        # the recorded box is the one composite() draws from the same seed
+        rng = np.random.default_rng([0, int(src), 1000])
+        others = np.flatnonzero(ds.labels != ds.labels[src])
+        j = int(others[rng.integers(len(others))])
+        _, want = composite(ds.database[int(src)], ds.database[j], rng, 96, return_box=True)
+        assert tuple(box) == want
+        with Image.open(path) as im:
+            W, H = im.size
+        assert 0 <= box[0] < box[2] <= W and 0 <= box[1] < box[3] <= H
+    again = make_views(ds, n_views=1, n_composites=1, seed=0, max_side=96, cache_dir=tmp_path / "cache",
+                       progress=False)  # read back from views.json
+    assert np.array_equal(again.boxes, vs.boxes, equal_nan=True)

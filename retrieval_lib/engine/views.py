@@ -9,7 +9,9 @@ The views are files, so the cache can fingerprint them like any other image:
   horizontal flip half of the time, brightness/contrast/saturation changes, and a
   random scale (long side 50-100 % of ``max_side``);
 * a *composite*: a crop of an image pasted, smaller, onto an image of another group --
-  it keeps the pasted image's label, so the head learns to find an object in clutter.
+  it keeps the pasted image's label, so the head learns to find an object in clutter;
+  the pasted box is recorded (``ViewSet.boxes``), so a notebook can measure where a
+  learned attention mask looks.
 
 Everything comes from the training side of :func:`retrieval_lib.engine.mining.honest_split`,
 so no evaluated image leaks into training. Taught in ``notebooks/05_wgem.ipynb``.
@@ -29,7 +31,7 @@ import numpy as np
 
 __all__ = ["ViewSet", "make_views", "augment", "composite", "VIEWS_VERSION"]
 
-VIEWS_VERSION = 1
+VIEWS_VERSION = 2  # 2: the rows record the pasted box of each composite
 KINDS = ("original", "view", "composite")
 
 
@@ -55,9 +57,13 @@ def augment(img, rng: np.random.Generator, max_side: int = 512):
     return resize_longer_side(out, long)
 
 
-def composite(fg, bg, rng: np.random.Generator, max_side: int = 512):
+def composite(fg, bg, rng: np.random.Generator, max_side: int = 512, return_box: bool = False):
     """Paste a crop of PIL image ``fg`` (60-100 % of its area), scaled to 40-70 % of the
-    background's short side, at a random place on ``bg`` (long side 70-100 % of ``max_side``)."""
+    background's short side, at a random place on ``bg`` (long side 70-100 % of ``max_side``).
+
+    Returns the composite, or with ``return_box`` ``(composite, box)``: ``box`` is the pasted
+    piece's ``(x0, y0, x1, y1)`` in the composite's pixels (``x1``, ``y1`` exclusive).
+    """
     from retrieval_lib.engine.extract import resize_longer_side
 
     bg = resize_longer_side(bg, max(64, int(round(rng.uniform(0.7, 1.0) * max_side)))).copy()
@@ -70,6 +76,8 @@ def composite(fg, bg, rng: np.random.Generator, max_side: int = 512):
     px = int(rng.integers(0, bg.size[0] - piece.size[0] + 1))
     py = int(rng.integers(0, bg.size[1] - piece.size[1] + 1))
     bg.paste(piece, (px, py))
+    if return_box:
+        return bg, (px, py, px + piece.size[0], py + piece.size[1])
     return bg
 
 
@@ -82,6 +90,8 @@ class ViewSet:
         labels: (N,) int64 group of each image (a composite takes its pasted image's group).
         source: (N,) int64 index in the source data set of the image it was made from.
         kind: (N,) ``"original"``, ``"view"`` or ``"composite"``.
+        boxes: (N, 4) float64, a composite's pasted box ``(x0, y0, x1, y1)`` in its own
+            pixels (see :func:`composite`); NaN for originals and views.
         group_names: ``group_names[label]``, as in the source data set.
         folder: where the generated files are (``None`` when there are none).
     """
@@ -90,6 +100,7 @@ class ViewSet:
     labels: np.ndarray
     source: np.ndarray
     kind: np.ndarray
+    boxes: np.ndarray
     group_names: list
     folder: Optional[Path] = None
 
@@ -116,7 +127,7 @@ def _fingerprint(paths, params: dict) -> str:
 
 
 def _build(folder: Path, paths, labels, n_views, n_composites, seed, max_side, progress) -> list:
-    """Write the JPEGs into ``folder``; return the rows ``[file, label, source, kind]``."""
+    """Write the JPEGs into ``folder``; return the rows ``[file, label, source, kind, box or None]``."""
     from tqdm.auto import tqdm
 
     from retrieval_lib.data.images import load_image
@@ -129,14 +140,15 @@ def _build(folder: Path, paths, labels, n_views, n_composites, seed, max_side, p
             rng = np.random.default_rng([seed, i, k])
             f = f"view_{i:06d}_{k}.jpg"
             augment(img, rng, max_side).save(folder / f, quality=90)
-            rows.append([f, int(labels[i]), i, "view"])
+            rows.append([f, int(labels[i]), i, "view", None])
         others = np.flatnonzero(labels != labels[i])
         for k in range(n_composites if len(others) else 0):
             rng = np.random.default_rng([seed, i, 1000 + k])
             j = int(others[rng.integers(len(others))])
             f = f"composite_{i:06d}_{k}.jpg"
-            composite(img, load_image(paths[j]), rng, max_side).save(folder / f, quality=90)
-            rows.append([f, int(labels[i]), i, "composite"])
+            out, box = composite(img, load_image(paths[j]), rng, max_side, return_box=True)
+            out.save(folder / f, quality=90)
+            rows.append([f, int(labels[i]), i, "composite", list(box)])
     return rows
 
 
@@ -145,7 +157,7 @@ def make_views(dataset, n_views: int = 4, n_composites: int = 1, seed: int = 0, 
     """The images of ``dataset`` (a GroupDataset), ``n_views`` augmented views of each and
     ``n_composites`` composites of each (pasted onto a random image of another group).
 
-    The generated JPEGs go to ``<cache_dir>/views_v1/<fingerprint>/`` (``cache_dir``
+    The generated JPEGs go to ``<cache_dir>/views_v<VIEWS_VERSION>/<fingerprint>/`` (``cache_dir``
     defaults to :func:`~retrieval_lib.data.datasets.cache_root`); the fingerprint covers the
     source files (path, size, modification time) and every parameter, so a changed image
     or setting gives a new folder, and the same call reuses the folder it built. The
@@ -163,7 +175,7 @@ def make_views(dataset, n_views: int = 4, n_composites: int = 1, seed: int = 0, 
     labels = np.asarray(dataset.labels, dtype=np.int64)
     n = len(paths)
     orig = ViewSet(list(paths), labels.copy(), np.arange(n), np.array(["original"] * n, dtype="<U9"),
-                   list(dataset.group_names))
+                   np.full((n, 4), np.nan), list(dataset.group_names))
     if n_views == 0 and n_composites == 0:
         return orig
     params = {"v": VIEWS_VERSION, "n_views": n_views, "n_composites": n_composites, "seed": seed,
@@ -192,4 +204,6 @@ def make_views(dataset, n_views: int = 4, n_composites: int = 1, seed: int = 0, 
         labels=np.concatenate([orig.labels, np.array([r[1] for r in rows], dtype=np.int64)]),
         source=np.concatenate([orig.source, np.array([r[2] for r in rows], dtype=np.int64)]),
         kind=np.concatenate([orig.kind, np.array([r[3] for r in rows], dtype="<U9")]),
+        boxes=np.concatenate([orig.boxes, np.array([[np.nan] * 4 if r[4] is None else r[4] for r in rows],
+                                                   dtype=np.float64).reshape(-1, 4)]),
         group_names=orig.group_names, folder=final)
