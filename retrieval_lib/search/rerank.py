@@ -4,6 +4,8 @@
 * :func:`dba` -- each database vector becomes a weighted sum of its neighbours.
 * :func:`exclude_self` -- drop a query from its own ranking (queries = database images).
 * :func:`expand` -- DBA on the database, then alpha-QE of the queries, in one call.
+* :func:`expanded_ranks` -- the ranks after both; when the queries are the database images,
+  each query is left out of the database it is searched in (its own DBA included).
 
 Shapes: descriptors ``(N, D)`` L2-normalised, ``ranks`` ``(n_q, k)`` best first.
 Taught in ``notebooks/04_rmac.ipynb``.
@@ -20,7 +22,7 @@ from retrieval_lib.layers._checks import as_descriptors, check_int
 from retrieval_lib.layers.functional import l2n
 from retrieval_lib.search.nearest import ArrayLike, _knn, _pair, rank_database
 
-__all__ = ["alpha_qe", "dba", "exclude_self", "expand"]
+__all__ = ["alpha_qe", "dba", "exclude_self", "expand", "expanded_ranks"]
 
 
 def _weighted_sum(base: Optional[torch.Tensor], X: torch.Tensor, idx: torch.Tensor,
@@ -135,6 +137,15 @@ def exclude_self(ranks) -> np.ndarray:
     return R[~drop].reshape(R.shape[0], R.shape[1] - 1).astype(np.int64, copy=False)
 
 
+def _expand_settings(n_qe, n_dba, alpha, fn: str) -> tuple:
+    n_qe = check_int(n_qe, "n_qe", fn, minimum=0)
+    n_dba = check_int(n_dba, "n_dba", fn, minimum=0)
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"{fn}: alpha must be a finite number >= 0, got {alpha!r}")
+    return n_qe, n_dba, alpha
+
+
 def expand(X: torch.Tensor, Q: Optional[torch.Tensor] = None, n_qe: int = 2, n_dba: int = 0,
            alpha: float = 3.0) -> tuple:
     """Database-side augmentation, then alpha query expansion: ``(X', Q')``.
@@ -145,24 +156,34 @@ def expand(X: torch.Tensor, Q: Optional[torch.Tensor] = None, n_qe: int = 2, n_d
     2. alpha-QE (when ``n_qe >= 1``): each query's top ``n_qe`` neighbours in ``X'`` give
        ``Q' = l2n(q + sum_j max(q . x'_j, 0)^alpha x'_j)``.
 
-    ``Q=None`` means the queries are the database images themselves (``Q = X``, before
-    augmentation); the query is then not counted as its own neighbour
-    (:func:`exclude_self`). Search ``Q'`` against ``X'`` afterwards, e.g.
-    ``book.evaluate(X', Q')``. Shapes ``X (N, D)``, ``Q (n_q, D)``; both L2-normalised.
+    ``Q=None`` means the queries are the database images themselves (``Q = X``); the query
+    is then not counted as its own neighbour (:func:`exclude_self`). Search ``Q'`` against
+    ``X'`` afterwards, e.g. ``book.evaluate(X', Q')``. Shapes ``X (N, D)``, ``Q (n_q, D)``;
+    both L2-normalised.
+
+    DBA with ``Q=None`` is refused: one augmented database would hold every query's own
+    vector inside its neighbours' vectors (a query's positives would be pulled towards the
+    query by the query itself), which no real search can do. :func:`expanded_ranks` gives
+    the ranks with each query left out of the database it is searched in.
 
     Source: alpha-QE and alpha-DBA as in Radenović, Tolias & Chum, TPAMI 2018 (DBA:
     Arandjelović & Zisserman, CVPR 2012); used with R-MAC by Gordo et al., IJCV 2017.
     The formulas are :func:`alpha_qe` and
     :func:`dba`. Taught in ``notebooks/04_rmac.ipynb``.
+
+    Raises:
+        ValueError: bad ``n_qe``/``n_dba``/``alpha``; more neighbours than the database has;
+            ``Q=None`` with ``n_dba >= 2`` (use :func:`expanded_ranks`).
     """
-    n_qe = check_int(n_qe, "n_qe", "expand", minimum=0)
-    n_dba = check_int(n_dba, "n_dba", "expand", minimum=0)
-    alpha = float(alpha)
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"expand: alpha must be a finite number >= 0, got {alpha!r}")
+    n_qe, n_dba, alpha = _expand_settings(n_qe, n_dba, alpha, "expand")
     self_query = Q is None
     n_db = as_descriptors(X, "X", "expand").shape[0]
     if self_query:
+        if n_dba >= 2:
+            raise ValueError(f"expand: n_dba={n_dba} with Q=None (the queries are the database images) would put "
+                             "each query's own vector into its neighbours' DBA vectors; use "
+                             "expanded_ranks(X, None, n_qe, n_dba, alpha), which leaves each query out of its "
+                             "database, or pass separate queries Q")
         Q = X
     else:
         as_descriptors(Q, "Q", "expand")
@@ -179,3 +200,76 @@ def expand(X: torch.Tensor, Q: Optional[torch.Tensor] = None, n_qe: int = 2, n_d
     if self_query:
         ranks = exclude_self(ranks)
     return Xa, alpha_qe(Q, Xa, ranks, n=n_qe, alpha=alpha)
+
+
+def expanded_ranks(X: ArrayLike, Q: Optional[ArrayLike] = None, n_qe: int = 2, n_dba: int = 0,
+                   alpha: float = 3.0) -> np.ndarray:
+    """Ranks after DBA and alpha-QE: ``(n_q, n_db)`` database indices best first, int64 numpy.
+
+    Separate queries (``Q`` given): ``rank_database(Q', X')`` with ``(X', Q') = expand(X, Q,
+    n_qe, n_dba, alpha)``.
+
+    ``Q=None``: every database image is a query (real171, Holidays-style sets), and query
+    ``q`` is searched as if it were not in the database, as a new photo would be. Its
+    database is ``X`` without ``x_q``, augmented without ``x_q``: a database vector ``x_j``
+    whose ``n_dba`` nearest neighbours include ``x_q`` is augmented, for this query, with
+    its next neighbour instead,
+
+        x'_j(-q) = l2n( sum_{i <= n_dba, i != q} w_ji x_i  +  w_j,n_dba+1 x_(n_dba+1) ),
+        w_ji = max(x_j . x_i, 0)^alpha,
+
+    the expansion takes the top ``n_qe`` of ``x_q`` among those vectors, and ``q`` itself is
+    ranked last (the benchmark counts it as junk). Only the pairs ``(q, j)`` with ``x_q``
+    among ``x_j``'s neighbours differ from plain DBA, at most ``n_db * (n_dba - 1)`` of
+    them, so this costs one ``(n_db, n_db)`` score matrix plus one vector per such pair.
+    Without DBA it ranks exactly as ``expand(X, None, n_qe)`` then search does.
+
+    Evaluate with ``benchmark.evaluate(ranks)``. Taught in ``notebooks/04_rmac.ipynb``.
+
+    Raises:
+        ValueError: ``X`` or ``Q`` empty or holding NaN/inf; bad ``n_qe``/``n_dba``/``alpha``;
+            with ``Q=None``, ``n_dba`` or ``n_qe`` above ``n_db - 1`` (the database a query
+            sees has one vector less).
+    """
+    n_qe, n_dba, alpha = _expand_settings(n_qe, n_dba, alpha, "expanded_ranks")
+    if Q is not None:
+        Xa, Qa = expand(X, Q, n_qe=n_qe, n_dba=n_dba, alpha=alpha)
+        return rank_database(Qa, Xa)
+    Xt = as_descriptors(X, "X", "expanded_ranks")
+    N, D = Xt.shape
+    for name, n in (("n_dba", n_dba), ("n_qe", n_qe)):
+        if n > N - 1:
+            raise ValueError(f"expanded_ranks: {name}={n} neighbours but with the query left out the database "
+                             f"has {N - 1} vectors; pass {name} <= {N - 1}")
+    empty = torch.empty(0, dtype=torch.long, device=Xt.device)
+    q_of, j_of, A = empty, empty, Xt.new_zeros((0, D))  # pairs (query, database item) and their vectors
+    Xa = Xt
+    if n_dba >= 2:
+        s, idx = _knn(Xt, Xt, n_dba + 1, fn="expanded_ranks")  # (N, n_dba + 1), best first
+        w = s.clamp_min(0).pow(alpha)  # (N, n_dba + 1)
+        U = _weighted_sum(None, Xt, idx[:, :n_dba], s[:, :n_dba], alpha)  # (N, D) plain DBA, not normalised
+        Xa = l2n(U)
+        j_of, p = torch.nonzero(idx[:, :n_dba] != torch.arange(N, device=Xt.device)[:, None], as_tuple=True)
+        q_of = idx[j_of, p]  # x_q is a DBA neighbour of x_j: for query q, x_j is augmented without it
+        A = l2n(U[j_of] - w[j_of, p, None] * Xt[q_of] + w[j_of, n_dba, None] * Xt[idx[j_of, n_dba]])  # (P, D)
+    keys = q_of * N + j_of
+    keys, order = keys.sort()
+    q_of, j_of, A = q_of[order], j_of[order], A[order]
+
+    def scores(V: torch.Tensor) -> torch.Tensor:
+        """(N, D) query vectors -> (N, N) scores against the database each query sees."""
+        S = V @ Xa.T
+        S[q_of, j_of] = (V[q_of] * A).sum(dim=1)
+        S.fill_diagonal_(-math.inf)
+        return S
+
+    S = scores(Xt)
+    if n_qe >= 1:
+        sims, nb = torch.topk(S, n_qe, dim=1)  # (N, n_qe)
+        V = Xa[nb]  # (N, n_qe, D) the neighbours as each query sees them
+        want = torch.arange(N, device=Xt.device)[:, None] * N + nb  # (N, n_qe) pair keys
+        pos = torch.searchsorted(keys, want.reshape(-1)).reshape(want.shape).clamp_max(max(len(keys) - 1, 0))
+        hit = keys[pos] == want if len(keys) else torch.zeros_like(want, dtype=torch.bool)
+        V[hit] = A[pos[hit]]
+        S = scores(l2n(Xt + (sims.clamp_min(0).pow(alpha)[..., None] * V).sum(dim=1)))
+    return torch.sort(S, dim=1, descending=True, stable=True).indices.cpu().numpy()
