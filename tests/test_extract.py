@@ -384,3 +384,16 @@ def test_empty_image_list_is_not_called_unreadable(model, image_files, tmp_path)
             extract_descriptors(model, ImageList([str(bad)], on_error="skip"), "mac", image_size=SIZE,
                                 num_workers=0, progress=False)
     assert any("1 of 1 images could not be read and were skipped" in str(w.message) for w in caught)
+
+
+def test_cache_is_keyed_on_autocast(image_files, tmp_path):
+    """An autocast (AMP) run never gets float32 maps from the cache, nor the reverse."""
+    images = ImageList(image_files[:2])
+    tiny = _TinyBackbone("relu").eval()
+    kw = dict(image_size=SIZE, num_workers=0, progress=False, cache_dir=tmp_path)
+    fp32 = extract_fmaps(tiny, images, amp=False, **kw)
+    amp = extract_fmaps(tiny, images, amp=True, **kw)  # bfloat16 autocast on the CPU
+    assert not torch.equal(fp32[0], amp[0])
+    torch.testing.assert_close(amp[0], extract_fmaps(tiny, images, amp=True, image_size=SIZE, num_workers=0,
+                                                      progress=False)[0], atol=0, rtol=0)
+    assert len(list(tmp_path.glob("*.pt"))) == 2

@@ -354,11 +354,23 @@ def cache_key(images, model, image_size: int, scale: float, what: str) -> str:
     return _entry_key(_images_fingerprint(images), module_fingerprint(model), name, image_size, scale, what)
 
 
+def _numerics(model, device, amp: bool | None) -> str:
+    """``"fp32"``, or ``"amp-<device type>"`` when the forward runs under autocast.
+
+    Part of every cache key: float16/bfloat16 maps differ from float32 ones by ~1e-3, so an
+    AMP run on a GPU must never hand its descriptors to a float32 run (or the reverse).
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    use_amp = dev.type == "cuda" if amp is None else bool(amp)
+    return f"amp-{dev.type}" if use_amp else "fp32"
+
+
 class _Cache:
     """The cache of one extraction call: fingerprints computed once, entries keyed per scale."""
 
-    def __init__(self, cache_dir, images, model, fn: str):
+    def __init__(self, cache_dir, images, model, fn: str, device=None, amp: bool | None = None):
         self.dir = None if cache_dir is None else Path(cache_dir)
+        self.numerics = _numerics(model, device, amp)
         if self.dir is None:
             return
         self.model_fp, reason = _fingerprint_or_reason(model)
@@ -372,7 +384,7 @@ class _Cache:
         self.images_fp = _images_fingerprint(images)
 
     def key(self, image_size: int, scale: float, what: str) -> str:
-        return _entry_key(self.images_fp, self.model_fp, self.name, image_size, scale, what)
+        return _entry_key(self.images_fp, self.model_fp, self.name, image_size, scale, f"{what}-{self.numerics}")
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.pt"
@@ -490,7 +502,7 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
     Taught in ``notebooks/00_pipeline.ipynb`` and used by every later notebook.
     """
     n = _check_images(images, "extract_fmaps")
-    cache = _Cache(cache_dir, images, model, "extract_fmaps")
+    cache = _Cache(cache_dir, images, model, "extract_fmaps", device, amp)
     path = key = None
     if cache.dir is not None:
         key = cache.key(image_size, scale, "fmaps")
@@ -629,7 +641,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
     if not scales or any(not (math.isfinite(s) and s > 0) for s in scales):
         raise ValueError(f"extract_descriptors: scales must be positive numbers, got {scales}")
     n = _check_images(images, "extract_descriptors")
-    cache = _Cache(cache_dir, images, model, "extract_descriptors")
+    cache = _Cache(cache_dir, images, model, "extract_descriptors", device, amp)
     tags = _pooling_tags(poolings, cache)
     t0 = time.perf_counter()
     per_label: dict = {label: [] for label in poolings}  # label -> one (N, D) per scale
