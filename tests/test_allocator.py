@@ -127,3 +127,47 @@ def test_mallinfo_reads_glibc_counters():
     info = allocator.mallinfo()
     assert set(info) >= {"arena", "hblks", "hblkhd", "uordblks", "fordblks"}
     assert info["uordblks"] > 0  # this interpreter has allocated something
+
+
+_ENTRY_POINTS = """
+import json, sys
+which = sys.argv[1]
+if which == "cli":
+    import retrieval_lib.book.reproduce as reproduce
+    reproduce.main_reproduce = lambda args: 0  # the command itself is not under test here
+    from retrieval_lib.__main__ import main
+    assert main(["reproduce", "--notebooks", "none"]) == 0
+else:
+    from retrieval_lib.book import session
+
+    class _Stop(Exception):
+        pass
+
+    def _stop(*a, **k):
+        raise _Stop  # stop start() once it is past the tuning: no data or backbone needed
+    session.scale_config = _stop
+    try:
+        session.start("smoke")
+    except _Stop:
+        pass
+from retrieval_lib.engine.allocator import allocator_state
+print(json.dumps(allocator_state()))
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize("entry", ["cli", "session"])
+@pytest.mark.parametrize("switch", ["", "system"])
+def test_entry_points_apply_the_tuning(entry, switch):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RETRIEVAL_ALLOCATOR", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")}
+    if switch:
+        env["RETRIEVAL_ALLOCATOR"] = switch
+    out = subprocess.run([sys.executable, "-c", _ENTRY_POINTS, entry], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state is not None and state["tuned"] is (switch != "system")
+    if entry == "cli":  # the command line shows the one line on stderr
+        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("retrieval_lib: allocator:")]
+        assert len(lines) == 1 and ("defaults kept" in lines[0]) is (switch == "system")

@@ -202,7 +202,9 @@ def start(scale: str | None = None, data_root=None, device="auto", seed: int = 0
     """
     from retrieval_lib.models.backbones import load_backbone
     from retrieval_lib.data.datasets import cache_root
+    from retrieval_lib.engine.allocator import tune_allocator
 
+    tune_allocator()  # once per process (a faster CPU forward); RETRIEVAL_ALLOCATOR=system keeps glibc's malloc
     cfg = scale_config(scale)
     progress = default_progress() if progress is None else bool(progress)
     seed_everything(seed)
