@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval_lib.book.wgem import (box_area_share, cell_coverage, mask_mass_in_box, object_composites, take,
+from retrieval_lib.book.wgem import (box_area_share, cell_coverage, localisation_composites, mask_mass_in_box,
+                                     object_composites, take,
                                      train_with_validation, wgem_backward, wgem_grads)
 from retrieval_lib.data.datasets import GroupDataset
 from retrieval_lib.engine.mining import TupleMiner
@@ -191,6 +192,42 @@ def test_object_composites_errors(tmp_path):
         object_composites(objects, bgs, per_object=3, cache_dir=tmp_path / "c")
     with pytest.raises(ValueError, match="max_side"):
         object_composites(objects, bgs, max_side=10, cache_dir=tmp_path / "c")
+
+
+def test_localisation_composites_share_no_object_and_no_background(tmp_path):
+    objects = _groups(tmp_path / "obj", groups=4, per=2)
+    bgs = _backgrounds(tmp_path / "bg", n=6)
+    paths = list(objects.database.paths) + [str(b) for b in bgs]
+    groups = [objects.group_names[l] for l in objects.labels] + [f"scene{i}" for i in range(6)]
+    ds = GroupDataset(paths, groups, subsets=["ukbench56"] * 8 + ["landmarks23"] * 6)
+    train, held = localisation_composites(ds, held_frac=0.25, n_backgrounds=2, per_object=2, seed=0, max_side=100,
+                                          cache_dir=tmp_path / "c", progress=False)
+
+    def names(cs):
+        return {cs.group_names[lab] for lab in cs.labels}
+
+    # the UKBench images are the objects, one group of four held out; the scenes are backgrounds
+    assert names(train) | names(held) == {"g0", "g1", "g2", "g3"} and not names(train) & names(held)
+    assert len(names(held)) == 1 and len(train) == 3 * 2 * 2 and len(held) == 1 * 2 * 2
+    assert len(train.background_files) == len(held.background_files) == 2
+    assert not set(train.background_files) & set(held.background_files)
+    assert set(train.background_files) | set(held.background_files) <= {str(b) for b in bgs}
+    with pytest.raises(ValueError, match="n_backgrounds"):
+        localisation_composites(ds, n_backgrounds=4, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_localisation_composites_without_an_objects_subset_use_half_the_groups(tmp_path):
+    from retrieval_lib.engine.mining import split_groups
+
+    ds = _groups(tmp_path / "obj", groups=6, per=2)
+    is_object = split_groups(ds.labels, 0.5, 0)
+    train, held = localisation_composites(ds, held_frac=0.34, per_object=1, seed=0, max_side=100,
+                                          cache_dir=tmp_path / "c", progress=False)
+    obj_groups = {ds.group_names[lab] for lab in ds.labels[is_object]}
+    assert {train.group_names[lab] for lab in train.labels} | {held.group_names[lab] for lab in held.labels} == obj_groups
+    assert len(train) + len(held) == int(is_object.sum())
+    bg_files = set(train.background_files) | set(held.background_files)
+    assert bg_files <= {str(p) for p, o in zip(ds.database.paths, is_object) if not o}
 
 
 def test_take_keeps_groups_and_subsets(tmp_path):

@@ -11,7 +11,8 @@ This module holds what ``notebooks/05_wgem.ipynb`` needs around it:
 * :func:`cell_coverage`, :func:`mask_mass_in_box`, :func:`box_area_share` -- how much
   of a mask lies inside an image box, each map cell standing for one tile of the image.
 * :func:`object_composites` -- objects pasted onto cluttered backgrounds, written once
-  as files with the pasted boxes recorded (the localisation experiment).
+  as files with the pasted boxes recorded; :func:`localisation_composites` -- the training
+  and held-out composites of the localisation experiment, sharing no object and no background.
 * :func:`take` -- a GroupDataset's images selected by a mask (a validation split).
 * :func:`train_with_validation` -- the engine's :class:`~retrieval_lib.engine.trainer.Trainer`
   with the mAP of held-out training groups measured after every epoch, keeping the
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["wgem_grads", "wgem_backward", "cell_coverage", "mask_mass_in_box", "box_area_share",
-           "CompositeSet", "object_composites", "take", "train_with_validation", "COMPOSITES_VERSION"]
+           "CompositeSet", "object_composites", "localisation_composites", "take", "train_with_validation",
+           "COMPOSITES_VERSION"]
 
 COMPOSITES_VERSION = 1
 
@@ -176,7 +178,8 @@ class CompositeSet:
         boxes: (N, 4) float64, the pasted box ``(x0, y0, x1, y1)`` in the file's pixels.
         sizes: (N, 2) int64, each file's ``(width, height)``.
         objects: (N,) int64, index of the pasted image in the objects' dataset.
-        backgrounds: (N,) int64, index of the background in the list given.
+        backgrounds: (N,) int64, index of the background in ``background_files``.
+        background_files: the background images given, as paths.
         group_names: ``group_names[label]``, as in the objects' dataset.
         folder: where the files are.
     """
@@ -187,6 +190,7 @@ class CompositeSet:
     sizes: np.ndarray
     objects: np.ndarray
     backgrounds: np.ndarray
+    background_files: list
     group_names: list
     folder: Path
 
@@ -278,8 +282,48 @@ def object_composites(objects, backgrounds: Sequence, per_object: int = 2, seed:
                         boxes=np.array([r[4] for r in rows], dtype=np.float64).reshape(-1, 4),
                         sizes=np.array([r[5] for r in rows], dtype=np.int64).reshape(-1, 2),
                         objects=np.array([r[2] for r in rows], dtype=np.int64),
-                        backgrounds=np.array([r[3] for r in rows], dtype=np.int64),
+                        backgrounds=np.array([r[3] for r in rows], dtype=np.int64), background_files=bgs,
                         group_names=list(objects.group_names), folder=final)
+
+
+def localisation_composites(dataset, held_frac: float = 0.3, n_backgrounds: Optional[int] = None,
+                            per_object: int = 2, object_subsets: Sequence[str] = ("ukbench56",), seed: int = 0,
+                            max_side: int = 512, cache_dir=None, progress: bool = True):
+    """Training and held-out composites for the localisation experiment, from ``dataset``'s images.
+
+    * Objects and clutter: when ``dataset`` has subsets named in ``object_subsets``
+      (UKBench: one object per group, photographed close up), their images are the objects
+      and every other image is a background; otherwise half of the groups
+      (:func:`~retrieval_lib.engine.mining.split_groups`) are objects and the images of the
+      rest backgrounds.
+    * The object groups are split (``held_frac`` of them held out) and the backgrounds are
+      shuffled and dealt into two disjoint pools of ``n_backgrounds`` each (default: half
+      of them each), so no held-out composite shares an object or a background with a
+      training one. A small pool makes non-matching composites share backgrounds: hard
+      negatives that only the object tells apart.
+
+    Returns ``(train, held)``, two :class:`CompositeSet` (:func:`object_composites` with
+    ``per_object`` backgrounds per object image).
+    """
+    from retrieval_lib.engine.mining import split_groups
+
+    subsets = dataset.subsets if dataset.subsets is not None else np.full(len(dataset.labels), "")
+    is_object = np.isin(subsets, list(object_subsets))
+    if not is_object.any() or is_object.all():
+        is_object = split_groups(dataset.labels, 0.5, seed)
+    objects = take(dataset, is_object, "objects")
+    backgrounds = [dataset.database.paths[i] for i in np.flatnonzero(~is_object)]
+    order = np.random.default_rng(seed).permutation(len(backgrounds))
+    n_bg = len(backgrounds) // 2 if n_backgrounds is None else int(n_backgrounds)
+    if not 1 <= n_bg <= len(backgrounds) // 2:
+        raise ValueError(f"localisation_composites: n_backgrounds must be from 1 to {len(backgrounds) // 2} "
+                         f"(half of the {len(backgrounds)} background images), got {n_backgrounds!r}")
+    held = ~split_groups(objects.labels, 1.0 - held_frac, seed)
+    out = []
+    for side, pool in ((~held, order[:n_bg]), (held, order[n_bg:2 * n_bg])):
+        out.append(object_composites(take(objects, side), [backgrounds[i] for i in pool], per_object=per_object,
+                                     seed=seed, max_side=max_side, cache_dir=cache_dir, progress=progress))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- data sets
