@@ -4,6 +4,12 @@ Runs the chosen benchmarks (default: all; with ``--quick`` all but ``suite``), w
 ``<out>/<name>.json`` and ``<out>/<name>.md`` for each, ``<out>/scaling.png``, and
 rebuilds ``<out>/results.md`` / ``results.json`` from every benchmark result present in
 ``<out>`` (so running one benchmark again updates its part of the table only).
+
+Like ``python -m retrieval_lib``, it first applies the library's malloc tuning
+(:func:`retrieval_lib.engine.allocator.tune_allocator`; ``RETRIEVAL_ALLOCATOR=system``
+keeps glibc's defaults), so every benchmark measures the library as its users run it;
+each result records which allocator it ran with. ``cpu`` measures the tuning itself
+with and without, side by side.
 """
 from __future__ import annotations
 
@@ -15,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from retrieval_lib.engine.allocator import tune_allocator
+
 from .timing import machine_info, machine_line, write_results
 
-BENCHMARKS = ("pooling", "extraction", "evaluation", "search", "scaling", "suite")
+BENCHMARKS = ("cpu", "pooling", "extraction", "evaluation", "search", "scaling", "curriculum", "suite")
 QUICK = BENCHMARKS[:-1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -57,6 +65,9 @@ def _section_note(res: dict) -> str:
     note = f"_Run {res.get('measured_at', '?')}"
     note += f", load average {load[0]:.2f} on {m.get('cores')} cores" if load else ""
     note += f", {res.get('benchmark_wall_s', 0):.0f} s"
+    alloc = res.get("allocator_state")
+    if alloc is not None:
+        note += ", malloc tuned" if alloc.get("tuned") else ", glibc malloc defaults"
     if res.get("quick"):
         note += "; quick mode: small sizes, only to check the scripts, not for quoting"
     return note + "._"
@@ -88,7 +99,8 @@ def combine(out: Path, info: dict) -> str:
               "Ratios, not absolute times, are the claims: each row times a plain reference and the "
               "library in the same process, interleaved, after a warm-up (medians). "
               "The machine is shared: each section says when it ran and the load average then. "
-              "Regenerate with `python -m benchmarks` (about 15 min on 2 cores, plus the suite).", ""]
+              "Regenerate with `python -m benchmarks` (about 20 min on 2 cores, plus the curriculum's three "
+              "`reproduce` runs and the suite).", ""]
     text = "\n".join(header) + "\n" + "\n\n".join(parts) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
@@ -103,6 +115,7 @@ def main(argv=None) -> int:
         os.environ["RETRIEVAL_DATA"] = str(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    allocator = tune_allocator()
     info = machine_info()
     for name in names:
         mod = importlib.import_module(f"benchmarks.{name}")
@@ -110,6 +123,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         res = mod.run(quick=args.quick, repeats=args.repeats)
         res["machine"] = before
+        res["allocator_state"] = allocator
         res["benchmark_wall_s"] = time.perf_counter() - t0
         res["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
         md = mod.to_markdown(res)

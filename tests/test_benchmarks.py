@@ -17,7 +17,7 @@ if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repository, not
     sys.path.insert(0, str(REPO))
 
 from benchmarks import __main__ as cli  # noqa: E402
-from benchmarks import evaluation, pooling, search, suite, timing  # noqa: E402
+from benchmarks import cpu, curriculum, evaluation, pooling, search, suite, timing  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,77 @@ def test_quick_scaling_matches(quick_results):
     res = quick_results[1]["results"]["scaling"]
     assert res["summary"]["all_match"]
     assert [r["database"] for r in res["rows"]] == sorted(r["database"] for r in res["rows"])
+
+
+def test_quick_cpu_levers_side_by_side(quick_results):
+    res = quick_results[1]["results"]["cpu"]
+    # the two child processes differ by the switch only, and each did what it says
+    assert res["system"]["allocator"]["tuned"] is False and "RETRIEVAL_ALLOCATOR=system" in res["system"]["allocator"]["reason"]
+    assert res["tuned"]["allocator"]["tuned"] is (cpu_allocator_possible())
+    assert res["system"]["pid"] != res["tuned"]["pid"]
+    a = res["allocator"]
+    assert a["system_s"] > 0 and a["tuned_s"] > 0 and a["speedup"] == pytest.approx(a["system_s"] / a["tuned_s"])
+    assert len(a["speedup_per_repeat"]) == res["repeats"]
+    levers = {lv["lever"]: lv for lv in res["levers"]}
+    assert {"1 torch thread", "channels_last", "BatchNorm folded", "bfloat16 autocast"} <= set(levers)
+    for name in ("1 torch thread", "channels_last", "BatchNorm folded", "BatchNorm folded + channels_last"):
+        assert levers[name]["max_abs_diff"] <= cpu.MAP_TOL, (name, levers[name]["max_abs_diff"])
+    assert set(res["summary"]["kept"]) <= set(levers) - {"bfloat16 autocast"}
+    dec = {r["decoder"]: r for r in res["decoding"]}
+    assert dec["PIL (library)"]["max_pixel_diff"] == 0 and dec["PIL (library)"]["speedup"] == pytest.approx(1.0)
+    assert all(r["same_shape"] for r in res["decoding"])  # every decoder gives the library's input sizes
+    so = res["scale_out"]  # 2 torchrun processes x 1 thread against 1 process: the same descriptors
+    assert so is None or (so["max_abs_diff"] < 1e-5 and so["n_images"] == 8 and so["sharded_s"] > 0)
+    assert "malloc tuned" in (quick_results[0] / "results.md").read_text() or not cpu_allocator_possible()
+
+
+def cpu_allocator_possible() -> bool:
+    from retrieval_lib.engine.allocator import _glibc
+
+    return _glibc() is not None
+
+
+def test_quick_curriculum_harness(quick_results):
+    res = quick_results[1]["results"]["curriculum"]
+    assert set(res["runs"]) == {"smoke", "smoke_warm"} and res["summary"]["all_ran"]
+    for r in res["runs"].values():
+        assert r["returncode"] == 0 and r["scale"] == "smoke" and r["offtheshelf_s"] > 0
+        assert r["wall_s"] > r["offtheshelf_s"]
+        assert curriculum.parts(r)[0][0] == "off-the-shelf comparison"
+
+
+def test_fold_batchnorm_keeps_the_maps():
+    from retrieval_lib.models.backbones import efficientnet_lite
+
+    torch.manual_seed(0)
+    model = efficientnet_lite(0, pretrained=False)
+    for m in model.modules():  # non-trivial statistics, so that folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    folded = cpu.fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    x = torch.randn(2, 3, 65, 47)
+    with torch.inference_mode():
+        ref, out = model.features(x), folded.features(x)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_curriculum_parts_and_markdown():
+    run = {"label": "cpu, cold cache", "scale": "cpu", "wall_s": 100.0, "returncode": 0, "timed_out": False,
+           "benchmark": "real171", "offtheshelf_s": 10.0, "notebooks": {"00_pipeline": 30.0, "01_mac": 50.0},
+           "load_before": [1.0, 1.0, 1.0], "load_after": [2.0, 2.0, 2.0], "stderr_tail": []}
+    assert curriculum.parts(run) == [("off-the-shelf comparison", 10.0, 0.1), ("00_pipeline", 30.0, 0.3),
+                                     ("01_mac", 50.0, 0.5)]
+    smoke = dict(run, label="smoke, cold cache", scale="smoke", notebooks={"00_pipeline": 31.0})
+    res = {"quick": False, "runs": {"smoke": smoke, "cpu_cold": run},
+           "summary": {"smoke_slowest_notebook_s": 31.0, "smoke_target_met": False}}
+    md = curriculum.to_markdown(res)
+    assert "| 01_mac | 50.0 | 50 % |" in md and "(target <= 15 min: met)" in md
+    assert "| 00_pipeline | 31.0 | 31 % | **no** |" in md and "30 s each: NOT met" in md
 
 
 # ------------------------------------------------------------------------- references by hand
