@@ -8,7 +8,7 @@ and differ only in how ``m`` and ``P`` are learned. They are held by one small
 :class:`Whitening` object that applies itself, truncates its output dimension, turns into
 an ``nn.Linear`` and saves/loads through a plain ``state_dict``.
 
-Taught in ``notebooks/09_whitening.ipynb``.
+Taught in ``notebooks/08_whitening.ipynb``.
 
 Numerics: statistics are computed in float64 whatever the input dtype; ``m`` and ``P`` are
 returned in the input's dtype and on its device. A covariance with an eigenvalue that is
@@ -74,7 +74,7 @@ class Whitening:
             so notebooks can plot the spectrum.
         extra: small dict of settings used to learn it (e.g. ``{"shrinkage": 0.0}``).
 
-    Taught in ``notebooks/09_whitening.ipynb``.
+    Taught in ``notebooks/08_whitening.ipynb``.
     """
 
     m: torch.Tensor
@@ -231,7 +231,7 @@ def pca_whitening(X: ArrayLike, dim: Optional[int] = None, shrinkage: float = 0.
     so ``P (x - m)`` has identity covariance on the training data when ``shrinkage == 0``.
     PCA whitening of CNN descriptors: Jegou & Chum, "Negative evidences and co-occurrences
     in image retrieval", ECCV 2012; used on CNN descriptors by Babenko & Lempitsky, ICCV 2015.
-    Taught in ``notebooks/09_whitening.ipynb``.
+    Taught in ``notebooks/08_whitening.ipynb``.
 
     Args:
         X: (N, D) training descriptors (tensor or numpy array), ideally L2-normalised and
@@ -276,7 +276,7 @@ def zca_whitening(X: ArrayLike, shrinkage: float = 0.0) -> Whitening:
     It is PCA whitening rotated back to the input axes (``P_zca = U P_pca``), so at full
     dimension it gives the same similarities and rankings; it cannot reduce dimension.
     Bell & Sejnowski, "The independent components of natural scenes are edge filters",
-    Vision Research 1997. Taught in ``notebooks/09_whitening.ipynb``.
+    Vision Research 1997. Taught in ``notebooks/08_whitening.ipynb``.
 
     Args:
         X: (N, D) training descriptors.
@@ -344,7 +344,7 @@ def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike) -> Whiteni
 
     Radenovic, Tolias & Chum, "CNN image retrieval learns from BoW: unsupervised
     fine-tuning with hard examples", ECCV 2016, Sec. 4; "Fine-tuning CNN image retrieval
-    with no human annotation", TPAMI 2018. Taught in ``notebooks/09_whitening.ipynb``.
+    with no human annotation", TPAMI 2018. Taught in ``notebooks/08_whitening.ipynb``.
 
     Args:
         X: (N, D) descriptors of the training images.
