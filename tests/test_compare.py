@@ -66,3 +66,12 @@ def test_mean_ap_excluding():
     assert np.isnan(mean_ap_excluding(aps[:2], subsets[:2]))
     with pytest.raises(ValueError, match="one entry per query"):
         mean_ap_excluding(aps, subsets[:3])
+
+
+def test_signed_never_prints_a_nonzero_gap_as_zero():
+    from retrieval_lib.book.verdict import signed
+
+    assert signed(0.0123) == "+0.012" and signed(-0.5) == "-0.500" and signed(0.0) == "+0.000"
+    assert signed(-2.1e-4) == "-2.1e-04" and signed(3e-6) == "+3.0e-06"
+    cmp = paired_comparison(np.array([0.5, 0.5002, 0.4]), np.array([0.5, 0.5, 0.4]), n_boot=20)
+    assert "+6.7e-05" in verdict("A", "B", cmp)

@@ -7,7 +7,12 @@ Taught first in ``02_spoc``; every "X vs. Y" section of the book ends with one.
 """
 from __future__ import annotations
 
-__all__ = ["verdict"]
+__all__ = ["verdict", "signed"]
+
+
+def signed(x: float) -> str:
+    """``+0.012``, or scientific notation when three decimals would print a non-zero gap as 0.000."""
+    return f"{x:+.1e}" if x != 0 and abs(x) < 5e-4 else f"{x:+.3f}"
 
 
 def verdict(name_a: str, name_b: str, cmp: dict, what: str = "mAP") -> str:
@@ -15,8 +20,8 @@ def verdict(name_a: str, name_b: str, cmp: dict, what: str = "mAP") -> str:
     its interval, the wins/losses/ties, and the conclusion the interval supports."""
     lo, hi = cmp["ci"]
     pct = round(100 * cmp["level"])
-    body = (f"**{name_a} vs. {name_b}:** {what} difference {cmp['delta']:+.3f} "
-            f"({pct} % bootstrap interval over the {cmp['n']} queries {lo:+.3f} … {hi:+.3f}); "
+    body = (f"**{name_a} vs. {name_b}:** {what} difference {signed(cmp['delta'])} "
+            f"({pct} % bootstrap interval over the {cmp['n']} queries {signed(lo)} … {signed(hi)}); "
             f"{name_a} wins {cmp['wins']} queries, loses {cmp['losses']}, ties {cmp['ties']}. ")
     if cmp["significant"]:
         better, worse = (name_a, name_b) if cmp["delta"] > 0 else (name_b, name_a)
