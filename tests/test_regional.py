@@ -257,14 +257,20 @@ def _loop_qe(Q, X, n, alpha, skip_self):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("n_qe,n_dba,alpha", [(2, 0, 3.0), (0, 3, 3.0), (3, 4, 3.0), (1, 2, 0.0), (4, 2, 1.5)])
+@pytest.mark.parametrize("n_qe,n_dba,alpha", [(2, 0, 3.0), (3, 1, 3.0), (1, 0, 0.0), (4, 0, 1.5)])
 def test_expand_self_queries_match_loops(n_qe, n_dba, alpha):
     X = _unit(15, 8, 0)
     Xa, Qa = expand(X, n_qe=n_qe, n_dba=n_dba, alpha=alpha)
-    Xref = _loop_dba(X, n_dba, alpha) if n_dba >= 2 else X
-    torch.testing.assert_close(Xa, Xref)
-    Qref = _loop_qe(X, Xref, n_qe, alpha, skip_self=True) if n_qe else X
-    torch.testing.assert_close(Qa, Qref)
+    torch.testing.assert_close(Xa, X)
+    torch.testing.assert_close(Qa, _loop_qe(X, X, n_qe, alpha, skip_self=True))
+
+
+@pytest.mark.parametrize("n_qe,n_dba", [(0, 3), (3, 4), (1, 2)])
+def test_expand_refuses_dba_when_the_queries_are_the_database(n_qe, n_dba):
+    """DBA over a database that holds the query mixes the query into its positives (optimistic):
+    expand refuses and names expanded_ranks, which leaves each query out (tests/test_rerank.py)."""
+    with pytest.raises(ValueError, match="expanded_ranks"):
+        expand(_unit(15, 8, 0), n_qe=n_qe, n_dba=n_dba)
 
 
 def test_expand_separate_queries_match_loops():
