@@ -106,6 +106,13 @@ CHECKS = {
         # every feature map is ceil(image size / 32), as regional.fmap_size says
         o["fmap_size_matches"] == 1.0,
     ),
+    "05_wgem": lambda o: (
+        _check_offtheshelf(o, ["heldout/gem_untrained", "heldout/gem", "heldout/wgem"]),
+        o["p/wgem"] > 1.0,
+        # mask mass inside the pasted object's box, and the share a uniform mask puts there
+        _fraction(o["mask_mass_in_box/before"]) and _fraction(o["mask_mass_in_box/after"]),
+        0 < o["box_area_share"] < 1,
+    ),
 }
 
 
