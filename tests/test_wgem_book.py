@@ -212,8 +212,12 @@ def test_localisation_composites_share_no_object_and_no_background(tmp_path):
     assert len(train.background_files) == len(held.background_files) == 2
     assert not set(train.background_files) & set(held.background_files)
     assert set(train.background_files) | set(held.background_files) <= {str(b) for b in bgs}
+    # at most half of the backgrounds per pool
+    capped, _ = localisation_composites(ds, n_backgrounds=10, per_object=1, max_side=100, cache_dir=tmp_path / "c",
+                                        progress=False)
+    assert len(capped.background_files) == 3
     with pytest.raises(ValueError, match="n_backgrounds"):
-        localisation_composites(ds, n_backgrounds=4, cache_dir=tmp_path / "c", progress=False)
+        localisation_composites(ds, n_backgrounds=0, cache_dir=tmp_path / "c", progress=False)
 
 
 def test_localisation_composites_without_an_objects_subset_use_half_the_groups(tmp_path):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 __all__ = ["wgem_grads", "wgem_backward", "cell_coverage", "mask_mass_in_box", "box_area_share",
            "CompositeSet", "object_composites", "localisation_composites", "take", "train_with_validation",
-           "COMPOSITES_VERSION"]
+           "show_mask_pair", "show_composite_masks", "COMPOSITES_VERSION"]
 
 COMPOSITES_VERSION = 1
 
@@ -297,10 +297,10 @@ def localisation_composites(dataset, held_frac: float = 0.3, n_backgrounds: Opti
       (:func:`~retrieval_lib.engine.mining.split_groups`) are objects and the images of the
       rest backgrounds.
     * The object groups are split (``held_frac`` of them held out) and the backgrounds are
-      shuffled and dealt into two disjoint pools of ``n_backgrounds`` each (default: half
-      of them each), so no held-out composite shares an object or a background with a
-      training one. A small pool makes non-matching composites share backgrounds: hard
-      negatives that only the object tells apart.
+      shuffled and dealt into two disjoint pools of at most ``n_backgrounds`` each (and at
+      most half of them each; default: half each), so no held-out composite shares an
+      object or a background with a training one. A small pool makes non-matching
+      composites share backgrounds: hard negatives that only the object tells apart.
 
     Returns ``(train, held)``, two :class:`CompositeSet` (:func:`object_composites` with
     ``per_object`` backgrounds per object image).
@@ -314,10 +314,15 @@ def localisation_composites(dataset, held_frac: float = 0.3, n_backgrounds: Opti
     objects = take(dataset, is_object, "objects")
     backgrounds = [dataset.database.paths[i] for i in np.flatnonzero(~is_object)]
     order = np.random.default_rng(seed).permutation(len(backgrounds))
-    n_bg = len(backgrounds) // 2 if n_backgrounds is None else int(n_backgrounds)
-    if not 1 <= n_bg <= len(backgrounds) // 2:
-        raise ValueError(f"localisation_composites: n_backgrounds must be from 1 to {len(backgrounds) // 2} "
-                         f"(half of the {len(backgrounds)} background images), got {n_backgrounds!r}")
+    n_bg = len(backgrounds) // 2
+    if n_backgrounds is not None:
+        if isinstance(n_backgrounds, bool) or not isinstance(n_backgrounds, (int, np.integer)) or n_backgrounds < 1:
+            raise ValueError(f"localisation_composites: n_backgrounds must be a positive integer or None, "
+                             f"got {n_backgrounds!r}")
+        n_bg = min(n_bg, int(n_backgrounds))
+    if n_bg < 1:
+        raise ValueError(f"localisation_composites: {len(backgrounds)} background image(s) cannot make two "
+                         "disjoint pools; the data set needs at least two images outside the objects")
     held = ~split_groups(objects.labels, 1.0 - held_frac, seed)
     out = []
     for side, pool in ((~held, order[:n_bg]), (held, order[n_bg:2 * n_bg])):
@@ -430,3 +435,54 @@ def train_with_validation(pooling, source, miner, objective, val_fmaps, val_labe
     pooling.to("cpu")
     record["kept_epoch"] = best["epoch"]
     return pooling, record
+
+
+# --------------------------------------------------------------------------- figures
+def _masked_overlay(ax, img, mask, vmax: float, title: str):
+    from retrieval_lib.book.viz import overlay
+
+    handle = overlay(ax, img, mask, alpha=0.55, cmap="magma", title=title)
+    handle.set_clim(0.0, vmax)
+    return handle
+
+
+def show_mask_pair(images: Sequence, before: Sequence, after: Sequence, titles: Sequence[str], title: str):
+    """One matching pair, each image with wGeM's mask before and after training: 1 x 4 panels.
+
+    ``images``: the two PIL images as the network sees them; ``before``, ``after``: their
+    masks ``(h, w)``. All four panels share one colour scale (0 to the largest weight shown),
+    so the uniform mask before training reads as the flat level ``1 / (h w)``. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    vmax = max(float(m.max()) for m in list(before) + list(after))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
+    panels = [(0, before[0], "before"), (0, after[0], "after"), (1, before[1], "before"), (1, after[1], "after")]
+    for ax, (k, mask, when), t in zip(axes, panels, titles):
+        handle = _masked_overlay(ax, images[k], mask, vmax, t)
+    fig.colorbar(handle, ax=axes, fraction=0.015, label="mask weight ω")
+    fig.suptitle(title)
+    return fig
+
+
+def show_composite_masks(images: Sequence, boxes: Sequence, before: Sequence, after: Sequence,
+                         titles_before: Sequence[str], titles_after: Sequence[str], title: str):
+    """Composites with the pasted box (green) and wGeM's mask before (top row) and after
+    training (bottom row), one colour scale per column. ``boxes`` ``(x0, y0, x1, y1)`` in the
+    pixels of ``images``. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 6.4), squeeze=False)
+    for c in range(n):
+        vmax = max(float(before[c].max()), float(after[c].max()))
+        for r, (mask, t) in enumerate(((before[c], titles_before[c]), (after[c], titles_after[c]))):
+            ax = axes[r, c]
+            _masked_overlay(ax, images[c], mask, vmax, t)
+            x0, y0, x1, y1 = boxes[c]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2))
+            ax.title.set_fontsize(9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
