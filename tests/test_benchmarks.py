@@ -88,12 +88,14 @@ def test_quick_scaling_matches(quick_results):
 def test_quick_cpu_levers_side_by_side(quick_results):
     res = quick_results[1]["results"]["cpu"]
     # the two child processes differ by the switch only, and each did what it says
-    assert res["system"]["allocator"]["tuned"] is False and "RETRIEVAL_ALLOCATOR=system" in res["system"]["allocator"]["reason"]
-    assert res["tuned"]["allocator"]["tuned"] is (cpu_allocator_possible())
+    system, tuned = res["system"]["allocator"], res["tuned"]["allocator"]
+    assert system["tuned"] is False and "RETRIEVAL_ALLOCATOR=system" in system["reason"]
+    assert tuned["tuned"] is cpu_allocator_possible()
     assert res["system"]["pid"] != res["tuned"]["pid"]
     a = res["allocator"]
     assert a["system_s"] > 0 and a["tuned_s"] > 0 and a["speedup"] == pytest.approx(a["system_s"] / a["tuned_s"])
-    assert len(a["speedup_per_repeat"]) == res["repeats"]
+    assert len(a["speedup_per_repeat"]) == len(a["best_speedup_per_repeat"]) == res["repeats"]
+    assert a["best_speedup"] == pytest.approx(a["system_s"] / a["best_s"])
     levers = {lv["lever"]: lv for lv in res["levers"]}
     assert {"1 torch thread", "channels_last", "BatchNorm folded", "bfloat16 autocast"} <= set(levers)
     for name in ("1 torch thread", "channels_last", "BatchNorm folded", "BatchNorm folded + channels_last"):
@@ -105,6 +107,14 @@ def test_quick_cpu_levers_side_by_side(quick_results):
     so = res["scale_out"]  # 2 torchrun processes x 1 thread against 1 process: the same descriptors
     assert so is None or (so["max_abs_diff"] < 1e-5 and so["n_images"] == 8 and so["sharded_s"] > 0)
     assert "malloc tuned" in (quick_results[0] / "results.md").read_text() or not cpu_allocator_possible()
+
+
+def test_cpu_lever_verdicts():
+    lever = {"faster": True, "exact": True, "threads": None, "load_average": 9.0}
+    assert cpu.verdict(lever, 2) == "yes"  # a memory-format lever does not depend on the thread count
+    assert cpu.verdict(dict(lever, threads=1), 2) == "not decided (load 9.0 on 2 cores)"
+    assert cpu.verdict(dict(lever, threads=1, load_average=1.5), 2) == "yes"
+    assert cpu.verdict(dict(lever, exact=False), 2) == "no" and cpu.verdict(dict(lever, faster=False), 2) == "no"
 
 
 def cpu_allocator_possible() -> bool:
