@@ -96,6 +96,7 @@ def test_quick_cpu_levers_side_by_side(quick_results):
     assert a["system_s"] > 0 and a["tuned_s"] > 0 and a["speedup"] == pytest.approx(a["system_s"] / a["tuned_s"])
     assert len(a["speedup_per_repeat"]) == len(a["best_speedup_per_repeat"]) == res["repeats"]
     assert a["best_speedup"] == pytest.approx(a["system_s"] / a["best_s"])
+    assert len(a["one_thread"]["speedup_per_repeat"]) == res["repeats"] and a["one_thread"]["tuned_s"] > 0
     levers = {lv["lever"]: lv for lv in res["levers"]}
     assert {"1 torch thread", "channels_last", "BatchNorm folded", "bfloat16 autocast"} <= set(levers)
     for name in ("1 torch thread", "channels_last", "BatchNorm folded", "BatchNorm folded + channels_last"):
