@@ -1,10 +1,12 @@
-"""Whitening: identity covariance, PCA/ZCA ranking identity, nn.Linear export, Lw against numpy, N < D."""
+"""Whitening: identity covariance, PCA/ZCA ranking identity, nn.Linear export, Lw against numpy, N < D,
+partial whitening (power) against a 3x3 eigen-decomposition worked by hand, Lw shrinkage."""
 import numpy as np
 import pytest
 import torch
 
 from retrieval_lib.layers.functional import l2n
-from retrieval_lib.layers.whitening import Whitening, learned_whitening, pca_whitening, zca_whitening
+from retrieval_lib.layers.whitening import (Whitening, covariance_spectrum, learned_whitening, pca_whitening,
+                                           zca_whitening)
 
 
 def _correlated(n, d, seed, dtype=torch.float64):
@@ -176,7 +178,7 @@ def test_dtype_numpy_state_dict_repr_and_to(tmp_path):
     np.testing.assert_allclose(Yn, W.apply(X32).numpy(), atol=1e-6)
     torch.save(W.state_dict(), tmp_path / "w.pt")
     W2 = Whitening.from_state_dict(torch.load(tmp_path / "w.pt"))
-    assert torch.equal(W2.P, W.P) and W2.kind == "zca" and W2.extra == {"shrinkage": 1e-4}
+    assert torch.equal(W2.P, W.P) and W2.kind == "zca" and W2.extra == {"shrinkage": 1e-4, "power": 0.5}
     W64 = W.to(torch.float64)
     assert W64.P.dtype == torch.float64 and W.P.dtype == torch.float32
     assert W64.apply(X32.double()).dtype == torch.float64
@@ -242,3 +244,87 @@ def test_empty_and_integer_descriptors_are_refused():
         pca_whitening(X[:0])
     with pytest.raises(TypeError, match=r"zca_whitening: X must hold floating point descriptors.*\.float\(\)"):
         zca_whitening(X.long())
+
+
+# ---------------------------------------------------------------- partial whitening, by hand
+def _hand_case():
+    """Six points whose covariance is C = [[2, 1, 0], [1, 2, 0], [0, 0, 4]] exactly, around mean m.
+
+    By hand: C has eigenvalues 4 (e3), 3 ((e1 + e2)/sqrt2) and 1 ((e1 - e2)/sqrt2). The points
+    +-sqrt3 e_i have identity covariance; multiplied by C^(1/2) = U diag(sqrt lam) U^T, which is
+    1/2 [[sqrt3 + 1, sqrt3 - 1], [sqrt3 - 1, sqrt3 + 1]] in the first block and 2 in the last,
+    their covariance is C.
+    """
+    r3 = 3 ** 0.5
+    half = np.array([[r3 + 1, r3 - 1, 0], [r3 - 1, r3 + 1, 0], [0, 0, 4]]) / 2  # C^(1/2)
+    Z = np.concatenate([np.eye(3), -np.eye(3)]) * r3
+    m = np.array([1.0, -2.0, 0.5])
+    return Z @ half + m, m
+
+
+@pytest.mark.parametrize("power", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("shrinkage", [0.0, 0.5])
+def test_partial_whitening_matches_the_hand_worked_3x3_case(power, shrinkage):
+    X, m = _hand_case()
+    s2 = 2 ** -0.5
+    lam = np.array([4.0, 3.0, 1.0])
+    U = np.array([[0, 0, 1], [s2, s2, 0], [s2, -s2, 0]])  # rows: eigenvectors, eigenvalues descending
+    g = (lam + shrinkage) ** -power
+    W = pca_whitening(torch.tensor(X), shrinkage=shrinkage, power=power)
+    np.testing.assert_allclose(W.m.numpy(), m, atol=1e-12)
+    np.testing.assert_allclose(W.eigvals.numpy(), lam, atol=1e-12)
+    np.testing.assert_allclose(_match_signs(W.P.numpy(), g[:, None] * U), g[:, None] * U, atol=1e-12)
+    assert W.extra == {"shrinkage": shrinkage, "power": power}
+    # ZCA: U diag(g) U^T, worked out by hand: 1/2 [[g3 + g1, g3 - g1], [g3 - g1, g3 + g1]] and g4
+    g4, g3, g1 = g
+    zca = np.array([[g3 + g1, g3 - g1, 0], [g3 - g1, g3 + g1, 0], [0, 0, 2 * g4]]) / 2
+    np.testing.assert_allclose(zca_whitening(X, shrinkage=shrinkage, power=power).P.numpy(), zca, atol=1e-12)
+    # the covariance after the map is diag(lam (lam + s)^(-2 alpha)): identity only when fully white
+    Y = _project(W, torch.tensor(X))
+    np.testing.assert_allclose(_cov(Y).numpy(), np.diag(lam * g ** 2), atol=1e-12)
+
+
+def test_power_zero_is_a_pca_projection_and_needs_no_full_rank():
+    X = _correlated(10, 32, 14)  # N < D: singular covariance
+    W = pca_whitening(X, power=0.0)  # no division: allowed without shrinkage
+    torch.testing.assert_close(W.P @ W.P.T, torch.eye(32, dtype=torch.float64), atol=1e-10, rtol=0)  # a rotation
+    torch.testing.assert_close(W.apply(X) @ W.apply(X).T, l2n(X - W.m) @ l2n(X - W.m).T, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="N samples < D dims"):
+        pca_whitening(X, power=0.25)
+
+
+def test_spectrum_is_computed_once_and_gives_the_same_whitenings():
+    X = _correlated(40, 8, 15, dtype=torch.float32)
+    sp = covariance_spectrum(X)
+    assert sp.n == 40 and sp.dim == 8 and sp.rank == 8 and "rank=8" in repr(sp)
+    for kw in ({"dim": 3}, {"dim": 8, "shrinkage": 0.01, "power": 0.3}):
+        a, b = pca_whitening(X, **kw), pca_whitening(sp, **kw)
+        assert a.P.dtype == b.P.dtype == torch.float32
+        torch.testing.assert_close(a.P, b.P)
+    torch.testing.assert_close(zca_whitening(X, power=0.2).P, zca_whitening(sp, power=0.2).P)
+    assert covariance_spectrum(_correlated(5, 8, 16)).rank == 4  # N - 1
+
+
+def test_partial_settings_are_checked():
+    X = _correlated(50, 6, 17)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="power must be >= 0 and finite"):
+            pca_whitening(X, power=bad)
+        with pytest.raises(ValueError, match="power must be >= 0 and finite"):
+            zca_whitening(X, power=bad)
+    with pytest.raises(ValueError, match="shrinkage must be >= 0 and finite"):
+        learned_whitening(X, [0], [1], shrinkage=-1.0)
+
+
+def test_lw_shrinkage_is_added_to_the_pair_covariance():
+    X = _correlated(300, 10, 18)
+    g = torch.Generator().manual_seed(19)
+    qidx = torch.randint(0, 300, (200,), generator=g)
+    pidx = torch.randint(0, 300, (200,), generator=g)
+    W = learned_whitening(X, qidx, pidx, shrinkage=0.1)
+    d = X[qidx] - X[pidx]
+    S = d.T @ d / 200 + 0.1 * torch.eye(10, dtype=torch.float64)
+    assert W.extra["shrinkage"] == 0.1 and W.extra["cholesky_alpha"] == 0.0
+    torch.testing.assert_close(W.P @ S @ W.P.T, torch.eye(10, dtype=torch.float64), atol=1e-8, rtol=0)
+    W0 = learned_whitening(X, qidx, pidx)
+    assert not torch.allclose(W0.P @ S @ W0.P.T, torch.eye(10, dtype=torch.float64), atol=1e-3)

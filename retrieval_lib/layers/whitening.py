@@ -4,7 +4,11 @@ All three are an affine map followed by L2 normalisation,
 
     x_hat = l2n(P (x - m)),     m: (D,),  P: (D_out, D),
 
-and differ only in how ``m`` and ``P`` are learned. They are held by one small
+and differ only in how ``m`` and ``P`` are learned. PCA and ZCA whitening also take a
+``power`` alpha: the eigenvalues are raised to ``-alpha`` (``alpha = 1/2`` whitens fully,
+``alpha = 0`` only rotates and projects, values between whiten *partially*). Sweeping the
+output dimension, shrinkage and power costs one eigen-decomposition: compute
+:func:`covariance_spectrum` once and pass it instead of the descriptors. They are held by one small
 :class:`Whitening` object that applies itself, truncates its output dimension, turns into
 an ``nn.Linear`` and saves/loads through a plain ``state_dict``.
 
@@ -32,7 +36,7 @@ from torch import nn
 from retrieval_lib.layers._checks import as_descriptors
 from retrieval_lib.layers.functional import l2n
 
-__all__ = ["Whitening", "pca_whitening", "zca_whitening", "learned_whitening"]
+__all__ = ["Whitening", "Spectrum", "covariance_spectrum", "pca_whitening", "zca_whitening", "learned_whitening"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -193,17 +197,75 @@ class Whitening:
         )
 
 
-def _covariance_eig(Xt: torch.Tensor, shrinkage: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean (D,), descending eigenvalues (D,) and eigenvectors (D, D) of X's covariance, float64."""
-    if shrinkage < 0:
-        raise ValueError(f"shrinkage must be >= 0, got {shrinkage}")
+@dataclass(repr=False)
+class Spectrum:
+    """Mean and eigen-decomposition of the covariance of ``n`` training descriptors (float64).
+
+    Attributes:
+        m: (D,) mean.
+        eigvals: (D,) eigenvalues of ``C = (1/n) (X - m)^T (X - m)``, descending, clamped at 0.
+        eigvecs: (D, D) eigenvectors as columns ``U`` (``C = U diag(eigvals) U^T``), signs fixed.
+        n: number of training descriptors.
+        dtype, device: those of the descriptors it was computed from (whitenings built from
+            it are returned in them).
+
+    Made by :func:`covariance_spectrum`; :func:`pca_whitening` and :func:`zca_whitening`
+    accept it in place of the descriptors, so a sweep over ``dim``, ``shrinkage`` and
+    ``power`` needs one eigen-decomposition. Taught in ``notebooks/08_whitening.ipynb``.
+    """
+
+    m: torch.Tensor
+    eigvals: torch.Tensor
+    eigvecs: torch.Tensor
+    n: int
+    dtype: torch.dtype = torch.float64
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def dim(self) -> int:
+        """Descriptor dimension D."""
+        return int(self.m.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """Number of eigenvalues above round-off (at most ``n - 1`` for a centred covariance)."""
+        return int((self.eigvals > _rank_tol(self.eigvals, self.n)).sum())
+
+    def __repr__(self) -> str:
+        return f"Spectrum(n={self.n}, D={self.dim}, rank={self.rank})"
+
+
+def covariance_spectrum(X: ArrayLike) -> Spectrum:
+    """Mean and descending eigen-decomposition of the covariance of descriptors ``X`` (N, D).
+
+    ``C = (1/N) (X - m)^T (X - m) = U diag(lam) U^T``, computed in float64. Pass the result
+    to :func:`pca_whitening` / :func:`zca_whitening` to try many settings for the price of
+    one decomposition. Raises ``ValueError`` for ``X`` not 2-D, with fewer than 2 rows, or
+    holding NaN/inf. Taught in ``notebooks/08_whitening.ipynb``.
+    """
+    Xt = as_descriptors(X, "X", "covariance_spectrum", min_rows=2)
     X64 = Xt.to(torch.float64)
     m = X64.mean(dim=0)  # (D,)
     Xc = X64 - m  # (N, D)
     C = Xc.T @ Xc / Xc.shape[0]  # (D, D) population covariance
     lam, U = _sorted_eigh(C)
-    return m, lam, U
+    return Spectrum(m=m, eigvals=lam.clamp_min(0), eigvecs=U, n=int(Xt.shape[0]), dtype=Xt.dtype,
+                    device=Xt.device)
+
+
+def _spectrum(X: Union[ArrayLike, Spectrum], fn: str) -> Spectrum:
+    if isinstance(X, Spectrum):
+        return X
+    Xt = as_descriptors(X, "X", fn, min_rows=2)
+    return covariance_spectrum(Xt)
+
+
+def _check_settings(shrinkage: float, power: float) -> None:
+    if not np.isfinite(shrinkage) or shrinkage < 0:
+        raise ValueError(f"shrinkage must be >= 0 and finite, got {shrinkage}")
+    if not np.isfinite(power) or power < 0:
+        raise ValueError(f"power must be >= 0 and finite (1/2 whitens fully, 0 only projects), "
+                         f"got {power}")
 
 
 def _singular_error(N: int, D: int, rank: int, allow_dim: bool) -> ValueError:
@@ -221,86 +283,95 @@ def _singular_error(N: int, D: int, rank: int, allow_dim: bool) -> ValueError:
     )
 
 
-def pca_whitening(X: ArrayLike, dim: Optional[int] = None, shrinkage: float = 0.0) -> Whitening:
-    """Learn PCA whitening from descriptors.
+def pca_whitening(X: Union[ArrayLike, Spectrum], dim: Optional[int] = None, shrinkage: float = 0.0,
+                  power: float = 0.5) -> Whitening:
+    """Learn PCA whitening (full or partial) from descriptors.
 
     With ``C = (1/N) (X - m)^T (X - m) = U diag(lam) U^T`` (eigenvalues descending),
 
-        P = diag((lam_1..dim + shrinkage)^(-1/2)) U[:, :dim]^T,    shape (dim, D),
+        P = diag((lam_1..dim + shrinkage)^(-power)) U[:, :dim]^T,    shape (dim, D),
 
-    so ``P (x - m)`` has identity covariance on the training data when ``shrinkage == 0``.
+    so with ``power = 1/2`` and ``shrinkage == 0``, ``P (x - m)`` has identity covariance on
+    the training data. ``power`` alpha between 0 and 1/2 is *partial* whitening: the
+    directions of large variance are damped by ``lam^-alpha`` only, so they are not blown
+    up as much as full whitening does to the small ones; ``power = 0`` is a plain PCA
+    projection (rotation + truncation, no rescaling).
     PCA whitening of CNN descriptors: Jegou & Chum, "Negative evidences and co-occurrences
     in image retrieval", ECCV 2012; used on CNN descriptors by Babenko & Lempitsky, ICCV 2015.
     Taught in ``notebooks/08_whitening.ipynb``.
 
     Args:
         X: (N, D) training descriptors (tensor or numpy array), ideally L2-normalised and
-            disjoint from the test database.
+            disjoint from the test database -- or their :func:`covariance_spectrum`.
         dim: output dimension (``None``: ``D``).
-        shrinkage: added to every eigenvalue before the inverse square root; regularises
-            small eigenvalues (same units as the covariance).
+        shrinkage: added to every eigenvalue before the power; regularises small
+            eigenvalues (same units as the covariance).
+        power: the exponent alpha in ``lam^-alpha`` (default 1/2: full whitening).
 
     Returns:
         :class:`Whitening` with ``m`` (D,), ``P`` (dim, D) in ``X``'s dtype/device.
 
     Raises:
-        ValueError: if a kept eigenvalue is zero (e.g. N samples < D dims) and
+        ValueError: if a kept eigenvalue is zero (e.g. N samples < D dims), ``power > 0`` and
             ``shrinkage == 0``: pass ``shrinkage>0`` or ``dim<=N-1``.
+        ValueError: ``shrinkage`` or ``power`` negative or not finite; ``dim`` outside 1..D.
         ValueError: ``X`` not 2-D, with fewer than 2 rows, or holding NaN/inf.
     """
-    Xt = as_descriptors(X, "X", "pca_whitening", min_rows=2)
-    m, lam, U = _covariance_eig(Xt, shrinkage)
-    N, D = Xt.shape
+    _check_settings(shrinkage, power)
+    sp = _spectrum(X, "pca_whitening")
+    N, D = sp.n, sp.dim
     dim = D if dim is None else int(dim)
     if not 1 <= dim <= D:
         raise ValueError(f"dim={dim} must be between 1 and D={D}")
-    lam = lam.clamp_min(0)
-    tol = _rank_tol(lam, N)
-    rank = int((lam > tol).sum())
-    if shrinkage == 0 and dim > rank:
+    rank = sp.rank
+    if shrinkage == 0 and power > 0 and dim > rank:
         raise _singular_error(N, D, rank, allow_dim=True)
-    lam_k = lam[:dim]
-    P = (lam_k + shrinkage).rsqrt()[:, None] * U[:, :dim].T  # (dim, D)
-    dev, dtype = Xt.device, Xt.dtype
-    return Whitening(m=m.to(dev, dtype), P=P.to(dev, dtype), kind="pca",
-                     eigvals=lam_k.to(dev, dtype), extra={"shrinkage": float(shrinkage)})
+    lam_k = sp.eigvals[:dim]
+    P = (lam_k + shrinkage).pow(-power)[:, None] * sp.eigvecs[:, :dim].T  # (dim, D)
+    dev, dtype = sp.device, sp.dtype
+    return Whitening(m=sp.m.to(dev, dtype), P=P.to(dev, dtype), kind="pca",
+                     eigvals=lam_k.to(dev, dtype), extra={"shrinkage": float(shrinkage), "power": float(power)})
 
 
-def zca_whitening(X: ArrayLike, shrinkage: float = 0.0) -> Whitening:
+def zca_whitening(X: Union[ArrayLike, Spectrum], shrinkage: float = 0.0, power: float = 0.5) -> Whitening:
     """Learn ZCA ("zero-phase") whitening from descriptors.
 
     With ``C = U diag(lam) U^T`` as in :func:`pca_whitening`,
 
-        P = U diag((lam + shrinkage)^(-1/2)) U^T,    shape (D, D).
+        P = U diag((lam + shrinkage)^(-power)) U^T,    shape (D, D).
 
     It is PCA whitening rotated back to the input axes (``P_zca = U P_pca``), so at full
     dimension it gives the same similarities and rankings; it cannot reduce dimension.
-    Bell & Sejnowski, "The independent components of natural scenes are edge filters",
-    Vision Research 1997. Taught in ``notebooks/08_whitening.ipynb``.
+    Of all whitening matrices it changes the data least (Kessy, Lewin & Strimmer, "Optimal
+    whitening and decorrelation", The American Statistician 2018). Bell & Sejnowski, "The
+    independent components of natural scenes are edge filters", Vision Research 1997.
+    Taught in ``notebooks/08_whitening.ipynb``.
 
     Args:
-        X: (N, D) training descriptors.
-        shrinkage: added to every eigenvalue before the inverse square root.
+        X: (N, D) training descriptors, or their :func:`covariance_spectrum`.
+        shrinkage: added to every eigenvalue before the power.
+        power: the exponent alpha in ``lam^-alpha`` (default 1/2: full whitening).
 
     Returns:
         :class:`Whitening` with ``m`` (D,), ``P`` (D, D) in ``X``'s dtype/device.
 
     Raises:
-        ValueError: if the covariance is singular (e.g. N samples < D dims) and
-            ``shrinkage == 0``: pass ``shrinkage>0``.
+        ValueError: if the covariance is singular (e.g. N samples < D dims), ``power > 0``
+            and ``shrinkage == 0``: pass ``shrinkage>0``.
+        ValueError: ``shrinkage`` or ``power`` negative or not finite.
         ValueError: ``X`` not 2-D, with fewer than 2 rows, or holding NaN/inf.
     """
-    Xt = as_descriptors(X, "X", "zca_whitening", min_rows=2)
-    m, lam, U = _covariance_eig(Xt, shrinkage)
-    N, D = Xt.shape
-    lam = lam.clamp_min(0)
-    rank = int((lam > _rank_tol(lam, N)).sum())
-    if shrinkage == 0 and rank < D:
+    _check_settings(shrinkage, power)
+    sp = _spectrum(X, "zca_whitening")
+    N, D = sp.n, sp.dim
+    rank = sp.rank
+    if shrinkage == 0 and power > 0 and rank < D:
         raise _singular_error(N, D, rank, allow_dim=False)
-    P = (U * (lam + shrinkage).rsqrt()) @ U.T  # (D, D)
-    dev, dtype = Xt.device, Xt.dtype
-    return Whitening(m=m.to(dev, dtype), P=P.to(dev, dtype), kind="zca",
-                     eigvals=lam.to(dev, dtype), extra={"shrinkage": float(shrinkage)})
+    U = sp.eigvecs
+    P = (U * (sp.eigvals + shrinkage).pow(-power)) @ U.T  # (D, D)
+    dev, dtype = sp.device, sp.dtype
+    return Whitening(m=sp.m.to(dev, dtype), P=P.to(dev, dtype), kind="zca",
+                     eigvals=sp.eigvals.to(dev, dtype), extra={"shrinkage": float(shrinkage), "power": float(power)})
 
 
 def _regularised_cholesky(S: torch.Tensor, max_tries: int = 30) -> tuple[torch.Tensor, float]:
@@ -323,13 +394,14 @@ def _regularised_cholesky(S: torch.Tensor, max_tries: int = 30) -> tuple[torch.T
     )
 
 
-def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike) -> Whitening:
+def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike, shrinkage: float = 0.0) -> Whitening:
     """Learn Radenovic et al.'s learned whitening (Lw) from matching pairs.
 
     With query/positive index pairs ``(q_i, p_i)``, ``n`` pairs, and ``N`` descriptors:
 
         m   = mean_i X[q_i]                                       (D,)
-        S   = (1/n) sum_i (X[q_i] - X[p_i])^T (X[q_i] - X[p_i])   (D, D)
+        S   = (1/n) sum_i (X[q_i] - X[p_i])^T (X[q_i] - X[p_i])
+              + shrinkage I                                        (D, D)
         P1  = L^-1,  where S (+ alpha I) = L L^T (Cholesky)       (D, D)
         C   = (1/N) sum_x (P1 (x - m)) (P1 (x - m))^T = E diag(lam) E^T, lam descending
         P   = E^T P1                                               (D, D)
@@ -350,14 +422,18 @@ def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike) -> Whiteni
         X: (N, D) descriptors of the training images.
         qidx: (n,) indices into ``X`` of the query of each matching pair.
         pidx: (n,) indices into ``X`` of the matching (positive) image of each pair.
+        shrinkage: added to the diagonal of ``S`` before the factorisation (0: the
+            reference method). With fewer pairs than dimensions ``S`` is singular and the
+            directions in which no pair differs would otherwise be scaled by ~1/sqrt(alpha).
 
     Returns:
         :class:`Whitening` (kind ``"lw"``) with ``m`` (D,), ``P`` (D, D), ``eigvals`` ``lam``.
 
     Raises:
         ValueError: ``X`` not 2-D, with fewer than 2 rows, or holding NaN/inf; no pairs, or
-            indices outside ``X``.
+            indices outside ``X``; ``shrinkage`` negative or not finite.
     """
+    _check_settings(shrinkage, 0.5)
     Xt = as_descriptors(X, "X", "learned_whitening", min_rows=2)
     N, D = Xt.shape
     qi, pi = (torch.as_tensor(v if isinstance(v, torch.Tensor) else np.asarray(v))
@@ -374,6 +450,8 @@ def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike) -> Whiteni
     m = X64[qi].mean(dim=0)  # (D,)
     diff = X64[qi] - X64[pi]  # (n, D)
     S = diff.T @ diff / diff.shape[0]  # (D, D)
+    if shrinkage:
+        S = S + shrinkage * torch.eye(D, dtype=torch.float64, device=Xt.device)
     L, alpha = _regularised_cholesky(S)
     eye = torch.eye(D, dtype=torch.float64, device=Xt.device)
     P1 = torch.linalg.solve_triangular(L, eye, upper=False)  # L^-1, (D, D)
@@ -383,4 +461,5 @@ def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike) -> Whiteni
     P = E.T @ P1
     dtype = Xt.dtype
     return Whitening(m=m.to(dtype), P=P.to(dtype), kind="lw", eigvals=lam.clamp_min(0).to(dtype),
-                     extra={"cholesky_alpha": alpha, "n_pairs": int(qi.numel())})
+                     extra={"cholesky_alpha": alpha, "n_pairs": int(qi.numel()),
+                            "shrinkage": float(shrinkage)})
