@@ -1,0 +1,276 @@
+"""Learned regional aggregation (layers/aggregation.py): Gordo's trainable R-MAC and DARAC.
+
+Checked against plain references: a loop over regions for the 42 vectors, R-MAC for the
+max-only DARAC and the identity-initialised trainable R-MAC, the plain sum for the untrained
+DARAC, a hand-built PCA whitening, and the layout rule on landscape, portrait and square maps.
+"""
+import pytest
+import torch
+
+from retrieval_lib.engine.trainer import RetrievalNet
+from retrieval_lib.layers.aggregation import (DARAC, N_DARAC_REGIONS, TrainableRMAC, darac_regions, darac_slots,
+                                              darac_vectors)
+from retrieval_lib.layers.functional import l2n, rmac, rmac_regions
+
+# landscape 4:3 .. 16:9 maps, in cells (H, W)
+LANDSCAPE = [(3, 4), (6, 8), (9, 12), (12, 16), (9, 16), (18, 32), (24, 32), (10, 16), (12, 19), (7, 10), (5, 7)]
+
+
+def _maps(B=3, C=5, H=6, W=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, C, H, W, generator=g, dtype=dtype) * 3  # non-negative, like ReLU features
+
+
+def _plain_vectors(x):
+    """The 42 vectors by a loop over images and regions."""
+    B = x.shape[0]
+    regions = darac_regions(*x.shape[-2:]).tolist()
+    out = torch.zeros(B, 42, x.shape[1], dtype=x.dtype)
+    for b in range(B):
+        for r, (x0, y0, w, h) in enumerate(regions):
+            patch = x[b, :, y0:y0 + h, x0:x0 + w]
+            avg = patch.mean(dim=(1, 2))
+            mx = patch.amax(dim=(1, 2))
+            out[b, r] = avg / (avg.norm() + 1e-6)
+            out[b, 21 + r] = mx / (mx.norm() + 1e-6)
+    return out
+
+
+# ---------------------------------------------------------------- the layout
+@pytest.mark.parametrize("hw", LANDSCAPE)
+def test_layout_is_rmac_plus_whole_map_on_landscape_maps(hw):
+    H, W = hw
+    regions = darac_regions(H, W)
+    assert regions.shape == (N_DARAC_REGIONS, 4)
+    assert regions[0].tolist() == [0, 0, W, H]
+    assert torch.equal(regions[1:], rmac_regions(H, W, 3))
+
+
+@pytest.mark.parametrize("hw", LANDSCAPE)
+def test_portrait_maps_use_the_transposed_landscape_layout(hw):
+    H, W = hw
+    portrait = darac_regions(W, H)  # a W x H (tall) map
+    transposed = darac_regions(H, W)[:, [1, 0, 3, 2]]  # (x, y, w, h) -> (y, x, h, w)
+    assert torch.equal(portrait, transposed)
+    # R-MAC's grid is symmetric too: the same squares, listed in the landscape slots' order
+    assert sorted(map(tuple, portrait[1:].tolist())) == sorted(map(tuple, rmac_regions(W, H, 3).tolist()))
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (16, 32), (12, 30), (1, 1), (1, 5), (2, 3), (5, 5)])
+def test_other_shapes_keep_21_slots_inside_the_map(hw):
+    H, W = hw
+    regions = darac_regions(H, W)
+    assert regions.shape == (21, 4)
+    x0, y0, w, h = regions.T
+    assert bool(((x0 >= 0) & (y0 >= 0) & (w >= 1) & (h >= 1) & (x0 + w <= W) & (y0 + h <= H)).all())
+    # levels: 1 + 2 + 6 + 12 squares, level l of side max(1, floor(2 min / (l + 1)))
+    sides = [max(1, 2 * min(H, W) // (l + 1)) for l in (1, 2, 3)]
+    assert regions[1:3, 2].tolist() == [sides[0]] * 2
+    assert regions[3:9, 2].tolist() == [sides[1]] * 6
+    assert regions[9:, 2].tolist() == [sides[2]] * 12
+
+
+def test_square_map_differs_from_rmac_as_documented():
+    # R-MAC gives 14 regions on a square map (1 + 4 + 9); DARAC keeps 20 squares, the two
+    # level-1 squares both the whole map
+    assert rmac_regions(8, 8, 3).shape[0] == 14
+    r = darac_regions(8, 8)
+    assert r[1].tolist() == r[2].tolist() == [0, 0, 8, 8]
+    assert rmac_regions(16, 32, 3).shape[0] == 26
+
+
+def test_slot_names():
+    names = darac_slots()
+    assert len(names) == 21 and names[0] == "global" and names[1] == "L1 (0,0)" and names[-1] == "L3 (2,3)"
+
+
+# ---------------------------------------------------------------- the 42 vectors
+@pytest.mark.parametrize("hw", [(6, 8), (8, 6), (5, 5), (9, 16), (1, 3)])
+def test_vectors_equal_a_plain_loop(hw):
+    x = _maps(H=hw[0], W=hw[1])
+    V = darac_vectors(x)
+    assert V.shape == (3, 42, 5)
+    torch.testing.assert_close(V, _plain_vectors(x), rtol=0, atol=1e-12)
+
+
+def test_vectors_reject_bad_maps():
+    with pytest.raises(ValueError, match="4-D feature map"):
+        darac_vectors(torch.rand(5, 6, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        darac_vectors(torch.ones(1, 2, 3, 4, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------- DARAC
+def test_darac_shapes_and_unit_norm():
+    x = _maps(B=4, C=7, dtype=torch.float32)
+    f = DARAC()(x)
+    assert f.shape == (4, 7)
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(4), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(6, 8), (8, 6), (5, 5), (12, 16)])
+def test_untrained_darac_is_the_normalised_plain_sum(hw):
+    x = _maps(H=hw[0], W=hw[1])
+    layer = DARAC(kernels=16).double()
+    plain = _plain_vectors(x).sum(dim=1)
+    expected = plain / plain.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+    # the weights are float32 numbers summing to 1 over the kernels, up to float32 rounding
+    torch.testing.assert_close(layer.vector_weights(), torch.ones(42, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_untrained_kernels_differ():
+    layer = DARAC(kernels=16)
+    assert float(layer.weight.detach().std(dim=0).min()) > 0.01  # symmetry broken, so the kernels can learn apart
+    assert float(layer.weight.detach().min()) > 0  # positive: the ReLU passes non-negative vectors
+
+
+@pytest.mark.parametrize("hw", LANDSCAPE + [(w, h) for h, w in LANDSCAPE])
+def test_max_only_darac_reproduces_rmac_with_the_whole_map(hw):
+    x = _maps(C=6, H=hw[0], W=hw[1], seed=1)
+    layer = DARAC().double().set_vector_weights([0.0] * 21 + [1.0] * 21)
+    torch.testing.assert_close(layer(x), rmac(x, L=3, include_global=True), rtol=0, atol=1e-6)
+
+
+def test_max_only_darac_is_not_rmac_on_a_square_map():
+    x = _maps(C=6, H=8, W=8, seed=1)
+    layer = DARAC().double().set_vector_weights([0.0] * 21 + [1.0] * 21)
+    assert float((layer(x).detach() - rmac(x, L=3)).abs().max()) > 1e-4  # other grid, as documented
+
+
+def test_set_vector_weights_rejects_bad_weights():
+    with pytest.raises(ValueError, match="42 finite non-negative"):
+        DARAC().set_vector_weights([1.0] * 21)
+    with pytest.raises(ValueError, match="negative"):
+        DARAC().set_vector_weights([-1.0] + [1.0] * 41)
+
+
+def test_gradients_reach_every_darac_parameter():
+    x = _maps(C=6, dtype=torch.float32)
+    layer = DARAC(kernels=4)
+    g = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    (layer(x) * g).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert float(p.grad.abs().min()) > 0, f"{name}: some entries get no gradient"
+
+
+def test_darac_gradients_match_finite_differences():
+    x = _maps(B=2, C=4, H=5, W=7, seed=3)
+    layer = DARAC(kernels=3, seed=2).double()
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([-0.5, 0.3, 0.0], dtype=torch.float64))  # let some ReLUs cut
+    g = torch.randn(2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda w, a, c: _with(layer, w, a, c, x, g),
+                                    (layer.weight.detach().clone().requires_grad_(),
+                                     layer.bias.detach().clone().requires_grad_(),
+                                     layer.combine.detach().clone().requires_grad_()))
+
+
+def _with(layer, w, a, c, x, g):
+    V = darac_vectors(x)
+    Z = torch.einsum("kj,bjc->bkc", w, V) + a[None, :, None]
+    return (l2n(torch.einsum("k,bkc->bc", c, torch.relu(Z)), layer.eps) * g).sum()
+
+
+def test_contributions_sum_to_one_and_match_the_plain_sum_untrained():
+    x = _maps(C=6)
+    layer = DARAC(kernels=5).double()
+    shares = layer.contributions(x)
+    assert shares.shape == (3, 43)
+    torch.testing.assert_close(shares.sum(dim=1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-10)
+    V = _plain_vectors(x)
+    s = V.sum(dim=1)
+    expected = (V * s[:, None]).sum(dim=2) / (s * s).sum(dim=1, keepdim=True)
+    torch.testing.assert_close(shares[:, :42], expected, rtol=0, atol=1e-6)
+    assert float(shares[:, 42].abs().max()) == 0.0  # no bias yet
+
+
+def test_contributions_sum_to_one_when_relus_cut():
+    x = _maps(C=6)
+    layer = DARAC(kernels=5).double()
+    with torch.no_grad():
+        layer.weight.add_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(4),
+                                      dtype=torch.float64))
+        layer.bias.copy_(torch.linspace(-2, 1, 5, dtype=torch.float64))
+    torch.testing.assert_close(layer.contributions(x).sum(dim=1), torch.ones(3, dtype=torch.float64),
+                               rtol=0, atol=1e-10)
+
+
+def test_darac_as_retrievalnet_pooling():
+    net = RetrievalNet(DARAC())
+    maps = [torch.rand(6, 4, 5), torch.rand(6, 5, 4), torch.rand(6, 4, 5)]
+    out = net(maps)
+    assert out.shape == (3, 6)
+    torch.testing.assert_close(out[0], l2n(DARAC()(maps[0][None]))[0], rtol=0, atol=1e-5)
+    assert DARAC.multiscale_p == 1.0
+
+
+def test_darac_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="kernels"):
+        DARAC(kernels=0)
+    with pytest.raises(ValueError, match="eps"):
+        DARAC(eps=0)
+
+
+# ---------------------------------------------------------------- Gordo's trainable R-MAC
+@pytest.mark.parametrize("hw,L,glob", [((6, 8), 3, True), ((8, 6), 2, True), ((5, 5), 3, False), ((9, 16), 1, True)])
+def test_identity_trainable_rmac_is_rmac(hw, L, glob):
+    x = _maps(C=6, H=hw[0], W=hw[1])
+    layer = TrainableRMAC(6, L=L, include_global=glob).double()
+    torch.testing.assert_close(layer(x), rmac(x, L=L, include_global=glob), rtol=0, atol=1e-6)
+
+
+def test_trainable_rmac_equals_a_plain_loop():
+    x = _maps(C=4, H=6, W=8)
+    layer = TrainableRMAC(4, L=2, dim=3).double()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        layer.shift.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
+        layer.fc.weight.copy_(torch.randn(3, 4, generator=gen, dtype=torch.float64))
+    regions = rmac_regions(6, 8, 2).tolist() + [[0, 0, 8, 6]]
+    for b in range(x.shape[0]):
+        acc = torch.zeros(3, dtype=torch.float64)
+        for x0, y0, w, h in regions:
+            v = x[b, :, y0:y0 + h, x0:x0 + w].amax(dim=(1, 2))
+            v = v / (v.norm() + 1e-6)
+            u = layer.fc.weight.detach() @ (v + layer.shift.detach())
+            acc += u / (u.norm() + 1e-6)
+        torch.testing.assert_close(layer(x[b:b + 1])[0], acc / (acc.norm() + 1e-6), rtol=0, atol=1e-10)
+
+
+def test_fit_pca_whitens_the_region_vectors():
+    maps = [_maps(B=1, C=4, H=6, W=8, seed=s)[0] for s in range(6)]  # 6 maps x 9 regions (L=2 + global)
+    layer = TrainableRMAC(4, L=2).double().fit_pca(maps)
+    V = torch.cat([layer.region_vectors(m[None])[0] for m in maps])
+    Y = layer.fc(V + layer.shift).detach()
+    torch.testing.assert_close(Y.mean(dim=0), torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cov(Y.T), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-8)
+    # a reference: mean and eigenvectors by hand; the same projections up to the sign of each component
+    Xc = V - V.mean(dim=0)
+    lam, E = torch.linalg.eigh(Xc.T @ Xc / (V.shape[0] - 1))
+    ref = Xc @ (E / lam.sqrt()).flip(1)
+    torch.testing.assert_close(Y.abs(), ref.abs(), rtol=0, atol=1e-8)
+
+
+def test_from_pca_reduces_dimension_and_trains():
+    maps = [_maps(B=1, C=6, H=6, W=8, seed=s)[0].float() for s in range(4)]
+    layer = TrainableRMAC.from_pca(maps, L=2, dim=3)
+    out = layer(torch.stack(maps))
+    assert out.shape == (4, 3)
+    out.sum().backward()
+    assert layer.shift.grad.abs().min() > 0 and layer.fc.weight.grad.abs().min() > 0
+
+
+def test_fit_pca_errors():
+    maps = [_maps(B=1, C=6, H=3, W=4, seed=s)[0] for s in range(2)]
+    with pytest.raises(ValueError, match="cannot whiten 6 dimensions"):
+        TrainableRMAC(6, L=1).double().fit_pca(maps)
+    with pytest.raises(ValueError, match="shrinkage"):
+        TrainableRMAC(6, L=1, dim=2).double().fit_pca(maps, shrinkage=-1)
+    with pytest.raises(ValueError, match="no feature maps"):
+        TrainableRMAC(6).fit_pca([])
+    with pytest.raises(ValueError, match="exceeds"):
+        TrainableRMAC(6, dim=7)
+    with pytest.raises(ValueError, match="built for 6 channels"):
+        TrainableRMAC(6)(torch.rand(1, 5, 4, 4))
