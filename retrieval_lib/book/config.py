@@ -15,8 +15,9 @@ Each scale measures ONE benchmark, chosen by :func:`benchmark_for_scale`; the no
 reproduce`` both call it, so their numbers are measured on the same data.
 
 Notebooks read their scale from the ``SCALE`` parameter (default: the environment
-variable ``RETRIEVAL_SCALE``, else ``"cpu"``) and look the settings up here, so that one
-word changes every notebook and ``python -m retrieval_lib reproduce`` at once.
+variable ``RETRIEVAL_SCALE``, else :func:`default_scale`: ``"full"`` with a CUDA GPU,
+``"cpu"`` without) and look the settings up here, so that one word changes every notebook
+and ``python -m retrieval_lib reproduce`` at once.
 """
 from __future__ import annotations
 
@@ -62,8 +63,17 @@ SCALES = {
 
 
 def default_scale() -> str:
-    """``RETRIEVAL_SCALE`` from the environment, else ``"cpu"``."""
-    return os.environ.get("RETRIEVAL_SCALE", "cpu")
+    """The scale a notebook runs at when none is given.
+
+    ``RETRIEVAL_SCALE`` from the environment when set (the tests and ``reproduce`` set it),
+    else ``"full"`` when PyTorch sees a CUDA GPU (a Colab GPU runtime) and ``"cpu"`` otherwise.
+    """
+    value = os.environ.get("RETRIEVAL_SCALE", "").strip()
+    if value:
+        return value
+    import torch
+
+    return "full" if torch.cuda.is_available() else "cpu"
 
 
 def default_progress() -> bool:
