@@ -9,6 +9,10 @@ Each loss returns the mean over its pairs, triplets or anchors (a scalar tensor)
   positive and the nearest negative of the batch.
 * :func:`smoothed_cross_entropy` -- softmax cross-entropy with label smoothing and a
   temperature, CGD's auxiliary classification loss (Jun et al. 2019).
+* :func:`smooth_ap_loss` -- Smooth-AP (Brown, Xie, Kalogeiton & Zisserman, ECCV 2020): one
+  minus a sigmoid-smoothed average precision per anchor (taught in ``06_darac``).
+* :func:`nra_like_loss` -- a rank-approximation loss after the description of Schall et al.'s
+  NRA (MMSP 2019), whose exact equations are not at hand: hence "NRA-like" (``06_darac``).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import math
 
 import torch
 
-__all__ = ["contrastive_loss", "triplet_loss", "batch_hard_triplet_loss", "smoothed_cross_entropy"]
+__all__ = ["contrastive_loss", "triplet_loss", "batch_hard_triplet_loss", "smoothed_cross_entropy", "smooth_ap_loss",
+           "nra_like_loss"]
 
 
 def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, label: torch.Tensor, margin: float = 0.7,
@@ -188,3 +193,109 @@ def smoothed_cross_entropy(logits: torch.Tensor, target, smoothing: float = 0.1,
     nll = -logp.gather(1, target.long()[:, None]).squeeze(1)  # (N,)
     uniform = -logp.mean(dim=1)  # (N,): cross-entropy against the uniform distribution
     return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
+
+
+def _rank_batch(embeddings, labels, who: str, min_rows: int):
+    """Validate a labelled batch for the rank losses; return ``(sims (N, N), same (N, N), labels)``."""
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+        raise ValueError(f"{who}: embeddings must be a floating point (N, D) tensor, one descriptor per row")
+    n = embeddings.shape[0]
+    labels = torch.as_tensor(labels, device=embeddings.device)
+    if labels.shape != (n,):
+        raise ValueError(f"{who}: labels must have shape ({n},), one per row of embeddings, got "
+                         f"{tuple(labels.shape)}")
+    if n < min_rows:
+        raise ValueError(f"{who}: a batch of {n} descriptors is too small; give at least {min_rows} "
+                         "(e.g. PKMiner(P=4, K=4) batches)")
+    sims = embeddings @ embeddings.T  # (N, N) cosine similarities of L2-normalised rows
+    same = labels[:, None] == labels[None, :]
+    return sims, same
+
+
+def _check_temperature(tau, who: str, name: str = "tau") -> None:
+    if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"{who}: {name} must be a positive number (e.g. 0.01), got {tau!r}")
+
+
+def smooth_ap_loss(embeddings: torch.Tensor, labels, tau: float = 0.01) -> torch.Tensor:
+    """Smooth-AP loss (Brown, Xie, Kalogeiton & Zisserman, "Smooth-AP: smoothing the path
+    towards large-scale image retrieval", ECCV 2020), the mean over anchors of ``1 - AP~``.
+
+    Every row ``q`` of the batch is an anchor; its positives ``P_q`` are the other rows with
+    its label, ``Omega_q`` all rows but ``q``; ``s_i = <x_q, x_i>`` (cosine for L2-normalised
+    rows) and ``sigma_tau(d) = 1 / (1 + exp(-d / tau))``. The rank of each positive ``i``
+    among the positives and among all, with the indicator ``[s_j > s_i]`` replaced by
+    ``sigma_tau(s_j - s_i)``::
+
+        R(i, P)     = 1 + sum_{j in P_q, j != i}     sigma_tau(s_j - s_i)
+        R(i, Omega) = 1 + sum_{j in Omega_q, j != i} sigma_tau(s_j - s_i)
+        AP~_q = 1/|P_q| sum_{i in P_q} R(i, P) / R(i, Omega),      L = mean_q (1 - AP~_q)
+
+    As ``tau -> 0`` ``AP~`` tends to the exact AP of the anchor's ranking of the batch
+    (ties aside). ``tau = 0.01`` is the paper's. Anchors without a positive are left out.
+    Shapes ``embeddings (N, D)``, ``labels (N,)``; returns a scalar. Raises ``ValueError``
+    for a batch with no anchor that has a positive, or a non-positive ``tau``.
+    Taught in ``notebooks/06_darac.ipynb``.
+    """
+    who = "smooth_ap_loss"
+    _check_temperature(tau, who)
+    sims, same = _rank_batch(embeddings, labels, who, min_rows=2)
+    n = sims.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=sims.device)
+    pos = same & ~eye  # (N, N): pos[q, i]
+    valid = pos.any(dim=1)
+    if not bool(valid.any()):
+        raise ValueError(f"{who}: no anchor has a positive (another row with its label) in the batch; build "
+                         "batches with at least 2 images per class (e.g. PKMiner(P=4, K=4))")
+    # sg[q, i, j] = sigma((s_qj - s_qi) / tau), counted only for j != q and j != i
+    sg = torch.sigmoid((sims[:, None, :] - sims[:, :, None]) / tau)  # (N, N, N)
+    others = ~eye[:, None, :] & ~eye[None, :, :]  # (N, N, N): j != q and j != i
+    sg = sg * others.to(sg.dtype)
+    r_all = 1.0 + sg.sum(dim=2)  # (N, N): R(i, Omega_q)
+    r_pos = 1.0 + (sg * pos[:, None, :].to(sg.dtype)).sum(dim=2)  # (N, N): R(i, P_q)
+    ratio = (r_pos / r_all) * pos.to(sg.dtype)
+    ap = ratio.sum(dim=1)[valid] / pos.sum(dim=1)[valid].to(sg.dtype)
+    return (1.0 - ap).mean()
+
+
+def nra_like_loss(embeddings: torch.Tensor, labels, tau: float = 0.05, gamma: float = 4.0) -> torch.Tensor:
+    """An **NRA-like** rank loss, the mean over anchors: approximate ranks -> a nonlinear
+    transfer to similarities -> positives contracted, negatives dispersed.
+
+    NRA (Schall, Barthel, Hezel & Jung, "Deep metric learning using similarities from
+    nonlinear rank approximations", MMSP 2019) is described as: batch similarities become
+    normalised approximate ranks, a nonlinear transfer function maps them to similarities,
+    and a loss contracts positives and disperses negatives. Its exact equations are not at
+    hand, so this is our loss after that description, not the paper's. For anchor ``q``
+    with ``s_j = <x_q, x_j>``, over the ``N - 1`` other rows ``j``:
+
+        r_j   = 1/(N - 2) sum_{k != q, j} sigma_tau(s_k - s_j)     (normalised approximate rank, 0 = first)
+        rho_j = (1 - r_j)^gamma                                   (transfer: steep near the top ranks)
+        L_q   = mean_{i in P_q} (1 - rho_i)^2 + mean_{j in N_q} rho_j^2
+        L     = mean over anchors with a positive and a negative of L_q
+
+    ``sigma_tau(d) = 1 / (1 + exp(-d / tau))``; ``P_q`` the rows with the anchor's label,
+    ``N_q`` the others. ``gamma > 1`` makes a move near the top of the ranking count more
+    than one near the bottom. Shapes ``embeddings (N, D)``, ``labels (N,)``, ``N >= 3``;
+    returns a scalar. Raises ``ValueError`` for a batch where no anchor has both a positive
+    and a negative, or non-positive ``tau``/``gamma``. Taught in ``notebooks/06_darac.ipynb``.
+    """
+    who = "nra_like_loss"
+    _check_temperature(tau, who)
+    _check_temperature(gamma, who, "gamma")
+    sims, same = _rank_batch(embeddings, labels, who, min_rows=3)
+    n = sims.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=sims.device)
+    pos, neg = same & ~eye, ~same
+    valid = pos.any(dim=1) & neg.any(dim=1)
+    if not bool(valid.any()):
+        raise ValueError(f"{who}: no anchor has both a positive and a negative in the batch; build batches of "
+                         "at least 2 classes with 2 images each (e.g. PKMiner(P=4, K=4))")
+    sg = torch.sigmoid((sims[:, None, :] - sims[:, :, None]) / tau)  # (N, N, N): [q, j, k]
+    others = ~eye[:, None, :] & ~eye[None, :, :]  # k != q and k != j
+    r = (sg * others.to(sg.dtype)).sum(dim=2) / (n - 2)  # (N, N): r[q, j]
+    rho = (1.0 - r).clamp(min=0).pow(gamma)
+    posf, negf = pos.to(rho.dtype), neg.to(rho.dtype)
+    l_pos = ((1.0 - rho).pow(2) * posf).sum(dim=1) / posf.sum(dim=1).clamp(min=1)
+    l_neg = (rho.pow(2) * negf).sum(dim=1) / negf.sum(dim=1).clamp(min=1)
+    return (l_pos + l_neg)[valid].mean()
