@@ -52,6 +52,7 @@ __all__ = [
     "ResNetBackbone",
     "efficientnet_lite",
     "resnet",
+    "resnet50_cgd",
     "load_backbone",
     "BACKBONES",
     "EFFICIENTNET_LITE_PARAMS",
@@ -565,6 +566,27 @@ def resnet(
         first.conv2.stride = (1, 1)
         first.downsample[0].stride = (1, 1)
     return ResNetBackbone(net, f"resnet{depth}", last_stride, weights=tag).eval()
+
+
+def resnet50_cgd(weights: str | None = "IMAGENET1K_V1",
+                 weights_path: str | os.PathLike | None = None) -> ResNetBackbone:
+    """ResNet-50 with the downsampling of stage 4 removed: CGD's backbone, in eval mode.
+
+    Jun et al., "Combination of Multiple Global Descriptors for Image Retrieval" (arXiv
+    1903.10663, 2019) drop the stride between stage 3 and stage 4, so a 224 x 224 image gives
+    a 14 x 14 map of 2048 channels instead of 7 x 7 (``resnet(50, last_stride=1)``).
+
+    Args:
+        weights: torchvision's ImageNet weight set (``"IMAGENET1K_V1"``, downloaded once, see
+            :func:`resnet`), or ``None`` for the random initialisation (no download).
+        weights_path: a local state dict file in torchvision's layout (overrides ``weights``).
+
+    ``features(x)``: ``(B, 3, 224, 224) -> (B, 2048, 14, 14)``; ``ceil(H/16)`` in general.
+    Taught in ``notebooks/07_cgd.ipynb``.
+    """
+    if weights is None:
+        return resnet(50, pretrained=False, last_stride=1, weights_path=weights_path)
+    return resnet(50, pretrained=True, last_stride=1, weights=weights, weights_path=weights_path)
 
 
 # --------------------------------------------------------------------------- name table
