@@ -1,4 +1,10 @@
-"""Command line: ``python -m retrieval_lib reproduce [--scale smoke|cpu|full] [--out DIR]``."""
+"""Command line.
+
+``python -m retrieval_lib reproduce [--scale smoke|cpu|full] [--out DIR]``: the off-the-shelf
+comparison and every notebook executed, one results table.
+``python -m retrieval_lib site [--scale ...] [--out DIR] [--from RUN]``: the executed
+notebooks as a static web site (``DIR/index.html``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,25 +14,35 @@ import sys
 from retrieval_lib.book.config import SCALES
 
 
+def _run_arguments(p: argparse.ArgumentParser, out_default: str, out_help: str) -> None:
+    """The arguments of a run of the notebooks, shared by ``reproduce`` and ``site``."""
+    p.add_argument("--scale", choices=list(SCALES), default="cpu",
+                   help="smoke: seconds; cpu: minutes on a laptop; full: a GPU. What each runs: "
+                        + "; ".join(cfg.summary() for cfg in SCALES.values()))
+    p.add_argument("--out", default=out_default, help=out_help)
+    p.add_argument("--data", default=None,
+                   help="data root holding real171/ (full scale: roxford5k/) "
+                        "(default: $RETRIEVAL_DATA, else the offline default)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
+    p.add_argument("--notebooks", default="all",
+                   help="'all', 'none', or a comma list of notebook numbers such as 00,03")
+    p.add_argument("--notebooks-dir", default=None, help="where the NN_*.ipynb notebooks are")
+    p.add_argument("--cache", default=None, help="feature cache folder (default: $RETRIEVAL_CACHE)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the executed notebooks never show any)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m retrieval_lib",
                                      description="The runnable textbook of deep image retrieval.")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="off-the-shelf comparison + every notebook, one results table")
-    rep.add_argument("--scale", choices=list(SCALES), default="cpu",
-                     help="smoke: seconds; cpu: minutes on a laptop; full: a GPU. What each runs: "
-                          + "; ".join(cfg.summary() for cfg in SCALES.values()))
-    rep.add_argument("--out", default="results",
-                     help="folder for tables and executed notebooks (relative to the current directory)")
-    rep.add_argument("--data", default=None,
-                     help="data root holding real171/ (full scale: roxford5k/) "
-                          "(default: $RETRIEVAL_DATA, else the offline default)")
-    rep.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
-    rep.add_argument("--notebooks", default="all",
-                     help="'all', 'none', or a comma list of notebook numbers such as 00,03")
-    rep.add_argument("--notebooks-dir", default=None, help="where the NN_*.ipynb notebooks are")
-    rep.add_argument("--cache", default=None, help="feature cache folder (default: $RETRIEVAL_CACHE)")
-    rep.add_argument("--quiet", action="store_true", help="no progress bars (the executed notebooks never show any)")
+    _run_arguments(rep, "results", "folder for tables and executed notebooks (relative to the current directory)")
+    site = sub.add_parser("site", help="the executed notebooks as static HTML pages + an index with the results")
+    _run_arguments(site, "site", "folder for the pages (index.html, NN_name.html); without --from the "
+                                 "notebooks are executed into OUT/run first")
+    site.add_argument("--from", dest="from_dir", default=None, metavar="RUN",
+                      help="build from this reproduce output folder (its notebooks/NN_name/NN_name.ipynb, "
+                           "results.md) instead of executing the notebooks; --scale etc. are then unused")
     return parser
 
 
@@ -41,6 +57,10 @@ def main(argv=None) -> int:
         from retrieval_lib.book.reproduce import main_reproduce
 
         return main_reproduce(args)
+    if args.command == "site":
+        from retrieval_lib.book.site import main_site
+
+        return main_site(args)
     return 2
 
 
