@@ -226,7 +226,7 @@ def test_reproduce_rejects_bad_scale():
         main(["reproduce", "--scale", "huge"])
 
 
-ENV_SEEN = ("RETRIEVAL_PROGRESS", "RETRIEVAL_DATA", "RETRIEVAL_CACHE", "RETRIEVAL_SCALE")
+ENV_SEEN = ("RETRIEVAL_PROGRESS", "RETRIEVAL_DATA", "RETRIEVAL_CACHE", "RETRIEVAL_SCALE", "RETRIEVAL_RESULTS")
 
 
 def _tiny_notebook(path, value):
@@ -293,7 +293,8 @@ def test_reproduce_hands_notebooks_absolute_paths_and_no_progress(tmp_path, monk
     assert seen["OUT_DIR"] == str(out / "notebooks" / "00_a") and seen["cwd"] == str(nb_dir)
     assert seen["DATA_ROOT"] == str(tmp_path / "data")
     assert seen["env"] == {"RETRIEVAL_PROGRESS": "0", "RETRIEVAL_DATA": str(tmp_path / "data"),
-                           "RETRIEVAL_CACHE": str(work / "cache"), "RETRIEVAL_SCALE": "smoke"}
+                           "RETRIEVAL_CACHE": str(work / "cache"), "RETRIEVAL_SCALE": "smoke",
+                           "RETRIEVAL_RESULTS": str(out)}  # where 09_reproductions finds offtheshelf.json
     assert (work / "cache" / "features").is_dir()  # the relative --cache is used from here too
     assert not (nb_dir / "results").exists()
     assert (out / "offtheshelf.md").is_file() and "00_a" in (out / "results.md").read_text()

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 __all__ = ["write_metrics", "read_metrics", "markdown_table", "paper_vs_ours", "results_table",
-           "paper_result", "measured", "SETTING_FIELDS", "OFF_THE_SHELF"]
+           "paper_result", "measured", "SETTING_FIELDS", "OFF_THE_SHELF", "paper_catalogue", "closest_measurement",
+           "explain_difference", "reproduction_rows", "reproduction_table", "REPRODUCTION_HEADER", "uncatalogued"]
 
 SETTING_FIELDS = ("dataset", "protocol", "method", "training", "backbone", "resolution")
 OFF_THE_SHELF = "ImageNet, off the shelf"  # the training of every backbone this library loads
@@ -284,3 +285,192 @@ def results_table(docs) -> str:
                   markdown_table(["notebook"] + COMPARE_HEADER, compare), ""]
     parts += ["Every number measured in this run:", "", markdown_table(["notebook", "metric", "ours"], numbers)]
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------ the papers of the book
+def _family(method) -> str:
+    """The descriptor family a method belongs to: ``"GeM (learned p) + ..."`` -> ``"gem"``,
+    ``"R-MAC L=2, ..."`` -> ``"rmac"``; a paper number and ours are put side by side only
+    within one family."""
+    m = re.match(r"[a-z]+", str(method).lower().replace("-", "").replace("[o]", "").strip())
+    return m.group(0) if m else ""
+
+
+def paper_catalogue() -> list[dict]:
+    """The papers the book reproduces, each with its numbers as :func:`paper_result` entries.
+
+    Every number is one the notebooks already cite with its source (or, for CGD, the
+    numbers of the project's issue record, which say where they come from); a value the
+    notebook could not verify stays ``None``. Each paper: ``key``, ``citation``,
+    ``notebook`` (where it is taught), ``ours_full`` (what our ``full`` scale runs for it,
+    beside the off-the-shelf setting of :data:`~retrieval_lib.book.config.SCALES`) and
+    ``entries``. ``notebooks/09_reproductions.ipynb`` shows one table per paper.
+    """
+    def rows(fields, values, **common):
+        return [paper_result(v, **common, **f) for f, v in zip(fields, values)]
+
+    # sources and settings exactly as the notebooks write them (09 lists any paper number a notebook
+    # wrote that is not here, so a drift shows up)
+    revisiting = ("Radenović, Iscen, Tolias, Avrithis & Chum, 'Revisiting Oxford and Paris: Large-Scale Image "
+                  "Retrieval Benchmarking', CVPR 2018")
+    gem_src = "Radenović et al., TPAMI 2018; table of the authors' cnnimageretrieval-pytorch README, rows 'MatConvNet'"
+    gem_00 = ("Radenović, Tolias & Chum, TPAMI 2018 network, as reported in Radenović et al., CVPR 2018 (row R-GeM) "
+              "and the authors' cnnimageretrieval README (ResNet101-GeM, MatConvNet)")
+    gem_ft = dict(method="GeM (learned p) + learned whitening", training="fine-tuned on SfM-120k (contrastive loss)",
+                  resolution="1024 px, 3 scales", source=gem_src, note="scales 1, 1/√2, 1/2; whitening learned on SfM-120k")
+    gordo = dict(dataset="oxford5k", protocol="mAP", backbone="resnet101", resolution="800 px, multi-resolution",
+                 training="trained end to end (triplet loss, cleaned landmarks set)")
+    cgd_paper = "Jun et al., 'Combination of Multiple Global Descriptors for Image Retrieval', arXiv 1903.10663, 2019"
+    record = "as recorded in the project's issue 10 (not re-checked here)"
+    cgd = dict(protocol="R@1", training="trained on the data set's training classes (ranking + classification loss)",
+               backbone="resnet50")
+    return [
+        {"key": "revisiting", "citation": revisiting, "notebook": "01_mac",
+         "ours_full": "01_mac and the off-the-shelf table: MAC of ResNet-101 (ImageNet, off the shelf) on roxford5k",
+         "entries": rows([{"protocol": "mAP medium"}, {"protocol": "mAP hard"}], [None, None],
+                         dataset="roxford5k", method="MAC", training=OFF_THE_SHELF, backbone="resnet101",
+                         resolution="not checked (see the paper)", source=revisiting + ", results table, row R–[O]–MAC",
+                         note="value not checked against the paper here, so not quoted")},
+        {"key": "spoc", "citation": "Babenko & Lempitsky, 'Aggregating Local Deep Features for Image Retrieval', "
+                                    "ICCV 2015", "notebook": "02_spoc",
+         "ours_full": "02_spoc and the off-the-shelf table: SPoC (with and without the centre prior) of ResNet-101 "
+                      "(ImageNet, off the shelf) on roxford5k, no PCA-whitening",
+         "entries": rows([{"dataset": d, "method": m} for d in ("holidays", "oxford5k")
+                          for m in ("SPoC + centre prior, PCA-whitened to 256-D",
+                                    "SPoC without centre prior, PCA-whitened to 256-D")], [None] * 4,
+                         protocol="mAP", training=OFF_THE_SHELF, backbone="VGG (Simonyan & Zisserman), last conv layer",
+                         resolution="the paper's input size (see the paper)",
+                         source="Babenko & Lempitsky, ICCV 2015 (arXiv:1510.07493), results table",
+                         note="value left out: not verified from a source available while writing the notebook")},
+        {"key": "gem", "citation": "Radenović, Tolias & Chum, 'Fine-tuning CNN Image Retrieval with No Human "
+                                   "Annotation', TPAMI 2018", "notebook": "03_gem",
+         "ours_full": "03_gem: GeM of ResNet-101 (ImageNet, off the shelf) at 1024 px, 3 scales, on roxford5k; "
+                      "only p is fitted, no fine-tuning, no whitening",
+         "entries": rows([{"dataset": "roxford5k", "protocol": "mAP medium", "backbone": "resnet101"},
+                          {"dataset": "roxford5k", "protocol": "mAP hard", "backbone": "resnet101"},
+                          {"dataset": "rparis6k", "protocol": "mAP medium", "backbone": "resnet101"},
+                          {"dataset": "rparis6k", "protocol": "mAP hard", "backbone": "resnet101"},
+                          {"dataset": "roxford5k", "protocol": "mAP medium", "backbone": "vgg16"},
+                          {"dataset": "rparis6k", "protocol": "mAP medium", "backbone": "vgg16"}],
+                         [0.647, 0.385, 0.772, 0.563, 0.619, 0.693], **gem_ft)
+                    + rows([{"protocol": "mAP medium"}, {"protocol": "mAP hard"}], [0.647, 0.385],  # as 00 cites them
+                           dataset="roxford5k", method="GeM + learned whitening", training="fine-tuned on SfM-120k",
+                           backbone="resnet101", resolution="1024 px, multi-scale", source=gem_00)},
+        {"key": "rmac", "citation": "Gordo, Almazán, Revaud & Larlus, 'End-to-end Learning of Deep Visual "
+                                    "Representations for Image Retrieval', IJCV 2017", "notebook": "04_rmac",
+         "ours_full": "04_rmac: R-MAC (L = 3, no region whitening) of ResNet-101 (ImageNet, off the shelf) at "
+                      "1024 px on roxford5k, with αQE and DBA",
+         "entries": [
+             paper_result(0.8607, method="R-MAC L=2, learned region projection, multi-resolution", **gordo,
+                          source="README of Gordo et al.'s Deep Retrieval package, 'Expected accuracy' "
+                                 "(copy at github.com/figitaki/deep-retrieval)"),
+             paper_result(0.947, method="R-MAC L=2, learned region projection, multi-resolution + QE + DBA", **gordo,
+                          source="Gordo et al., IJCV 2017, abstract (94.7 Oxford5k, 96.6 Paris6k, 94.8 Holidays)",
+                          note="README: 94.68 with QE k = 1, DBA k = 20")]},
+        {"key": "wgem", "citation": "Wu et al., 'Weighted generalized mean pooling for deep image retrieval', "
+                                    "ICIP 2018", "notebook": "05_wgem",
+         "ours_full": "05_wgem: GeM and wGeM heads trained on the honest split's training side (backbone frozen "
+                      "at cpu scale), evaluated on held-out groups; the paper's end-to-end recipe is wired for full",
+         "entries": rows([{"dataset": "oxford5k"}, {"dataset": "paris6k"}], [None, None], protocol="mAP",
+                         method="wGeM", training="fine-tuned end to end on rSfM-120k", backbone="resnet101",
+                         resolution="the paper's test resolution",
+                         source="Wu et al., ICIP 2018 (its result tables are not at hand; no number quoted)")},
+        {"key": "cgd", "citation": cgd_paper, "notebook": "07_cgd",
+         "ours_full": "07_cgd: CGD heads on ResNet-50 without the stage-4 downsampling, fine-tuned end to end at "
+                      "224 px (book.cgd.cgd_trainer); at cpu scale heads on frozen pooled branches",
+         "entries": (rows([{"dataset": d} for d in ("cub200-test", "cars196", "sop", "inshop")],
+                          [0.792, 0.948, 0.842, 0.919], method="CGD (the paper's best configuration per data set)",
+                          resolution="224 px", source=cgd_paper + ", results table", **cgd)
+                     + rows([{"protocol": f"R@{k}"} for k in (1, 2, 4, 8)], [0.7681, 0.8484, 0.9060, 0.9433],
+                            dataset="cub200-test", method="CGD MG, 1536-D", resolution="224 px, box-cropped",
+                            training=cgd["training"], backbone="resnet50",
+                            source="the authors' released CUB checkpoint, " + record)
+                     + rows([{"dataset": "cub200-test", "method": "CGD MG", "resolution": "224 px, uncropped"},
+                             {"dataset": "cub200-test", "method": "CGD MG", "resolution": "224 px, box-cropped"},
+                             {"dataset": "cars196", "method": "CGD SG", "resolution": "224 px, uncropped"},
+                             {"dataset": "cars196", "method": "CGD SG", "resolution": "224 px, box-cropped"}],
+                            [0.660, 0.739, 0.864, 0.924], source="a public re-implementation, " + record,
+                            note="its author could not reproduce the paper's numbers", **cgd))},
+    ]
+
+
+def closest_measurement(paper: Mapping, ours) -> dict | None:
+    """Our measurement to set beside a paper number: of the same descriptor family
+    (:func:`_family`), the one with the most setting fields equal (the first of ties);
+    ``None`` when we measured nothing of that family."""
+    same = [e for e in _our_entries(ours) if _family(e["method"]) == _family(paper["method"])]
+    if not same:
+        return None
+    return max(same, key=lambda e: sum(a == b for a, b in zip(_key(e), _key(paper))))
+
+
+def _gap(ours, paper) -> str:
+    return f"{ours - paper:+.3f}"
+
+
+def explain_difference(paper: Mapping, ours: Mapping | None) -> str:
+    """One sentence: how our number relates to the paper's, computed from the two settings.
+
+    Same setting in all of ``SETTING_FIELDS``: the gap is a reproduction gap. Otherwise
+    every differing field is named with both values, and the gap (when both numbers
+    exist) is said to measure those differences, not a failure to reproduce.
+    """
+    if ours is None:
+        return f"not measured in this run: no {_family(paper['method']).upper() or 'such'} number in the results"
+    differ = [f for f, a, b in zip(SETTING_FIELDS, _key(ours), _key(paper)) if a != b]
+    have_both = paper.get("value") is not None and ours.get("value") is not None
+    if not differ:
+        if have_both:
+            return f"same setting in all six fields: ours − paper = {_gap(ours['value'], paper['value'])}, a reproduction gap"
+        return "same setting in all six fields; the paper's value is not quoted (see its source)"
+    shown = "; ".join(f"{f}: ours {_resolution(ours[f]) if f == 'resolution' else ours[f]}, paper "
+                      f"{_resolution(paper[f]) if f == 'resolution' else paper[f]}" for f in differ)
+    head = f"not comparable, {len(differ)} of {len(SETTING_FIELDS)} setting fields differ ({shown})"
+    if have_both:
+        return head + f"; ours − paper = {_gap(ours['value'], paper['value'])} measures these differences, " \
+                      "not a failure to reproduce"
+    if paper.get("value") is None:
+        return head + "; the paper's value is not quoted (see its source)"
+    return head
+
+
+REPRODUCTION_HEADER = ["paper's setting", "paper", "source", "ours (this run)", "our setting", "from",
+                       "difference explained"]
+
+
+def reproduction_rows(paper_entries, ours) -> list:
+    """Rows of :data:`REPRODUCTION_HEADER`: each paper number, our closest measurement of the
+    same family (:func:`closest_measurement`) and :func:`explain_difference`."""
+    out = []
+    for ref in _paper_entries(paper_entries):
+        if not _structured(ref):
+            continue
+        mine = closest_measurement(ref, ours)
+        source = "; ".join(str(ref[k]) for k in ("source", "note") if ref.get(k))
+        out.append([_setting_text(ref), ref.get("value"), source,
+                    None if mine is None else mine.get("value"),
+                    "–" if mine is None else _setting_text(mine),
+                    "–" if mine is None else mine.get("from", "–"),
+                    explain_difference(ref, mine)])
+    return out
+
+
+def reproduction_table(paper_entries, ours) -> str:
+    """Markdown of :func:`reproduction_rows`."""
+    return markdown_table(REPRODUCTION_HEADER, reproduction_rows(paper_entries, ours))
+
+
+def uncatalogued(docs) -> list:
+    """Paper numbers that notebooks wrote into their ``metrics.json`` but :func:`paper_catalogue`
+    lacks (compared by setting, source and value): ``[(notebook, entry), ...]``.
+
+    ``09_reproductions`` shows them too, so a notebook that cites a new number is never
+    left out of the reproductions, and a catalogue entry that drifted from its notebook shows up.
+    """
+    known = {(_key(e), e.get("value"), e.get("source")) for p in paper_catalogue() for e in p["entries"]}
+    out = []
+    for doc in docs:
+        for ref in _paper_entries(doc.get("paper")):
+            if _structured(ref) and (_key(ref), ref.get("value"), ref.get("source")) not in known:
+                out.append((doc["notebook"], ref))
+    return out

@@ -17,15 +17,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 from retrieval_lib.book.config import benchmark_for_scale, scale_config
-from retrieval_lib.book.report import markdown_table, read_metrics, results_table
+from retrieval_lib.book.report import OFF_THE_SHELF as OFF_THE_SHELF_TRAINING
+from retrieval_lib.book.report import markdown_table, measured, read_metrics, results_table
 
-__all__ = ["offtheshelf", "offtheshelf_table", "run_notebooks", "find_notebooks", "OFF_THE_SHELF", "CELL_TIMEOUT_S"]
+__all__ = ["offtheshelf", "offtheshelf_table", "offtheshelf_measured", "gather_results", "run_notebooks",
+           "find_notebooks", "OFF_THE_SHELF", "CELL_TIMEOUT_S"]
 
 OFF_THE_SHELF = ("MAC", "SPoC", "GeM (p=3)", "R-MAC (L=3)")
+_METHOD = {"MAC": "MAC", "SPoC": "SPoC", "GeM (p=3)": "GeM p=3", "R-MAC (L=3)": "R-MAC L=3"}  # as notebooks write it
 # per-cell limit: a hang at smoke scale fails within a minute; cpu/full cells may extract for long
 CELL_TIMEOUT_S = {"smoke": 60, "cpu": 1800, "full": 4 * 3600}
 
@@ -98,6 +102,52 @@ def offtheshelf_table(result: dict) -> str:
     return head + "\n\n" + markdown_table(["pooling"] + keys, rows)
 
 
+def offtheshelf_measured(result: dict) -> list[dict]:
+    """The off-the-shelf table as :func:`~retrieval_lib.book.report.measured` entries.
+
+    One entry per pooling and headline metric (``mAP``; ``mAP/easy|medium|hard`` as
+    ``"mAP medium"`` ...; ``R@K``), with the run's data set, backbone and resolution
+    (``"1024 px, 3 scales"`` when several input scales were averaged), marked ``from: "offtheshelf"``.
+    """
+    scales = result.get("scales") or [1.0]
+    resolution = f"{result['image_size']} px" + (f", {len(scales)} scales" if len(scales) > 1 else "")
+    out = []
+    for name, metrics in result["rows"].items():
+        for key, value in metrics.items():
+            m = re.fullmatch(r"(mAP|R@\d+)(?:/(easy|medium|hard))?", key)
+            if m is None or value is None:
+                continue
+            protocol = m.group(1) + (f" {m.group(2)}" if m.group(2) else "")
+            entry = measured(value, dataset=result["benchmark"], protocol=protocol, method=_METHOD.get(name, name),
+                             training=OFF_THE_SHELF_TRAINING, backbone=result["backbone"], resolution=resolution,
+                             key=f"{name}/{key}")
+            entry["from"] = "offtheshelf"
+            out.append(entry)
+    return out
+
+
+def gather_results(results_dir) -> dict | None:
+    """What a ``reproduce`` run left in ``results_dir``; ``None`` when it holds no ``offtheshelf.json``.
+
+    Returns ``{"dir", "offtheshelf" (its JSON), "notebooks" (every ``metrics.json`` under
+    ``notebooks/``, sorted by notebook), "measured" (the off-the-shelf entries, then each
+    notebook's ``measured`` entries marked with ``from``: the notebook)}``. A notebook still
+    running (this one, inside ``reproduce``) has written no metrics yet and is simply absent.
+    """
+    root = Path(results_dir).expanduser()
+    path = root / "offtheshelf.json"
+    if not path.is_file():
+        return None
+    shelf = json.loads(path.read_text())
+    docs = sorted((read_metrics(p) for p in (root / "notebooks").rglob("metrics.json")),
+                  key=lambda d: d["notebook"])
+    ours = offtheshelf_measured(shelf)
+    for doc in docs:
+        for entry in doc.get("measured") or []:
+            ours.append(dict(entry, **{"from": doc["notebook"]}))
+    return {"dir": str(root.resolve()), "offtheshelf": shelf, "notebooks": docs, "measured": ours}
+
+
 def find_notebooks(notebooks_dir=None, only=None) -> list[Path]:
     """The numbered notebooks ``NN_*.ipynb`` in order (optionally only those whose NN is listed).
 
@@ -148,7 +198,8 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
     Each notebook runs with its own folder as working directory, so ``out_dir`` and
     ``data_root`` (default ``RETRIEVAL_DATA``) are handed over as absolute paths, and
     ``RETRIEVAL_DATA`` / ``RETRIEVAL_CACHE`` are made absolute in the kernel's environment.
-    The kernel gets ``RETRIEVAL_PROGRESS=0`` (no progress widgets in the saved notebooks);
+    The kernel gets ``RETRIEVAL_PROGRESS=0`` (no progress widgets in the saved notebooks) and
+    ``RETRIEVAL_RESULTS`` = the folder above ``out_dir`` (``--out``: what ``09_reproductions`` reads);
     ``progress`` is papermill's own bar over the cells.
     """
     import papermill as pm
@@ -157,7 +208,9 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
     data_root = _absolute(data_root if data_root is not None else os.environ.get("RETRIEVAL_DATA"))
     cache = _absolute(os.environ.get("RETRIEVAL_CACHE"))
     docs = []
-    env = dict(RETRIEVAL_PROGRESS="0", RETRIEVAL_SCALE=scale, RETRIEVAL_DATA=data_root, RETRIEVAL_CACHE=cache)
+    # RETRIEVAL_RESULTS: the folder above out_dir, where offtheshelf.json is (09_reproductions reads it)
+    env = dict(RETRIEVAL_PROGRESS="0", RETRIEVAL_SCALE=scale, RETRIEVAL_DATA=data_root, RETRIEVAL_CACHE=cache,
+               RETRIEVAL_RESULTS=out_dir.parent)
     with _environ(**env):
         for nb in find_notebooks(notebooks_dir, only):
             nb_out = out_dir / nb.stem
