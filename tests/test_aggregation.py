@@ -274,3 +274,64 @@ def test_fit_pca_errors():
         TrainableRMAC(6, dim=7)
     with pytest.raises(ValueError, match="built for 6 channels"):
         TrainableRMAC(6)(torch.rand(1, 5, 4, 4))
+
+
+# ---------------------------------------------------------------- book/darac.py
+def test_fixed_poolings_are_the_named_poolings():
+    from retrieval_lib.book.darac import fixed_poolings
+    from retrieval_lib.layers.functional import mac, spoc
+
+    x = _maps(C=6, H=6, W=8)
+    p = {k: m.double() for k, m in fixed_poolings().items()}
+    assert len(p) == 6
+    ok = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # noqa: E731
+    ok(p["global average"](x), l2n(spoc(x), eps=0))
+    ok(p["global max"](x), l2n(mac(x), eps=0))
+    ok(p["global average+max"](x), l2n(l2n(spoc(x)) + l2n(mac(x)), eps=0))
+    ok(p["regional max (R-MAC + whole map)"](x), rmac(x, L=3, include_global=True))
+    ok(p["regional average+max (untrained DARAC)"](x), DARAC().double()(x))
+    V = _plain_vectors(x)
+    ok(p["regional average"](x), l2n(V[:, :21].sum(dim=1), eps=0))
+
+
+def test_rank_loss_objective():
+    from retrieval_lib.book.darac import RankLoss
+    from retrieval_lib.layers.losses import nra_like_loss, smooth_ap_loss
+
+    X = l2n(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))
+    batch = {"labels": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+    assert float(RankLoss("smoothap", tau=0.1)(X, batch)) == float(smooth_ap_loss(X, batch["labels"], 0.1))
+    assert float(RankLoss("nra", tau=0.1, gamma=2.0)((X, None), batch)) == \
+        float(nra_like_loss(X, batch["labels"], 0.1, 2.0))
+    assert RankLoss("nra", tau=0.1).config() == {"objective": "rank", "loss": "nra", "tau": 0.1}
+    with pytest.raises(ValueError, match="unknown loss"):
+        RankLoss("ap")
+
+
+def test_layout_checks_and_contributions_on_maps():
+    from retrieval_lib.book.darac import aspect_class, layout_checks, mean_contributions
+
+    maps = [_maps(B=1, C=4, H=h, W=w, seed=k)[0].float() for k, (h, w) in enumerate([(6, 8), (8, 6), (5, 5), (4, 9)])]
+    out = layout_checks(maps, kernels=4)
+    assert out["shapes"] == {"4:3-16:9": 2, "squarer": 1, "longer": 1}
+    assert out["plain_sum_max_abs_err"] < 1e-6 and out["rmac_max_abs_err"] < 1e-6
+    assert out["rmac_gap_other_shapes"] > 1e-4
+    assert aspect_class(9, 16) == "4:3-16:9" and aspect_class(3, 4) == "4:3-16:9"
+    s = mean_contributions(DARAC(kernels=4), maps)
+    assert s.shape == (43,) and abs(s.sum() - 1) < 1e-5
+
+
+def test_book_figures_draw():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from retrieval_lib.book.darac import show_contributions, show_heldout, show_region_weights, show_size_study
+
+    for fig in (show_region_weights(torch.linspace(0, 2, 42)), show_contributions({"a": torch.full((43,), 1 / 43)}),
+                show_size_study([224, 448], {"global max": [0.5, 0.4], "regional average": [0.6, 0.5]}, "t"),
+                show_heldout(["a", "b"], [0.5, 0.6], [(None, None), (0.01, 0.2)], "a", "t")):
+        assert fig.axes and fig.axes[0].get_title()
+        plt.close(fig)
+    with pytest.raises(ValueError, match="42 weights"):
+        show_region_weights(torch.ones(21))

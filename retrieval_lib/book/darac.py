@@ -1,0 +1,239 @@
+"""Learned regional aggregation in the book: what ``notebooks/06_darac.ipynb`` needs around the heads.
+
+The heads live in :mod:`retrieval_lib.layers.aggregation` (:class:`~retrieval_lib.layers.aggregation.DARAC`,
+:class:`~retrieval_lib.layers.aggregation.TrainableRMAC`), the rank losses in
+:mod:`retrieval_lib.layers.losses` (``smooth_ap_loss``, ``nra_like_loss``). Here:
+
+* :class:`RankLoss` -- Smooth-AP or the NRA-like loss as a training objective on P x K batches;
+* :func:`fixed_poolings` -- global / regional x average / max / average+max, the six
+  off-the-shelf poolings of DARAC's input-size study, each a DARAC with fixed vector weights;
+* :func:`layout_checks` -- on real maps: untrained DARAC = the plain sum of its 42 vectors,
+  max-only DARAC = R-MAC with the whole map (on the maps of 4:3 to 16:9), and which
+  shapes the maps have;
+* figures: :func:`show_region_weights` (weights drawn on the region grid),
+  :func:`show_contributions` (what each of the 42 vectors adds), :func:`show_size_study`,
+  :func:`show_heldout`.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from retrieval_lib.layers.aggregation import DARAC, N_DARAC_REGIONS, darac_regions, darac_slots, darac_vectors
+from retrieval_lib.layers.functional import l2n, rmac
+from retrieval_lib.layers.losses import nra_like_loss, smooth_ap_loss
+
+__all__ = ["RankLoss", "fixed_poolings", "aspect_class", "layout_checks", "mean_contributions", "show_region_weights",
+           "show_contributions", "show_size_study", "show_heldout", "SIZE_STUDY"]
+
+_LOSSES = {"smoothap": smooth_ap_loss, "nra": nra_like_loss}
+
+
+class RankLoss:
+    """A rank loss of a P x K batch (``batch["labels"]``) as a training objective.
+
+    ``"smoothap"``: :func:`~retrieval_lib.layers.losses.smooth_ap_loss`; ``"nra"``:
+    :func:`~retrieval_lib.layers.losses.nra_like_loss` (our loss after NRA's description).
+    Keyword arguments go to the loss (``tau``, ``gamma``). Batches come from
+    :class:`~retrieval_lib.engine.mining.PKMiner`.
+    """
+
+    def __init__(self, name: str, **kwargs):
+        if name not in _LOSSES:
+            raise ValueError(f"RankLoss: unknown loss {name!r}; choose one of {sorted(_LOSSES)}")
+        self.name, self.kwargs = name, dict(kwargs)
+
+    def __call__(self, outputs, batch) -> torch.Tensor:
+        D = outputs[0] if isinstance(outputs, (tuple, list)) else outputs  # (P K, D)
+        return _LOSSES[self.name](D, batch["labels"].to(D.device), **self.kwargs)
+
+    def config(self) -> dict:
+        return {"objective": "rank", "loss": self.name, **self.kwargs}
+
+    def __repr__(self) -> str:
+        return f"RankLoss({self.name!r}, " + ", ".join(f"{k}={v}" for k, v in self.kwargs.items()) + ")"
+
+
+#: the six poolings of the input-size study: (regions, pooling) -> label
+SIZE_STUDY = {("global", "avg"): "global average", ("global", "max"): "global max",
+              ("global", "avg+max"): "global average+max", ("regional", "avg"): "regional average",
+              ("regional", "max"): "regional max (R-MAC + whole map)",
+              ("regional", "avg+max"): "regional average+max (untrained DARAC)"}
+
+
+def _vector_weights(regions: str, pooling: str) -> torch.Tensor:
+    slot = torch.ones(N_DARAC_REGIONS) if regions == "regional" else torch.eye(N_DARAC_REGIONS)[0]
+    avg = slot if pooling in ("avg", "avg+max") else torch.zeros(N_DARAC_REGIONS)
+    mx = slot if pooling in ("max", "avg+max") else torch.zeros(N_DARAC_REGIONS)
+    return torch.cat([avg, mx])  # (42,)
+
+
+def fixed_poolings() -> dict:
+    """The six off-the-shelf poolings of the input-size study, ``{label: module}``.
+
+    Each is ``l2n(sum_j w_j V_j)`` over DARAC's 42 vectors (:meth:`DARAC.set_vector_weights`):
+    *global* uses only the whole-map slot, *regional* all 21 slots; *average*, *max* and
+    *average+max* the average vectors, the max vectors or both. So global average is
+    SPoC, global max is MAC, regional max is R-MAC with the whole map (on 4:3-16:9 maps),
+    global average+max is ``l2n(l2n(avg) + l2n(max))``, and regional average+max is the
+    untrained DARAC. Exact on non-negative maps.
+    """
+    return {label: DARAC(kernels=1).set_vector_weights(_vector_weights(*key)).eval()
+            for key, label in SIZE_STUDY.items()}
+
+
+def aspect_class(h: int, w: int) -> str:
+    """``"4:3-16:9"`` when ``4/3 <= long/short <= 16/9``, else ``"squarer"`` or ``"longer"``."""
+    r = max(h, w) / min(h, w)
+    return "4:3-16:9" if 4 / 3 - 1e-9 <= r <= 16 / 9 + 1e-9 else ("squarer" if r < 4 / 3 else "longer")
+
+
+@torch.no_grad()
+def layout_checks(fmaps: Sequence[torch.Tensor], kernels: int = 16) -> dict:
+    """On real maps ``(C, h, w)``, in float64: how exactly DARAC's two special cases hold.
+
+    Returns ``{"plain_sum_max_abs_err"`` (untrained DARAC vs ``l2n`` of the plain sum of the
+    42 vectors, every map), ``"rmac_max_abs_err"`` (DARAC with weight 1 on the max vectors
+    and 0 on the average ones vs ``rmac(L=3, include_global=True)``, on the maps of 4:3 to
+    16:9; NaN when there is none), ``"rmac_gap_other_shapes"`` (the same gap on the other
+    maps: R-MAC's grid differs there), ``"shapes"`` ({class: count} of :func:`aspect_class`)}.
+    """
+    untrained = DARAC(kernels=kernels).double()
+    max_only = DARAC(kernels=kernels).double().set_vector_weights([0.0] * 21 + [1.0] * 21)
+    plain, inside, outside, shapes = [], [], [], {}
+    for f in fmaps:
+        x = f[None].double()  # (1, C, h, w)
+        s = darac_vectors(x).sum(dim=1)
+        plain.append(float((untrained(x) - l2n(s, eps=0.0)).abs().max()))
+        cls = aspect_class(*f.shape[-2:])
+        shapes[cls] = shapes.get(cls, 0) + 1
+        gap = float((max_only(x) - rmac(x, L=3, include_global=True)).abs().max())
+        (inside if cls == "4:3-16:9" else outside).append(gap)
+    return {"plain_sum_max_abs_err": max(plain), "rmac_max_abs_err": max(inside) if inside else float("nan"),
+            "rmac_gap_other_shapes": max(outside) if outside else float("nan"), "shapes": shapes}
+
+
+@torch.no_grad()
+def mean_contributions(layer: DARAC, fmaps: Sequence[torch.Tensor]) -> np.ndarray:
+    """The mean over maps of :meth:`DARAC.contributions`: ``(43,)`` (42 vectors, then the biases)."""
+    layer = layer.eval()
+    rows = [layer.contributions(f[None].to(layer.weight.device))[0].cpu() for f in fmaps]
+    return torch.stack(rows).mean(dim=0).double().numpy()
+
+
+# --------------------------------------------------------------------------- figures
+def show_region_weights(weights, hw=(12, 16), title: str = "Weight of each region slot",
+                        row_names=("average", "max"), cmap: str = "viridis", vmin=None, vmax=None):
+    """The 42 weights drawn on DARAC's region grid of an ``h x w`` map: 2 rows (average, max) x 4 panels
+    (whole map, levels 1-3); each square filled with its weight's colour and labelled with it.
+
+    ``weights``: ``(42,)`` (21 average, then 21 max, slot order of :func:`darac_regions`).
+    Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    w = np.asarray(weights, dtype=float).reshape(-1)
+    if w.shape != (2 * N_DARAC_REGIONS,):
+        raise ValueError(f"show_region_weights: give 42 weights (21 average, 21 max), got {w.shape}")
+    h_, w_ = (int(v) for v in hw)
+    regions = darac_regions(h_, w_).tolist()
+    levels = [0] + [1] * 2 + [2] * 6 + [3] * 12
+    vmin = float(w.min()) if vmin is None else vmin
+    vmax = float(w.max()) if vmax is None else vmax
+    vmax = vmax if vmax > vmin else vmin + 1e-9
+    norm = plt.Normalize(vmin, vmax)
+    cm = plt.get_cmap(cmap)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.4), squeeze=False)
+    for row, name in enumerate(row_names):
+        for col in range(4):
+            ax = axes[row, col]
+            mine = [k for k, lv in enumerate(levels) if lv == col]
+            for n, k in enumerate(mine):
+                x0, y0, bw, bh = regions[k]
+                d = 0.12 * (n % 3)  # inset a little so overlapping squares stay apart
+                value = w[row * N_DARAC_REGIONS + k]
+                ax.add_patch(Rectangle((x0 + d, y0 + d), bw - 2 * d, bh - 2 * d, facecolor=cm(norm(value)),
+                                       edgecolor="black", alpha=0.55, linewidth=1.2))
+                ax.text(x0 + bw / 2, y0 + bh / 2 + 0.35 * (n % 2), f"{value:.2f}", ha="center", va="center",
+                        fontsize=8)
+            ax.set_xlim(0, w_)
+            ax.set_ylim(h_, 0)
+            ax.set_aspect("equal")
+            ax.set_xlabel("x (cells)")
+            ax.set_ylabel("y (cells)")
+            ax.set_title(f"{name}: " + ("whole map" if col == 0 else f"level {col} ({len(mine)} squares)"), fontsize=10)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), ax=axes, fraction=0.02, label="weight")
+    fig.suptitle(f"{title} (drawn on a {h_}x{w_}-cell map)")
+    return fig
+
+
+def show_contributions(shares: Mapping[str, np.ndarray], title: str = "What each of the 42 vectors adds"):
+    """Bars of :func:`mean_contributions` per slot, one group of bars per layer, average and max side by side.
+
+    ``shares``: ``{label: (43,)}``. Returns the figure (two panels: average vectors, max vectors;
+    the biases' share is given in the legend).
+    """
+    import matplotlib.pyplot as plt
+
+    names = darac_slots()
+    x = np.arange(N_DARAC_REGIONS)
+    width = 0.8 / max(1, len(shares))
+    fig, axes = plt.subplots(2, 1, figsize=(15, 7), sharex=True)
+    for k, (label, s) in enumerate(shares.items()):
+        s = np.asarray(s, dtype=float)
+        for row, ax in enumerate(axes):
+            ax.bar(x + (k - (len(shares) - 1) / 2) * width, s[row * N_DARAC_REGIONS:(row + 1) * N_DARAC_REGIONS],
+                   width, label=f"{label} (biases: {s[42]:+.3f})" if row == 0 else label)
+    for ax, kind in zip(axes, ("average", "max")):
+        ax.axhline(1 / 42, color="gray", linestyle="--", linewidth=1)
+        ax.set_ylabel(f"share of the descriptor\n({kind} vectors)")
+        ax.set_title(f"{kind} vectors of the 21 region slots (dashed: 1/42, an equal share)", fontsize=10)
+    axes[0].legend(fontsize=8)
+    axes[1].set_xticks(x)
+    axes[1].set_xticklabels(names, rotation=60, fontsize=8)
+    axes[1].set_xlabel("region slot (level, row, column in the landscape layout)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_size_study(sizes, curves: Mapping[str, Sequence[float]], title: str, ylabel: str = "mAP"):
+    """mAP against the input size (longer side, px), one line per pooling: global dashed, regional solid."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    colors = {"average": "tab:blue", "max": "tab:red", "average+max": "tab:green"}
+    for label, values in curves.items():
+        kind = "average+max" if "average+max" in label else "average" if "average" in label else "max"
+        ax.plot(list(sizes), list(values), "--o" if label.startswith("global") else "-s", color=colors[kind],
+                label=label)
+    ax.set(xlabel="input size (longer side, px)", ylabel=ylabel, title=title)
+    ax.set_xticks(list(sizes))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def show_heldout(names: Sequence[str], maps: Sequence[float], intervals: Sequence[tuple], baseline: str,
+                 title: str):
+    """Held-out mAP per head (bars) with the paired 95 % interval of each head minus ``baseline``
+    drawn around the baseline's level (a bar whose whisker clears the dashed line differs beyond the noise)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.4))
+    base = maps[list(names).index(baseline)]
+    pos = np.arange(len(names))
+    ax.bar(pos, maps, color=["tab:gray" if n == baseline else "tab:blue" for n in names])
+    for p, m, (lo, hi) in zip(pos, maps, intervals):
+        if lo is not None:
+            ax.errorbar(p, base + (lo + hi) / 2, yerr=[[(hi - lo) / 2]], fmt="none", ecolor="black", capsize=5)
+        ax.text(p, m + 0.005, f"{m:.3f}", ha="center", va="bottom", fontsize=9)
+    ax.axhline(base, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=9)
+    ax.set(ylabel="held-out mAP", title=title)
+    ax.set_ylim(0, min(1.0, max(maps) * 1.2 + 0.02))
+    fig.tight_layout()
+    return fig
