@@ -543,14 +543,29 @@ def live_figure(draw, **controls):
     """Widgets that redraw ``draw(**values)`` below them whenever one of them changes.
 
     ``controls`` maps ``draw``'s keyword arguments to ipywidgets (``IntSlider``, ...).
+    Each must carry a ``description`` that says what it changes: the parameter's name
+    and its unit or meaning, e.g. ``IntSlider(..., description="L (levels)")`` or
+    ``"p (GeM exponent)"``; it is shown in full (not cut to the default label width).
     Unlike ``ipywidgets.interactive``, ``draw`` is *not* called when the widgets are built:
     the notebook calls it once itself, so the static figure is an ordinary cell output
     (what papermill, nbconvert and GitHub show) and a headless run never renders a figure
     inside an output widget, on which papermill can wait until its timeout. Returns the
     ``VBox`` to ``display``.
+
+    Raises:
+        ValueError: no control, or a control without a description.
     """
     from ipywidgets import Output, VBox
 
+    if not controls:
+        raise ValueError("live_figure: give at least one control, e.g. live_figure(draw, k=IntSlider(...))")
+    for name, w in controls.items():
+        if not str(getattr(w, "description", "") or "").strip():
+            raise ValueError(f"live_figure: the control for {name!r} ({type(w).__name__}) has no description; say "
+                             f"what it changes with the parameter's name and unit, e.g. "
+                             f"{type(w).__name__}(..., description=\"{name} (unit)\")")
+        if hasattr(w, "style") and hasattr(w.style, "description_width"):
+            w.style.description_width = "initial"  # the whole description, not the first ~12 characters
     out = Output()
 
     def redraw(_change=None):
