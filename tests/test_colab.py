@@ -89,9 +89,11 @@ def test_colab_url():
 
 # ---------------------------------------------------------------- outside Colab it does nothing
 def _run_cell(in_colab: bool, monkeypatch):
-    """Execute the rendered cell with or without ``google.colab`` in ``sys.modules``; return its pip calls."""
+    """Execute the rendered cell with or without ``google.colab`` in ``sys.modules``; return its pip and
+    colab_setup calls."""
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(colab, "colab_setup", lambda *a, **k: calls.append("colab_setup"))
     if in_colab:
         monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     else:
@@ -102,16 +104,45 @@ def _run_cell(in_colab: bool, monkeypatch):
 
 
 def test_the_cell_is_a_no_op_outside_colab(monkeypatch):
-    assert _run_cell(False, monkeypatch) == []
-    assert "RETRIEVAL_DATA" not in os.environ
+    assert _run_cell(False, monkeypatch) == []  # no pip, no setup, no download
 
 
 def test_the_cell_installs_in_colab(monkeypatch):
     calls = _run_cell(True, monkeypatch)
-    assert len(calls) == 1
+    assert len(calls) == 2 and calls[1] == "colab_setup"  # pip first, then the setup from the installed package
     (argv,), kwargs = calls[0]
     assert argv[1:4] == ["-m", "pip", "install"] and argv[-1] == pip_target() and kwargs == {"check": True}
-    assert os.environ.get("RETRIEVAL_DATA") == colab.COLAB_DATA_ROOT  # monkeypatch restores it afterwards
+
+
+def _fake_download(monkeypatch):
+    import retrieval_lib.data.datasets as datasets
+
+    got = []
+    monkeypatch.setattr(datasets, "download_revisited", lambda name, root, progress=True: got.append((name, root)))
+    return got
+
+
+def test_colab_setup_on_a_gpu_runtime_downloads_what_full_measures(monkeypatch):
+    import torch
+
+    got = _fake_download(monkeypatch)
+    monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
+    monkeypatch.delenv("RETRIEVAL_SCALE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert colab.colab_setup() == "full"
+    assert got == [("roxford5k", colab.COLAB_DATA_ROOT)] and os.environ["RETRIEVAL_DATA"] == colab.COLAB_DATA_ROOT
+
+
+def test_colab_setup_without_a_gpu_downloads_nothing(monkeypatch, tmp_path):
+    import torch
+
+    got = _fake_download(monkeypatch)
+    monkeypatch.setenv("RETRIEVAL_DATA", str(tmp_path))  # a data root already set is kept
+    monkeypatch.delenv("RETRIEVAL_SCALE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert colab.colab_setup() == "cpu" and got == [] and os.environ["RETRIEVAL_DATA"] == str(tmp_path)
+    monkeypatch.setenv("RETRIEVAL_SCALE", "full")  # asked for full on a CPU runtime: the data comes too
+    assert colab.colab_setup() == "full" and got == [("roxford5k", str(tmp_path))]
 
 
 def test_the_cell_runs_here_as_a_plain_kernel_would():

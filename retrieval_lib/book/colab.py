@@ -14,10 +14,11 @@ or while the README does not show :data:`REPO_URL`.
 The install cell runs before the package can be imported (in Colab it is what installs
 it), so it cannot import :data:`REPO_URL`: the sync writes the URL into it. Outside Colab
 (Jupyter, papermill, nbval, the tests) it does nothing: it is guarded by
-``"google.colab" in sys.modules``, which holds only inside a Colab kernel. In Colab it also
-sets ``RETRIEVAL_DATA`` to :data:`COLAB_DATA_ROOT` when unset, so that a data set downloaded
-with ``download_revisited(name)`` lands on the runtime's disk; the scale then defaults to
-``full`` on a GPU runtime and ``cpu`` otherwise (:func:`~retrieval_lib.book.config.default_scale`).
+``"google.colab" in sys.modules``, which holds only inside a Colab kernel. In Colab it then
+calls :func:`colab_setup`: ``RETRIEVAL_DATA`` defaults to :data:`COLAB_DATA_ROOT`, and since
+the scale defaults to ``full`` on a GPU runtime (and ``cpu`` otherwise,
+:func:`~retrieval_lib.book.config.default_scale`), a GPU runtime downloads revisited Oxford,
+the data ``full`` measures, once per runtime.
 
 How the sync finds the cell (:func:`sync_notebook`): a code cell whose first line is
 :data:`MARKER` (a rendered install cell, or the placeholder of a new notebook, whose whole
@@ -29,11 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
 
-__all__ = ["REPO_URL", "MARKER", "COLAB_DATA_ROOT", "install_cell_source", "pip_target", "colab_url",
+__all__ = ["REPO_URL", "MARKER", "COLAB_DATA_ROOT", "install_cell_source", "pip_target", "colab_url", "colab_setup",
            "notebook_install_cell", "sync_notebook", "sync_notebooks", "sync_readme", "main"]
 
 REPO_URL = "https://github.com/deep-retrieval-textbook/deep-retrieval-textbook"
@@ -60,12 +62,32 @@ def install_cell_source(repo_url: str = REPO_URL) -> str:
     return (
         f"{MARKER}: in Colab, install retrieval_lib from the repository; anywhere else this does nothing.\n"
         "# Written by `python -m retrieval_lib.book.colab` from REPO_URL in retrieval_lib/book/colab.py (edit it there).\n"
-        "import os, subprocess, sys\n"
+        "import subprocess, sys\n"
         "if \"google.colab\" in sys.modules:\n"
         "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\",\n"
         f"                    \"{pip_target(repo_url)}\"], check=True)\n"
-        f"    os.environ.setdefault(\"RETRIEVAL_DATA\", \"{COLAB_DATA_ROOT}\")  # data sets you download land here"
+        "    from retrieval_lib.book.colab import colab_setup\n"
+        "    colab_setup()  # data root /content/data; on a GPU runtime (scale full) revisited Oxford is downloaded"
     )
+
+
+def colab_setup(root: str | None = None, progress: bool = True) -> str:
+    """What the install cell does in Colab once the package is installed; returns the scale.
+
+    Sets ``RETRIEVAL_DATA`` to ``root`` (default :data:`COLAB_DATA_ROOT`) unless it is set,
+    and when the notebooks will run at ``full`` scale (:func:`~retrieval_lib.book.config.default_scale`:
+    a GPU runtime, or ``RETRIEVAL_SCALE=full``) downloads revisited Oxford there
+    (:func:`~retrieval_lib.data.datasets.download_revisited`, which fetches only what is missing),
+    the one data set ``full`` measures.
+    """
+    from retrieval_lib.book.config import SCALES, default_scale
+    from retrieval_lib.data.datasets import download_revisited
+
+    os.environ.setdefault("RETRIEVAL_DATA", root or COLAB_DATA_ROOT)
+    scale = default_scale()
+    if scale == "full":
+        download_revisited(SCALES["full"].data, os.environ["RETRIEVAL_DATA"], progress=progress)
+    return scale
 
 
 def colab_url(notebook: str, repo_url: str = REPO_URL, branch: str = BRANCH) -> str:
