@@ -70,6 +70,16 @@ def test_other_shapes_keep_21_slots_inside_the_map(hw):
     assert regions[9:, 2].tolist() == [sides[2]] * 12
 
 
+def test_layout_is_rmac_exactly_where_rmac_gives_20_regions():
+    for H in range(1, 25):
+        for W in range(1, 25):
+            ours = sorted(map(tuple, darac_regions(H, W)[1:].tolist()))
+            theirs = rmac_regions(H, W, 3)
+            assert (ours == sorted(map(tuple, theirs.tolist()))) == (theirs.shape[0] == 20), (H, W)
+            if theirs.shape[0] == 20:
+                assert H != W and max(H, W) / min(H, W) <= 1.8
+
+
 def test_square_map_differs_from_rmac_as_documented():
     # R-MAC gives 14 regions on a square map (1 + 4 + 9); DARAC keeps 20 squares, the two
     # level-1 squares both the whole map
@@ -309,14 +319,16 @@ def test_rank_loss_objective():
 
 
 def test_layout_checks_and_contributions_on_maps():
-    from retrieval_lib.book.darac import aspect_class, layout_checks, mean_contributions
+    from retrieval_lib.book.darac import grid_class, layout_checks, mean_contributions
 
-    maps = [_maps(B=1, C=4, H=h, W=w, seed=k)[0].float() for k, (h, w) in enumerate([(6, 8), (8, 6), (5, 5), (4, 9)])]
+    maps = [_maps(B=1, C=4, H=h, W=w, seed=k)[0].float()
+            for k, (h, w) in enumerate([(6, 8), (8, 6), (6, 7), (5, 5), (4, 9)])]
     out = layout_checks(maps, kernels=4)
-    assert out["shapes"] == {"4:3-16:9": 2, "squarer": 1, "longer": 1}
-    assert out["plain_sum_max_abs_err"] < 1e-6 and out["rmac_max_abs_err"] < 1e-6
+    assert out["shapes"] == {"R-MAC's grid": 3, "square": 1, "other": 1}
+    assert out["plain_sum_max_abs_err"] < 1e-6 and out["rmac_max_abs_err"] < 1e-12
     assert out["rmac_gap_other_shapes"] > 1e-4
-    assert aspect_class(9, 16) == "4:3-16:9" and aspect_class(3, 4) == "4:3-16:9"
+    assert grid_class(9, 16) == "R-MAC's grid" and grid_class(10, 18) == "R-MAC's grid"
+    assert grid_class(9, 17) == "other"  # longer than 1.8 : 1
     s = mean_contributions(DARAC(kernels=4), maps)
     assert s.shape == (43,) and abs(s.sum() - 1) < 1e-5
 

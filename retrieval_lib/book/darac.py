@@ -8,8 +8,8 @@ The heads live in :mod:`retrieval_lib.layers.aggregation` (:class:`~retrieval_li
 * :func:`fixed_poolings` -- global / regional x average / max / average+max, the six
   off-the-shelf poolings of DARAC's input-size study, each a DARAC with fixed vector weights;
 * :func:`layout_checks` -- on real maps: untrained DARAC = the plain sum of its 42 vectors,
-  max-only DARAC = R-MAC with the whole map (on the maps of 4:3 to 16:9), and which
-  shapes the maps have;
+  max-only DARAC = R-MAC with the whole map (on the maps whose R-MAC grid is DARAC's
+  layout, e.g. 4:3 to 16:9), and which shapes the maps have;
 * figures: :func:`show_region_weights` (weights drawn on the region grid),
   :func:`show_contributions` (what each of the 42 vectors adds), :func:`show_size_study`,
   :func:`show_heldout`.
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from retrieval_lib.layers.aggregation import DARAC, N_DARAC_REGIONS, darac_regions, darac_slots, darac_vectors
-from retrieval_lib.layers.functional import l2n, rmac
+from retrieval_lib.layers.functional import l2n, rmac, rmac_regions
 from retrieval_lib.layers.losses import nra_like_loss, smooth_ap_loss
 
-__all__ = ["RankLoss", "fixed_poolings", "aspect_class", "layout_checks", "mean_contributions", "show_region_weights",
+__all__ = ["RankLoss", "fixed_poolings", "grid_class", "layout_checks", "mean_contributions", "show_region_weights",
            "show_contributions", "show_size_study", "show_heldout", "SIZE_STUDY"]
 
 _LOSSES = {"smoothap": smooth_ap_loss, "nra": nra_like_loss}
@@ -76,7 +76,7 @@ def fixed_poolings() -> dict:
     Each is ``l2n(sum_j w_j V_j)`` over DARAC's 42 vectors (:meth:`DARAC.set_vector_weights`):
     *global* uses only the whole-map slot, *regional* all 21 slots; *average*, *max* and
     *average+max* the average vectors, the max vectors or both. So global average is
-    SPoC, global max is MAC, regional max is R-MAC with the whole map (on 4:3-16:9 maps),
+    SPoC, global max is MAC, regional max is R-MAC with the whole map (where R-MAC's grid is the layout),
     global average+max is ``l2n(l2n(avg) + l2n(max))``, and regional average+max is the
     untrained DARAC. Exact on non-negative maps.
     """
@@ -84,10 +84,16 @@ def fixed_poolings() -> dict:
             for key, label in SIZE_STUDY.items()}
 
 
-def aspect_class(h: int, w: int) -> str:
-    """``"4:3-16:9"`` when ``4/3 <= long/short <= 16/9``, else ``"squarer"`` or ``"longer"``."""
-    r = max(h, w) / min(h, w)
-    return "4:3-16:9" if 4 / 3 - 1e-9 <= r <= 16 / 9 + 1e-9 else ("squarer" if r < 4 / 3 else "longer")
+def grid_class(h: int, w: int) -> str:
+    """How R-MAC's grid of an ``h x w`` map relates to DARAC's layout (:func:`darac_regions`).
+
+    ``"R-MAC's grid"``: R-MAC gives 20 regions at ``L = 3`` and they are DARAC's slots 1-20
+    (every map neither square nor longer than 1.8 : 1, e.g. all of 4:3 to 16:9);
+    ``"square"``; ``"other"`` (longer than 1.8 : 1, or a short side under 4 cells).
+    """
+    if rmac_regions(h, w, 3).shape[0] == 20:
+        return "R-MAC's grid"
+    return "square" if h == w else "other"
 
 
 @torch.no_grad()
@@ -96,9 +102,10 @@ def layout_checks(fmaps: Sequence[torch.Tensor], kernels: int = 16) -> dict:
 
     Returns ``{"plain_sum_max_abs_err"`` (untrained DARAC vs ``l2n`` of the plain sum of the
     42 vectors, every map), ``"rmac_max_abs_err"`` (DARAC with weight 1 on the max vectors
-    and 0 on the average ones vs ``rmac(L=3, include_global=True)``, on the maps of 4:3 to
-    16:9; NaN when there is none), ``"rmac_gap_other_shapes"`` (the same gap on the other
-    maps: R-MAC's grid differs there), ``"shapes"`` ({class: count} of :func:`aspect_class`)}.
+    and 0 on the average ones vs ``rmac(L=3, include_global=True)``, on the maps whose
+    R-MAC grid is DARAC's layout; NaN when there is none), ``"rmac_gap_other_shapes"`` (the
+    same gap on the other maps, where the grids differ; NaN when there is none),
+    ``"shapes"`` ({:func:`grid_class`: count})}.
     """
     untrained = DARAC(kernels=kernels).double()
     max_only = DARAC(kernels=kernels).double().set_vector_weights([0.0] * 21 + [1.0] * 21)
@@ -107,10 +114,10 @@ def layout_checks(fmaps: Sequence[torch.Tensor], kernels: int = 16) -> dict:
         x = f[None].double()  # (1, C, h, w)
         s = darac_vectors(x).sum(dim=1)
         plain.append(float((untrained(x) - l2n(s, eps=0.0)).abs().max()))
-        cls = aspect_class(*f.shape[-2:])
+        cls = grid_class(*f.shape[-2:])
         shapes[cls] = shapes.get(cls, 0) + 1
         gap = float((max_only(x) - rmac(x, L=3, include_global=True)).abs().max())
-        (inside if cls == "4:3-16:9" else outside).append(gap)
+        (inside if cls == "R-MAC's grid" else outside).append(gap)
     return {"plain_sum_max_abs_err": max(plain), "rmac_max_abs_err": max(inside) if inside else float("nan"),
             "rmac_gap_other_shapes": max(outside) if outside else float("nan"), "shapes": shapes}
 

@@ -80,13 +80,15 @@ def darac_regions(H: int, W: int) -> torch.Tensor:
       width, so slot ``(level, i, j)`` lies at row ``j``, column ``i`` of the portrait map
       (R-MAC's own grid is symmetric under transposition, so this is R-MAC's grid too).
 
-    On landscape or portrait maps of 4:3 to 16:9 these are exactly R-MAC's 20 regions
-    (:func:`~retrieval_lib.layers.functional.rmac_regions` ``(H, W, 3)``) plus the whole
-    map. On other shapes the slots keep this layout where R-MAC would change its count
-    (14 + 1 regions on a square map, 26 + 1 on a 2:1 map): on a square map the two
-    level-1 squares coincide with the whole map, on a 2:1 map neighbouring squares
-    overlap less than R-MAC's 40 %. Maps with a short side below 4 cells get squares of
-    at least one cell (R-MAC drops such levels). Taught in ``notebooks/06_darac.ipynb``.
+    Wherever R-MAC itself gives 20 regions at ``L = 3`` these are exactly R-MAC's regions
+    (:func:`~retrieval_lib.layers.functional.rmac_regions` ``(H, W, 3)``, as a set) plus
+    the whole map: on every map that is neither square nor longer than 1.8 : 1 (R-MAC's
+    40 % overlap rule switches there), so on all maps of 4:3 to 16:9, landscape or
+    portrait. On other shapes the slots keep this layout where R-MAC would change its
+    count (14 regions on a square map, 26 on a 2:1 map): on a square map the two level-1
+    squares coincide with the whole map, on a 2:1 map neighbouring squares overlap less
+    than R-MAC's 40 %. Maps with a short side below 4 cells get squares of at least one
+    cell (R-MAC drops such levels). Taught in ``notebooks/06_darac.ipynb``.
     """
     H = _checks.check_int(H, "H", "darac_regions")
     W = _checks.check_int(W, "W", "darac_regions")
@@ -277,8 +279,9 @@ class DARAC(nn.Module):
 
     :meth:`set_vector_weights` sets every kernel to given weights of the 42 vectors: weight 1
     on the max vectors and 0 on the average ones gives R-MAC with the whole-map region on
-    4:3-16:9 maps. :meth:`vector_weights` reads the linear weights back, :meth:`contributions`
-    what each vector adds to each image's descriptor. Taught in ``notebooks/06_darac.ipynb``.
+    every map where R-MAC's grid is the layout (all 4:3-16:9 maps; see :func:`darac_regions`).
+    :meth:`vector_weights` reads the linear weights back, :meth:`contributions` what each
+    vector adds to each image's descriptor. Taught in ``notebooks/06_darac.ipynb``.
     """
 
     #: exponent of the mean over input scales (:func:`functional.multiscale_mean`)
