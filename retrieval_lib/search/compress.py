@@ -218,6 +218,7 @@ class PQCodec(_Codec):
         faiss = _faiss()
         pq = faiss.ProductQuantizer(d, self.m, self.nbits)
         pq.cp.seed = self.seed
+        pq.cp.min_points_per_centroid = 1  # faiss only warns below it; few points per centroid is the caller's choice
         pq.train(np.ascontiguousarray(Xt.detach().cpu().numpy()))
         cents = faiss.vector_to_array(pq.centroids).reshape(self.m, self.ksub, d // self.m)
         self.centroids = torch.from_numpy(cents.copy()).to(Xt.device)  # (m, ksub, dsub)
