@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from retrieval_lib.book.whitening_study import (comparison_rows, evaluate_descriptors, image_patches,
-                                                learn_whitenings, mahalanobis_sq, sweep_codecs, sweep_dims,
-                                                training_descriptors, zca_filter_image)
+                                                learn_whitenings, mahalanobis_sq, show_whitening_2d, sweep_codecs,
+                                                sweep_dims, training_descriptors, zca_filter_image)
 from retrieval_lib.engine.extract import extract_fmaps, pool_fmaps
 from retrieval_lib.layers.functional import l2n
 from retrieval_lib.layers.whitening import pca_whitening, zca_whitening
@@ -111,3 +111,17 @@ def test_patches_and_the_zca_filtered_image():
     assert Z[y, x] == pytest.approx(ref, abs=1e-10)
     with pytest.raises(ValueError, match="at least 40 px"):
         image_patches([img], size=40)
+
+
+def test_2d_picture_whitens_both_ways_and_zca_moves_least():
+    import matplotlib
+    matplotlib.use("Agg")
+    fig, clouds = show_whitening_2d(300, seed=3)
+    assert len(fig.axes) == 3 and all(ax.get_title() for ax in fig.axes)
+    for name in ("pca", "zca"):
+        Y = clouds[name]
+        Yc = Y - Y.mean(0)
+        torch.testing.assert_close(Yc.T @ Yc / 300, torch.eye(2, dtype=torch.float64), atol=1e-10, rtol=0)
+    # ZCA is the whitening closest to the (centred) input; PCA is a rotation of it
+    Xc = clouds["raw"] - clouds["raw"].mean(0)
+    assert float((clouds["zca"] - Xc).square().sum()) < float((clouds["pca"] - Xc).square().sum())

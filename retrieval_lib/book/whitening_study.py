@@ -11,6 +11,7 @@ compares, mAP against output dimension and bytes, Mahalanobis distances and imag
   whitening equals Mahalanobis before";
 * :func:`image_patches`, :func:`zca_filter_image`, :func:`show_whitened_patches` -- the
   picture of PCA- and ZCA-whitened image patches;
+* :func:`show_whitening_2d` -- whitening on a cloud of 2-D points, PCA against ZCA;
 * :func:`plot_map_vs_dim`, :func:`plot_map_vs_bytes` -- the two figures of the notebook.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 __all__ = ["training_descriptors", "learn_whitenings", "WHITENING_NAMES", "evaluate_descriptors", "sweep_dims",
            "sweep_codecs", "mahalanobis_sq", "image_patches", "zca_filter_image", "show_whitened_patches",
-           "plot_map_vs_dim", "plot_map_vs_bytes", "comparison_rows"]
+           "plot_map_vs_dim", "plot_map_vs_bytes", "comparison_rows", "show_whitening_2d"]
 
 #: what each whitening of :func:`learn_whitenings` is, for tables and legends
 WHITENING_NAMES = {
@@ -271,3 +272,33 @@ def plot_map_vs_bytes(ax, results: dict, title: str = "mAP vs bytes per image"):
     ax.set(xscale="log", xlabel="bytes per image (log scale)", ylabel="held-out mAP", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def show_whitening_2d(n: int = 400, seed: int = 0):
+    """A correlated 2-D Gaussian cloud, PCA-whitened and ZCA-whitened (same colours = same points).
+
+    Returns ``(fig, clouds)`` with ``clouds = {"raw", "pca", "zca": (n, 2) float64}``, the
+    whitened ones before L2 normalisation (identity covariance).
+    """
+    import matplotlib.pyplot as plt
+
+    from retrieval_lib.layers.whitening import pca_whitening, zca_whitening
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.tensor([[2.0, 0.0], [1.2, 0.5]], dtype=torch.float64)  # stretch and shear
+    Xr = torch.randn(n, 2, generator=g, dtype=torch.float64) @ A.T + torch.tensor([3.0, 1.0], dtype=torch.float64)
+    clouds = {"raw": Xr}
+    for name, make in (("pca", pca_whitening), ("zca", zca_whitening)):
+        W = make(Xr)
+        clouds[name] = (Xr - W.m) @ W.P.T
+    colour = torch.atan2(*(Xr - Xr.mean(0)).T.flip(0)).numpy()  # angle of each raw point around the mean
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    titles = {"raw": "raw: correlated, unequal variances", "pca": "PCA-whitened: rotated onto the eigenvectors",
+              "zca": "ZCA-whitened: closest to the raw cloud"}
+    for ax, (name, Y) in zip(axes, clouds.items()):
+        ax.scatter(Y[:, 0].numpy(), Y[:, 1].numpy(), c=colour, cmap="hsv", s=8)
+        ax.set(title=titles[name], xlabel="coordinate 1", ylabel="coordinate 2", aspect="equal")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Whitening 2-D points: both results have identity covariance; colour = angle of the raw point")
+    fig.tight_layout()
+    return fig, clouds
