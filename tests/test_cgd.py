@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from retrieval_lib.book.cgd import (BranchBatchHardLoss, CGDNet, CropSource, StepSchedule, build_head, cgd_objective,
+                                    compare, comparison_table, summarize, train_and_score,
                                     cgd_trainer, describe, describe_images, heldout_scores, pool_branches,
                                     remap_labels, take_branches, train_head)
 from retrieval_lib.engine.trainer import MapSource
@@ -368,3 +369,35 @@ def test_cgd_trainer_runs_end_to_end_on_a_tiny_set():
     assert not trainer.model.backbone.bn1.training or not trainer.model.training
     X = describe_images(trainer.model, Data.database, size=32, batch=4)
     assert X.shape == (6, 8) and torch.allclose(X.norm(dim=1), torch.ones(6), atol=1e-5)
+
+
+def test_summarize_means_spreads_and_per_query_averages():
+    a = {"queries": np.array([0, 2]), "R@1": 0.5, "mAP": 0.4, "aps": np.array([0.2, 0.6]),
+         "hits": {1: np.array([1.0, 0.0])}}
+    b = {"queries": np.array([0, 2]), "R@1": 1.0, "mAP": 0.8, "aps": np.array([0.6, 1.0]),
+         "hits": {1: np.array([1.0, 1.0])}}
+    s = summarize([a, b], ks=(1,))
+    assert (s["R@1"], s["R@1/min"], s["R@1/max"], s["n_runs"]) == (0.75, 0.5, 1.0, 2)
+    assert s["mAP"] == pytest.approx(0.6) and s["aps"].tolist() == pytest.approx([0.4, 0.8])
+    assert s["hits"][1].tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match="different queries"):
+        summarize([a, dict(b, queries=np.array([0, 1]))], ks=(1,))
+
+
+def test_train_and_score_compare_and_table():
+    g = torch.Generator().manual_seed(8)
+    centres = torch.randn(4, 3, 6, generator=g).abs()
+    lab = np.repeat(np.arange(4), 4)
+    train = centres[lab] + 0.3 * torch.rand(16, 3, 6, generator=g)
+    test_lab = np.repeat(np.arange(3), 3)
+    test = torch.randn(3, 3, 6, generator=g).abs()[test_lab] + 0.3 * torch.rand(9, 3, 6, generator=g)
+    kw = dict(dim=6, epochs=2, lr=1e-2, P=2, K=2)
+    res = {"SMG": train_and_score("SMG", train, lab, test, test_lab, seeds=(0, 1), **kw),
+           "G": train_and_score("G", train, lab, test, test_lab, aux=False, **kw)}
+    assert res["SMG"]["n_runs"] == 2 and res["SMG"]["R@1/min"] <= res["SMG"]["R@1"] <= res["SMG"]["R@1/max"]
+    assert res["G"]["head"].classifier is None and res["SMG"]["head"].config_name == "SMG"
+    assert len(res["SMG"]["history"]["loss"]) == 4 and res["SMG"]["seconds"] > 0
+    same = compare(res, "SMG", "SMG")
+    assert same["R@1"]["delta"] == 0 and not same["mAP"]["significant"]
+    table, cmps = comparison_table(res, [("SMG", "G")], names={"SMG": "CGD SMG"})
+    assert "CGD SMG − G" in table and cmps[("SMG", "G")]["R@1"]["n"] == 9

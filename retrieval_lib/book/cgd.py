@@ -33,7 +33,8 @@ from retrieval_lib.layers.cgd import CGD, parse_config
 from retrieval_lib.layers.losses import batch_hard_triplet_loss
 
 __all__ = ["CGDNet", "pool_branches", "take_branches", "remap_labels", "build_head", "BranchBatchHardLoss",
-           "cgd_objective", "StepSchedule", "train_head", "describe", "heldout_scores", "CGD_RECIPE",
+           "cgd_objective", "StepSchedule", "train_head", "describe", "heldout_scores", "summarize",
+           "train_and_score", "compare", "comparison_table", "CGD_RECIPE",
            "CropSource", "describe_images", "cgd_trainer"]
 
 _ALL = "SMG"  # the order of the branches in the output of pool_branches
@@ -212,7 +213,7 @@ class StepSchedule:
 
 def train_head(head: CGD, source: MapSource, objective, epochs: int, lr: float, P: int, K: int,
                milestones: Sequence[int] = (), gamma: float = 0.1, seed: int = 0, device=None,
-               pooled_inputs: bool = True, progress: bool = False):
+               pooled_inputs: bool = True, progress: bool = False, threads: Optional[int] = 1):
     """Train a CGD head (backbone frozen) on ``source`` with P x K batches; returns ``(head, history)``.
 
     ``source``: a :class:`MapSource` of pooled vectors ``(n, C)`` (``pooled_inputs=True``, from
@@ -220,7 +221,9 @@ def train_head(head: CGD, source: MapSource, objective, epochs: int, lr: float, 
     classes ``0 .. n_classes - 1``. Adam at ``lr``, ``epochs`` epochs of
     :class:`~retrieval_lib.engine.mining.PKMiner` batches (``P`` classes x ``K`` images, seeded by
     ``seed``), the rate x``gamma`` at each of ``milestones``. The head comes back on the CPU in
-    eval mode; ``history`` is the trainer's (per-step loss and rate).
+    eval mode; ``history`` is the trainer's (per-step loss and rate). ``threads``: torch's CPU
+    threads while training (restored after; ``None`` leaves them): a head's matrices are small,
+    so a team of threads costs more than it saves, and stalls when other jobs share the cores.
     """
     from retrieval_lib.engine.mining import PKMiner
 
@@ -231,7 +234,13 @@ def train_head(head: CGD, source: MapSource, objective, epochs: int, lr: float, 
     trainer = Trainer(net, objective, miner, source, optimizer="adam", lr=lr, epochs=epochs,
                       schedule=StepSchedule(milestones, gamma) if milestones else "constant", device=device,
                       seed=seed, freeze_batchnorm=False, progress=progress)
-    history = trainer.fit(resume=False)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        history = trainer.fit(resume=False)
+    finally:
+        torch.set_num_threads(before)
     return head.to("cpu").eval(), history
 
 
@@ -286,6 +295,91 @@ def heldout_scores(X: torch.Tensor, labels, ks: Sequence[int] = (1, 2, 4, 8)) ->
     out.update({"mAP": float(np.mean(aps)), "aps": aps, "queries": q,
                 "hits": hits})
     return out
+
+
+def summarize(runs: Sequence[dict], ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
+    """Seeds of one setting, each :func:`heldout_scores` of the same queries, in one dict.
+
+    ``"R@K"``, ``"mAP"``: means over the runs, with ``"R@K/min"``, ``"R@K/max"``, ``"mAP/min"``,
+    ``"mAP/max"`` (the spread over seeds); ``"hits"`` ``{K: (n,)}`` and ``"aps"`` ``(n,)``: the
+    per-query values averaged over the runs (what a paired bootstrap over queries resamples);
+    ``"n_runs"``.
+    """
+    if not runs:
+        raise ValueError("summarize: no runs")
+    q = runs[0]["queries"]
+    if any(not np.array_equal(r["queries"], q) for r in runs):
+        raise ValueError("summarize: the runs were scored on different queries")
+    out = {"n_runs": len(runs), "queries": q,
+           "hits": {k: np.mean([r["hits"][k] for r in runs], axis=0) for k in ks},
+           "aps": np.mean([r["aps"] for r in runs], axis=0)}
+    for key in [f"R@{k}" for k in ks] + ["mAP"]:
+        vals = [r[key] for r in runs]
+        out[key], out[f"{key}/min"], out[f"{key}/max"] = float(np.mean(vals)), float(min(vals)), float(max(vals))
+    return out
+
+
+def train_and_score(config: str, train_pooled: torch.Tensor, labels, test_pooled: torch.Tensor, test_labels, *,
+                    dim: int, epochs: int, lr: float, P: int, K: int, seeds: Sequence[int] = (0,),
+                    milestones: Sequence[int] = (), arch: str = "cgd", combine: str = "concat", aux: bool = True,
+                    margin: float = 0.1, smoothing: float = 0.1, temperature: float = 0.5, device=None) -> dict:
+    """Train one CGD setting once per seed on pooled vectors and score it on held-out ones.
+
+    ``train_pooled`` / ``test_pooled``: :func:`pool_branches` of the training and held-out maps;
+    ``labels``: the training classes ``0 .. n_classes - 1`` (the classifier has one output per
+    class); ``test_labels``: the held-out groups. Each seed draws the head's initialisation and
+    the P x K batches. Returns :func:`summarize` of the seeds plus ``"history"`` and ``"head"``
+    of the first seed and ``"seconds"`` (training time, all seeds).
+    """
+    import time
+
+    lab = np.asarray(labels)
+    n_classes = int(lab.max()) + 1
+    source = MapSource(list(take_branches(train_pooled, config)), lab)
+    test = take_branches(test_pooled, config)
+    objective = cgd_objective(arch, aux, margin, smoothing, temperature)
+    runs, first, t0 = [], None, time.perf_counter()
+    for s in seeds:
+        head = build_head(config, int(train_pooled.shape[-1]), dim, n_classes if aux else None, seed=s,
+                          arch=arch, combine=combine)
+        head, history = train_head(head, source, objective, epochs, lr, P, K, milestones, seed=s, device=device)
+        runs.append(heldout_scores(describe(head, test), test_labels))
+        first = first or (history, head)
+    out = summarize(runs)
+    out.update(history=first[0], head=first[1], seconds=time.perf_counter() - t0)
+    return out
+
+
+def compare(results: dict, a: str, b: str, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstraps over the held-out queries of setting ``a`` minus setting ``b``
+    (:func:`summarize` dicts in ``results``): ``{"R@1": ..., "mAP": ...}``, each a
+    :func:`~retrieval_lib.search.compare.paired_comparison` of the per-query R@1 hits and APs."""
+    from retrieval_lib.search.compare import paired_comparison
+
+    ra, rb = results[a], results[b]
+    return {"R@1": paired_comparison(ra["hits"][1], rb["hits"][1], n_boot=n_boot, seed=seed),
+            "mAP": paired_comparison(ra["aps"], rb["aps"], n_boot=n_boot, seed=seed)}
+
+
+def comparison_table(results: dict, pairs: Sequence[tuple], names: Optional[dict] = None, n_boot: int = 2000,
+                     seed: int = 0) -> tuple:
+    """Markdown table of :func:`compare` for every ``(a, b)`` in ``pairs``; returns ``(markdown, cmps)``
+    with ``cmps[(a, b)]`` the comparisons. ``names`` maps setting keys to what the table shows."""
+    from retrieval_lib.book.report import markdown_table
+    from retrieval_lib.book.verdict import signed
+
+    names = names or {}
+    rows, cmps = [], {}
+    for a, b in pairs:
+        c = cmps[(a, b)] = compare(results, a, b, n_boot, seed)
+        row = [f"{names.get(a, a)} − {names.get(b, b)}"]
+        for key in ("R@1", "mAP"):
+            lo, hi = c[key]["ci"]
+            row += [signed(c[key]["delta"]), f"{signed(lo)} … {signed(hi)}",
+                    "yes" if c[key]["significant"] else "no"]
+        rows.append(row)
+    header = ["difference", "Δ R@1", "95 % interval", "beyond noise?", "Δ mAP", "95 % interval", "beyond noise?"]
+    return markdown_table(header, rows, fmt=str), cmps
 
 
 # --------------------------------------------------------------------------- the full path
