@@ -198,3 +198,25 @@ def test_command_line_from_a_run(fake_run, tmp_path, capsys):
     assert code == 1 and "01_beta" in printed and "stopped with an error" in printed  # 01_beta failed: exit 1
     with pytest.raises(FileNotFoundError):
         main(["site", "--from", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_command_line_without_from_runs_reproduce_into_out_run(fake_run, tmp_path, monkeypatch):
+    """Without --from, `site` hands its own arguments to reproduce with --out OUT/run, then renders that."""
+    import shutil
+
+    import retrieval_lib.book.reproduce as reproduce
+    from retrieval_lib.__main__ import main
+
+    seen = {}
+
+    def fake_reproduce(args):
+        seen.update(vars(args))
+        shutil.copytree(fake_run["run"], args.out)
+        return 0
+
+    monkeypatch.setattr(reproduce, "main_reproduce", fake_reproduce)
+    out = tmp_path / "made"
+    code = main(["site", "--scale", "smoke", "--out", str(out), "--notebooks", "00,01"])
+    assert seen["out"] == str(out.resolve() / "run") and seen["scale"] == "smoke" and seen["notebooks"] == "00,01"
+    assert (out / "index.html").is_file() and (out / "00_alpha.html").is_file()
+    assert code == 1  # the fake run's 01_beta holds an error

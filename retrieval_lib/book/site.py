@@ -306,7 +306,8 @@ def _index_html(pages: list[dict], run_dir: Path, scale: str | None) -> str:
         "<title>The runnable textbook of deep image retrieval: executed notebooks</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>The runnable textbook of deep image retrieval</h1>",
-        f'<p class="note">Every page below is a notebook as it ran{f" at <b>{html.escape(scale)}</b> scale" if scale else ""}'
+        '<p class="note">Every page below is a notebook as it ran'
+        + (f" at <b>{html.escape(scale)}</b> scale" if scale else "") +
         " (numbers and figures come from that run). Widgets are shown as the figure they start from; "
         "open a notebook in JupyterLab or Colab to move its sliders.</p>",
         '<h2 id="notebooks">Notebooks</h2>',
