@@ -106,6 +106,25 @@ def _expected(executed: Path) -> tuple:
     return figures, widgets
 
 
+def test_missing_browser_skips_outside_ci_and_fails_under_ci(monkeypatch):
+    """The browser tests can only skip on a developer's machine; under CI a missing browser is a failure."""
+    import _browser
+
+    monkeypatch.setattr(_browser.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_browser, "DRIVERS", ("/nonexistent/chromedriver",))
+    for value in ("", "0", "false"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.skip.Exception, match="a Chromium browser .*chromedriver.*\\.ci/browser"):
+            _browser.require_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        _browser.require_browser()
+    for value in ("true", "1", "yes"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.fail.Exception, match="CI is set, so this is a failure"):
+            _browser.require_browser()
+
+
 def test_the_page_check_catches_broken_figures(chrome, tmp_path):
     """A hand-made page: one image that does not decode, a note whose figure cell has none, one live widget area."""
     page = tmp_path / "bad.html"
