@@ -129,11 +129,11 @@ def test_dict_of_poolings_runs_backbone_once(model, image_files, monkeypatch):
     real = model.features
     monkeypatch.setattr(model, "features", lambda x: (calls.append(x.shape[0]), real(x))[1])
     out = extract_descriptors(model, images, {"mac": "mac", "gem": GeM(learn_p=False)}, image_size=SIZE,
-                              num_workers=0, progress=False)
+                              num_workers=0, progress=False, fold_bn=False)  # the model itself runs
     assert sum(calls) == 4  # every image through the backbone once for both poolings
     monkeypatch.undo()
     torch.testing.assert_close(out["mac"], extract_descriptors(model, images, "mac", image_size=SIZE,
-                                                               num_workers=0, progress=False))
+                                                               num_workers=0, progress=False, fold_bn=False))
 
 
 def test_cache_reused_then_rebuilt_when_stale_or_corrupt(model, image_files, tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from retrieval_lib.engine.fold import fold_batchnorm, foldable
 from retrieval_lib.layers.functional import l2n, multiscale_mean
 
 __all__ = [
@@ -354,23 +355,42 @@ def cache_key(images, model, image_size: int, scale: float, what: str) -> str:
     return _entry_key(_images_fingerprint(images), module_fingerprint(model), name, image_size, scale, what)
 
 
-def _numerics(model, device, amp: bool | None) -> str:
-    """``"fp32"``, or ``"amp-<device type>"`` when the forward runs under autocast.
+def _plan(model, device, amp: bool | None, fold_bn: bool | None, channels_last: bool | None) -> dict:
+    """How the forward runs: ``{"amp", "fold_bn", "channels_last", "numerics"}``.
 
-    Part of every cache key: float16/bfloat16 maps differ from float32 ones by ~1e-3, so an
-    AMP run on a GPU must never hand its descriptors to a float32 run (or the reverse).
+    Defaults: on CUDA, AMP and channels_last; elsewhere float32 with the BatchNorms folded
+    into the convolutions (:func:`retrieval_lib.engine.fold.fold_batchnorm`, where the
+    backbone's layout is known and it is in eval mode) and channels_last on top of the
+    folding (together 1.7x faster on a 2-core CPU; channels_last alone gains nothing there).
+
+    ``numerics`` is part of every cache key: float16/bfloat16 maps differ from float32 ones
+    by ~1e-3 and folded or channels_last maps by float32 rounding (~1e-5), so no run hands
+    its maps to a run that computes them differently.
     """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    use_amp = dev.type == "cuda" if amp is None else bool(amp)
-    return f"amp-{dev.type}" if use_amp else "fp32"
+    cuda = dev.type == "cuda"
+    use_amp = cuda if amp is None else bool(amp)
+    can_fold = foldable(model) and not model.training and not use_amp
+    if fold_bn is None:
+        fold = can_fold and not cuda
+    elif fold_bn and not can_fold:
+        why = ("it is in training mode; call .eval() first" if model.training else
+               "the forward runs under AMP" if use_amp else "its layout is not one fold_batchnorm knows")
+        raise ValueError(f"fold_bn=True: can't fold the BatchNorms of this {type(model).__name__} ({why}); "
+                         "leave fold_bn=None for the default")
+    else:
+        fold = bool(fold_bn)
+    cl = (cuda or fold) if channels_last is None else bool(channels_last)
+    numerics = (f"amp-{dev.type}" if use_amp else "fp32") + ("-bnfold" if fold else "") + ("-cl" if cl else "")
+    return {"amp": use_amp, "fold_bn": fold, "channels_last": cl, "numerics": numerics}
 
 
 class _Cache:
     """The cache of one extraction call: fingerprints computed once, entries keyed per scale."""
 
-    def __init__(self, cache_dir, images, model, fn: str, device=None, amp: bool | None = None):
+    def __init__(self, cache_dir, images, model, fn: str, plan: dict):
         self.dir = None if cache_dir is None else Path(cache_dir)
-        self.numerics = _numerics(model, device, amp)
+        self.numerics = plan["numerics"]
         if self.dir is None:
             return
         self.model_fp, reason = _fingerprint_or_reason(model)
@@ -418,16 +438,18 @@ def _cache_save(path: Path, key: str, n: int, data) -> None:
 
 
 # --------------------------------------------------------------------------- the core loop
-def _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_workers, amp,
-                   channels_last, progress, desc, skipped: list):
+def _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_workers, plan: dict,
+                   progress, desc, skipped: list):
     """Yield (indices, fmap (b, C, h, w) float32 on ``device``) for every readable image.
 
-    Indices of images the image list could not read are appended to ``skipped``.
+    ``plan``: from :func:`_plan`. Indices of images the image list could not read are
+    appended to ``skipped``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     is_cuda = device.type == "cuda"
-    amp = is_cuda if amp is None else bool(amp)
-    channels_last = is_cuda if channels_last is None else bool(channels_last)
+    amp, channels_last = plan["amp"], plan["channels_last"]
+    if plan["fold_bn"]:
+        model = fold_batchnorm(model)  # a folded copy; the caller's model is untouched
     workers = _default_workers(device) if num_workers is None else int(num_workers)
     mean = torch.tensor(model.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(model.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
@@ -480,7 +502,7 @@ def _none_readable(n: int, fn: str) -> ValueError:
 def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, device=None,
                   batch_size: int = 8, num_workers: int | None = None, amp: bool | None = None,
                   channels_last: bool | None = None, cache_dir: str | os.PathLike | None = None,
-                  progress: bool = True) -> list[torch.Tensor]:
+                  progress: bool = True, fold_bn: bool | None = None) -> list[torch.Tensor]:
     """Backbone feature maps of every image: a list of N float32 CPU tensors ``(C, h, w)``.
 
     Args:
@@ -491,7 +513,10 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
         image_size: longer side of the network input, px.
         scale: extra resize factor applied to the network input (multi-scale extraction).
         device: where to run; default the model's device. AMP and channels_last are on by
-            default on CUDA and off elsewhere.
+            default on CUDA; elsewhere float32 with ``fold_bn`` and channels_last.
+        fold_bn: fold each BatchNorm into its convolution for the forward (a copy; the
+            model is untouched). Default: on the CPU for an eval-mode EfficientNet-Lite or
+            ResNet (1.3x faster, maps equal to float32 rounding), off on CUDA.
         cache_dir: when given, the maps are stored there keyed by (image files, model, image
             size, scale) and re-used; the model is keyed on its class, settings and weights
             (:func:`module_fingerprint`). A stale or corrupt file is rebuilt.
@@ -502,7 +527,8 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
     Taught in ``notebooks/00_pipeline.ipynb`` and used by every later notebook.
     """
     n = _check_images(images, "extract_fmaps")
-    cache = _Cache(cache_dir, images, model, "extract_fmaps", device, amp)
+    plan = _plan(model, device, amp, fold_bn, channels_last)
+    cache = _Cache(cache_dir, images, model, "extract_fmaps", plan)
     path = key = None
     if cache.dir is not None:
         key = cache.key(image_size, scale, "fmaps")
@@ -512,8 +538,8 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
             return cached
     out: list = [None] * n
     skipped: list[int] = []
-    it = _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_workers, amp,
-                        channels_last, progress, f"fmaps {getattr(model, 'name', '')}", skipped)
+    it = _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_workers, plan,
+                        progress, f"fmaps {getattr(model, 'name', '')}", skipped)
     for idx, fmap in it:
         fmap = fmap.cpu()
         for j, i in enumerate(idx):
@@ -603,7 +629,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
                         device=None, batch_size: int = 8, num_workers: int | None = None,
                         amp: bool | None = None, channels_last: bool | None = None,
                         cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                        return_info: bool = False):
+                        return_info: bool = False, fold_bn: bool | None = None):
     """Global descriptors ``(N, D)``, L2-normalised, on CPU, float32.
 
     ``pooling`` is a name (``"gem"``), a module or function ``(B, C, H, W) -> (B, D)``, or
@@ -641,7 +667,8 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
     if not scales or any(not (math.isfinite(s) and s > 0) for s in scales):
         raise ValueError(f"extract_descriptors: scales must be positive numbers, got {scales}")
     n = _check_images(images, "extract_descriptors")
-    cache = _Cache(cache_dir, images, model, "extract_descriptors", device, amp)
+    plan = _plan(model, device, amp, fold_bn, channels_last)
+    cache = _Cache(cache_dir, images, model, "extract_descriptors", plan)
     tags = _pooling_tags(poolings, cache)
     t0 = time.perf_counter()
     per_label: dict = {label: [] for label in poolings}  # label -> one (N, D) per scale
@@ -656,8 +683,8 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
         todo = [label for label in poolings if label not in per_scale]
         if todo:
             skipped = []
-            it = _iterate_fmaps(model, images, image_size, s, device, batch_size, num_workers, amp,
-                                channels_last, progress, f"descriptors x{s:.3g}", skipped)
+            it = _iterate_fmaps(model, images, image_size, s, device, batch_size, num_workers, plan,
+                                progress, f"descriptors x{s:.3g}", skipped)
             for idx, fmap in it:
                 for label in todo:
                     d = l2n(poolings[label](fmap).float()).cpu()  # (b, C, h, w) -> (b, D)
