@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         mod = importlib.import_module(f"benchmarks.{name}")
         before = machine_info()  # the load average as this benchmark starts
         t0 = time.perf_counter()
-        res = mod.run(quick=args.quick, repeats=args.repeats)
+        extra = {"keep": out / "curriculum_runs"} if name == "curriculum" else {}  # the cpu runs' notebooks
+        res = mod.run(quick=args.quick, repeats=args.repeats, **extra)
         res["machine"] = before
         res["allocator_state"] = allocator
         res["benchmark_wall_s"] = time.perf_counter() - t0

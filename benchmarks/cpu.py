@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from retrieval_lib.engine.fold import fold_batchnorm
+
 from .timing import fmt_s, markdown_table
 
 NAME = "cpu"
@@ -50,29 +52,6 @@ ALLOCATOR_TARGET = 2.5
 KEEP_RATIO = 1.05  # a lever has to win by more than the run-to-run noise of a shared machine
 MAP_TOL = 1e-3  # max |diff| of the maps (values in [0, 6]) for a lever that must not change them
 _PREFIX = "@@ "
-
-
-# ------------------------------------------------------------------------- BatchNorm folding
-def fold_batchnorm(model):
-    """A copy of an EfficientNet-Lite backbone with each BatchNorm folded into its convolution.
-
-    In eval mode ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
-    ``b' = (b - m) * g / sqrt(v + eps) + beta`` (``torch.nn.utils.fusion.fuse_conv_bn_eval``);
-    the BatchNorm becomes an identity. Only for inference.
-    """
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = copy.deepcopy(model).eval()
-    pairs = [(folded, "_conv_stem", "_bn0"), (folded, "_conv_head", "_bn1")]
-    for block in folded._blocks:
-        if block.has_expand:
-            pairs.append((block, "_expand_conv", "_bn0"))
-        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
-    for owner, conv, bn in pairs:
-        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
-        setattr(owner, bn, nn.Identity())
-    return folded
 
 
 def cpu_has_bf16() -> bool:

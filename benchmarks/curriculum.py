@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 from .suite import run_reproduce
 from .timing import markdown_table
@@ -48,8 +49,13 @@ def _ok(res: dict, target_s: float) -> bool:
     return res["returncode"] == 0 and res["wall_s"] <= target_s
 
 
-def run(quick: bool = False, repeats: int | None = None, data=None, notebooks: str | None = None) -> dict:
-    """Time the curriculum (see the module docstring); ``repeats`` is ignored (one run each)."""
+def run(quick: bool = False, repeats: int | None = None, data=None, notebooks: str | None = None,
+        keep=None) -> dict:
+    """Time the curriculum (see the module docstring); ``repeats`` is ignored (one run each).
+
+    ``keep``: a folder that receives each cpu run's output (``cpu_cold/``, ``cpu_warm/``:
+    executed notebooks, ``metrics.json``, figures), so the timed run is also the one read.
+    """
     notebooks = notebooks or ("none" if quick else "all")
     runs = {}
     with tempfile.TemporaryDirectory() as smoke_cache:
@@ -60,10 +66,10 @@ def run(quick: bool = False, repeats: int | None = None, data=None, notebooks: s
                                                   cache=smoke_cache, notebooks=notebooks, timeout=CPU_TIMEOUT_S)
     if not quick:
         with tempfile.TemporaryDirectory() as cpu_cache:
-            runs["cpu_cold"] = _timed_reproduce("cpu, cold cache", scale="cpu", data=data, cache=cpu_cache,
-                                                notebooks=notebooks, timeout=CPU_TIMEOUT_S)
-            runs["cpu_warm"] = _timed_reproduce("cpu, warm cache", scale="cpu", data=data, cache=cpu_cache,
-                                                notebooks=notebooks, timeout=CPU_TIMEOUT_S)
+            for key, label in (("cpu_cold", "cpu, cold cache"), ("cpu_warm", "cpu, warm cache")):
+                runs[key] = _timed_reproduce(label, scale="cpu", data=data, cache=cpu_cache, notebooks=notebooks,
+                                             timeout=CPU_TIMEOUT_S,
+                                             keep=None if keep is None else Path(keep) / key)
     smoke_nb = runs["smoke"]["notebooks"]
     summary = {
         "smoke_slowest_notebook_s": max(smoke_nb.values(), default=None),

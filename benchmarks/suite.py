@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def run_pytest(extra_args: tuple = (), timeout: float = PYTEST_TIMEOUT_S) -> dic
 
 
 def run_reproduce(scale: str = "cpu", data=None, timeout: float = REPRODUCE_TIMEOUT_S, cache=None,
-                  notebooks: str = "all") -> dict:
+                  notebooks: str = "all", keep=None) -> dict:
     """``python -m retrieval_lib reproduce --scale SCALE`` in a subprocess with a fresh output folder.
 
     ``cache``: the feature cache folder (default: a fresh, empty one, i.e. a cold cache;
@@ -112,6 +113,9 @@ def run_reproduce(scale: str = "cpu", data=None, timeout: float = REPRODUCE_TIME
         docs = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
         # results.json is written at the end: after a timeout, tell which executed copies exist
         started = sorted(p.name for p in (out / "notebooks").glob("*") if p.is_dir()) if code is None else []
+        if keep is not None and out.exists():
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(out, keep)
     notebooks = {d.get("notebook", f"#{i}"): float(d.get("seconds", 0.0)) for i, d in enumerate(docs)}
     return {
         "wall_s": wall, "returncode": code, "scale": scale, "timed_out": code is None,
