@@ -300,7 +300,10 @@ def lab(tmp_path_factory):
     env.update({"RETRIEVAL_SCALE": "smoke", "RETRIEVAL_PROGRESS": "0", "MPLBACKEND": INLINE_BACKEND,
                 # the session's feature cache (tests/conftest.py), shared with the other smoke tests
                 "RETRIEVAL_CACHE": os.environ.get("RETRIEVAL_CACHE", str(tmp / "cache")),
+                # nothing from the user's Jupyter set-up (config, kernels, workspaces); the kernel is this Python
                 "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
+                "JUPYTER_DATA_DIR": str(tmp / "data"),
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
                 "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "workspaces")})
     log = open(tmp / "jupyterlab.log", "wb")
     server = subprocess.Popen(
