@@ -328,3 +328,13 @@ def test_lw_shrinkage_is_added_to_the_pair_covariance():
     torch.testing.assert_close(W.P @ S @ W.P.T, torch.eye(10, dtype=torch.float64), atol=1e-8, rtol=0)
     W0 = learned_whitening(X, qidx, pidx)
     assert not torch.allclose(W0.P @ S @ W0.P.T, torch.eye(10, dtype=torch.float64), atol=1e-3)
+
+
+def test_eigh_on_one_thread_restores_the_thread_count():
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        covariance_spectrum(_correlated(30, 5, 20))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
