@@ -347,3 +347,15 @@ def test_book_figures_draw():
         plt.close(fig)
     with pytest.raises(ValueError, match="42 weights"):
         show_region_weights(torch.ones(21))
+
+
+def test_fit_pca_with_fewer_vectors_than_channels_whitens_too():
+    maps = [_maps(B=1, C=40, H=3, W=4, seed=s)[0] for s in range(5)]  # 5 maps x 3 regions (L=1: 2, + global) = 15 < 40
+    layer = TrainableRMAC(40, L=1, dim=12).double().fit_pca(maps)
+    V = torch.cat([layer.region_vectors(m[None])[0] for m in maps])
+    assert V.shape == (15, 40)
+    Y = layer.fc(V + layer.shift).detach()
+    torch.testing.assert_close(torch.cov(Y.T), torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-8)
+    W = layer.fc.weight.detach()
+    P = W / W.norm(dim=1, keepdim=True)  # unit eigenvectors: orthonormal rows
+    torch.testing.assert_close(P @ P.T, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-8)

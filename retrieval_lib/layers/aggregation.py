@@ -234,8 +234,14 @@ class TrainableRMAC(nn.Module):
                              f"maps or build the layer with dim <= {max(1, V.shape[0] - 1)}")
         mean = V.mean(dim=0)
         Xc = V - mean
-        lam, E = torch.linalg.eigh(Xc.T @ Xc / (V.shape[0] - 1))  # ascending
-        lam, E = lam.flip(0)[:D].clamp(min=0), E.flip(1)[:, :D]
+        n = V.shape[0]
+        if n < V.shape[1]:  # fewer vectors than channels: the (n, n) Gram matrix has the same spectrum
+            lam, U = torch.linalg.eigh(Xc @ Xc.T / (n - 1))  # ascending
+            lam, U = lam.flip(0)[:D].clamp(min=0), U.flip(1)[:, :D]
+            E = Xc.T @ U / (lam * (n - 1)).sqrt().clamp(min=1e-300)  # (C, D) unit eigenvectors of the covariance
+        else:
+            lam, E = torch.linalg.eigh(Xc.T @ Xc / (n - 1))  # ascending
+            lam, E = lam.flip(0)[:D].clamp(min=0), E.flip(1)[:, :D]
         lam = (lam + shrinkage * lam.mean()).clamp(min=1e-12 * float(lam[0]) + 1e-300)  # no division by 0
         self.shift.copy_(-mean.to(self.shift.dtype))
         self.fc.weight.copy_((E / lam.sqrt()).T.to(self.fc.weight.dtype))
