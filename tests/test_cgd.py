@@ -16,6 +16,7 @@ from retrieval_lib.book.cgd import (BranchBatchHardLoss, CGDNet, CropSource, Ste
                                     compare, comparison_table, summarize, train_and_score,
                                     cgd_trainer, describe, describe_images, heldout_scores, pool_branches,
                                     remap_labels, take_branches, train_head)
+from retrieval_lib.engine.objectives import ClassificationLoss
 from retrieval_lib.engine.trainer import MapSource
 from retrieval_lib.layers.cgd import CGD, CGD_CONFIGS, parse_config, unit
 from retrieval_lib.models.backbones import resnet50_cgd
@@ -401,3 +402,40 @@ def test_train_and_score_compare_and_table():
     assert same["R@1"]["delta"] == 0 and not same["mAP"]["significant"]
     table, cmps = comparison_table(res, [("SMG", "G")], names={"SMG": "CGD SMG"})
     assert "CGD SMG − G" in table and cmps[("SMG", "G")]["R@1"]["n"] == 9
+
+
+def test_channel_scale_equals_scaling_the_map_before_pooling():
+    x = fmap(seed=9) + 0.1  # no value below GeM's clamp
+    head = CGD("SMG", in_channels=6, dim=12, n_classes=3, channel_scale=True).double().eval()
+    with torch.no_grad():
+        head.log_scale.copy_(torch.linspace(-1, 1, 6, dtype=torch.float64))
+    scaled = x * head.log_scale.detach().exp()[:, None, None]
+    plain = CGD("SMG", in_channels=6, dim=12).double().eval()
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if k != "log_scale"}, strict=False)
+    d = head(x)
+    for b in range(3):
+        assert torch.allclose(d[b], ref_cgd(plain, scaled[b]), atol=1e-12, rtol=0)
+    assert "channel_scale=True" in repr(head)
+
+
+def test_auxiliary_loss_reaches_the_descriptor_only_through_the_channel_scale():
+    x, batch = fmap(B=6, seed=10).float(), _batch()
+    for scale in (False, True):
+        torch.manual_seed(0)
+        head = CGD("SG", in_channels=6, dim=8, n_classes=3, channel_scale=scale).train()
+        ClassificationLoss()(head(x), batch).backward()
+        assert head.fcs[0].weight.grad is None  # the classifier never sees the FCs' output
+        if scale:
+            assert head.log_scale.grad is not None and head.log_scale.grad.abs().sum() > 0
+
+
+def test_without_channel_scale_the_auxiliary_loss_cannot_change_the_descriptor():
+    g = torch.Generator().manual_seed(11)
+    lab = np.repeat(np.arange(4), 4)
+    train = torch.rand(16, 3, 6, generator=g) + 0.1 * torch.from_numpy(lab).float()[:, None, None]
+    test, test_lab = torch.rand(6, 3, 6, generator=g), np.repeat(np.arange(3), 2)
+    kw = dict(dim=6, epochs=3, lr=1e-2, P=2, K=2)
+    X = {(scale, aux): train_and_score("SG", train, lab, test, test_lab, aux=aux, channel_scale=scale, **kw)["X"]
+         for scale in (False, True) for aux in (False, True)}
+    assert torch.equal(X[(False, False)], X[(False, True)])  # the classifier's gradient stops at the fixed f_1
+    assert not torch.allclose(X[(True, False)], X[(True, True)], atol=1e-6)  # through the shared scales it acts

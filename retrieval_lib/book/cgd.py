@@ -322,14 +322,16 @@ def summarize(runs: Sequence[dict], ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
 def train_and_score(config: str, train_pooled: torch.Tensor, labels, test_pooled: torch.Tensor, test_labels, *,
                     dim: int, epochs: int, lr: float, P: int, K: int, seeds: Sequence[int] = (0,),
                     milestones: Sequence[int] = (), arch: str = "cgd", combine: str = "concat", aux: bool = True,
-                    margin: float = 0.1, smoothing: float = 0.1, temperature: float = 0.5, device=None) -> dict:
+                    margin: float = 0.1, smoothing: float = 0.1, temperature: float = 0.5,
+                    channel_scale: bool = False, device=None) -> dict:
     """Train one CGD setting once per seed on pooled vectors and score it on held-out ones.
 
     ``train_pooled`` / ``test_pooled``: :func:`pool_branches` of the training and held-out maps;
     ``labels``: the training classes ``0 .. n_classes - 1`` (the classifier has one output per
     class); ``test_labels``: the held-out groups. Each seed draws the head's initialisation and
-    the P x K batches. Returns :func:`summarize` of the seeds plus ``"history"`` and ``"head"``
-    of the first seed and ``"seconds"`` (training time, all seeds).
+    the P x K batches; ``channel_scale``: see :class:`CGD`. Returns :func:`summarize` of the seeds
+    plus ``"history"`` and ``"head"`` of the first seed, ``"seconds"`` (training time, all seeds) and
+    ``"X"``, the first seed's held-out descriptors.
     """
     import time
 
@@ -341,12 +343,13 @@ def train_and_score(config: str, train_pooled: torch.Tensor, labels, test_pooled
     runs, first, t0 = [], None, time.perf_counter()
     for s in seeds:
         head = build_head(config, int(train_pooled.shape[-1]), dim, n_classes if aux else None, seed=s,
-                          arch=arch, combine=combine)
+                          arch=arch, combine=combine, channel_scale=channel_scale)
         head, history = train_head(head, source, objective, epochs, lr, P, K, milestones, seed=s, device=device)
-        runs.append(heldout_scores(describe(head, test), test_labels))
-        first = first or (history, head)
+        X = describe(head, test)
+        runs.append(heldout_scores(X, test_labels))
+        first = first or (history, head, X)
     out = summarize(runs)
-    out.update(history=first[0], head=first[1], seconds=time.perf_counter() - t0)
+    out.update(history=first[0], head=first[1], X=first[2], seconds=time.perf_counter() - t0)
     return out
 
 

@@ -36,6 +36,16 @@ The paper's ablations are variants of the same module:
 * ``arch="B"``: the raw pooled vectors are concatenated ``[f_1, ..., f_n]`` (no per-branch
   FC or L2), then one bias-free FC ``n C -> dim`` and L2.
 
+``channel_scale=True`` adds one learned positive scale per channel, ``exp(a_c)``, applied to
+the pooled vectors before everything else. Every power mean is positively homogeneous per
+channel (``f^(p)(s x) = s f^(p)(x)`` for ``s > 0``), so this equals scaling the feature map
+itself before pooling (up to GeM's clamp at ``eps``): a minimal trainable layer *under* the
+three branches, shared by them and by the classifier. With a frozen backbone and without it,
+the auxiliary loss cannot change the descriptor at all (its gradient stops at the fixed
+``f_1``); with it, the classifier's gradient reaches the descriptor through the shared scales,
+as it reaches the backbone in the paper. It starts at ``a = 0`` (scale 1): an untrained head is
+unchanged.
+
 Output convention (what :mod:`retrieval_lib.engine.objectives` expects): in eval mode the
 descriptor ``(B, dim)``; in train mode ``(descriptor, logits)`` when the module has a
 classifier (``n_classes`` given), else the descriptor; ``arch="A"`` appends the blocks
@@ -124,6 +134,8 @@ class CGD(nn.Module):
             ``"B"`` (raw pooled vectors concatenated, then one FC and L2).
         gem_p: the fixed exponent of the ``G`` branch (3 in the paper).
         eps: GeM's clamp of the map (``max(x, eps)^p``).
+        channel_scale: learn one positive scale per channel under the branches (see the module
+            doc); ``False`` (the paper's head on a backbone it fine-tunes).
 
     ``forward(x)``: ``(B, C, H, W) -> (B, dim)`` in eval mode; in train mode see the module
     doc. ``pool(x) -> (B, n, C)`` and ``embed(pooled)`` are the two halves of ``forward``.
@@ -131,7 +143,8 @@ class CGD(nn.Module):
     """
 
     def __init__(self, config: str = "SG", in_channels: int = 2048, dim: int = 1536, n_classes: int | None = None,
-                 combine: str = "concat", arch: str = "cgd", gem_p: float = 3.0, eps: float = 1e-6):
+                 combine: str = "concat", arch: str = "cgd", gem_p: float = 3.0, eps: float = 1e-6,
+                 channel_scale: bool = False):
         super().__init__()
         self.config_name = parse_config(config)
         self.in_channels = _checks.check_int(in_channels, "in_channels", "CGD")
@@ -167,6 +180,7 @@ class CGD(nn.Module):
         else:
             self.fc = None
             self.fcs = nn.ModuleList([nn.Linear(self.in_channels, k, bias=False) for _ in range(n)])
+        self.log_scale = nn.Parameter(torch.zeros(self.in_channels)) if channel_scale else None
         self.n_classes = n_classes
         self.classifier = None if n_classes is None else nn.Sequential(
             nn.BatchNorm1d(self.in_channels), nn.Linear(self.in_channels, n_classes))
@@ -191,6 +205,8 @@ class CGD(nn.Module):
         if pooled.dim() != 3 or pooled.shape[1:] != (self.n_branches, self.in_channels):
             raise ValueError(f"CGD.embed: expected pooled vectors (B, {self.n_branches}, {self.in_channels}) "
                              f"from CGD.pool, got {tuple(pooled.shape)}")
+        if self.log_scale is not None:
+            pooled = pooled * self.log_scale.exp()  # (B, n, C): = pooling the map scaled per channel
         blocks = None
         if self.arch == "B":
             d = unit(self.fc(pooled.flatten(1)))  # (B, n C) -> (B, dim)
@@ -212,4 +228,6 @@ class CGD(nn.Module):
                  f"k={self.k}", f"arch={self.arch!r}", f"combine={self.combine!r}", f"gem_p={self.gem_p:g}"]
         if self.n_classes is not None:
             parts.append(f"n_classes={self.n_classes}")
+        if self.log_scale is not None:
+            parts.append("channel_scale=True")
         return ", ".join(parts)
