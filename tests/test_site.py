@@ -220,3 +220,18 @@ def test_command_line_without_from_runs_reproduce_into_out_run(fake_run, tmp_pat
     assert seen["out"] == str(out.resolve() / "run") and seen["scale"] == "smoke" and seen["notebooks"] == "00,01"
     assert (out / "index.html").is_file() and (out / "00_alpha.html").is_file()
     assert code == 1  # the fake run's 01_beta holds an error
+
+
+def test_a_run_that_timed_out_is_marked_stopped(tmp_path):
+    """papermill leaves no error output on a cell that ran out of time: the cells after it simply did not run."""
+    run = tmp_path / "run"
+    nb = new_notebook(cells=[new_markdown_cell("# 04 · Timed out"), new_code_cell("x = 1"),
+                             new_code_cell("slow()"), new_code_cell("after()"), new_code_cell("")])
+    nb.cells[1].execution_count, nb.cells[2].execution_count = 1, 2
+    _write(run, "04_slow", nb)
+    _write(run, "05_fine", _executed([new_code_cell("y = 2")]))
+    site = build_site(run, tmp_path / "site")
+    assert site["pages"][0]["error"] == (1, "the run ended here: code cells 2 to 2 did not run (a cell that runs "
+                                             "out of time leaves no error output)")
+    assert site["pages"][1]["error"] is None
+    assert "stopped in code cell 1" in site["index"].read_text()

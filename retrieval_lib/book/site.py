@@ -99,15 +99,23 @@ def _was_executed(nb) -> bool:
 
 
 def _first_error(nb):
-    """``(code cell number, "Name: message")`` of the first error output, or None."""
-    k = 0
-    for cell in nb["cells"]:
-        if cell.get("cell_type") != "code":
-            continue
+    """Where the run stopped: ``(code cell number, what happened)``, or None when every code cell ran.
+
+    The first error output; else, when code cells were left unexecuted after others ran (a
+    cell that timed out leaves no error output), the last code cell that ran.
+    """
+    code = [c for c in nb["cells"] if c.get("cell_type") == "code"]
+    for k, cell in enumerate(code):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
                 return k, f"{out.get('ename', 'Error')}: {out.get('evalue', '')}"
-        k += 1
+    ran = [k for k, c in enumerate(code) if c.get("execution_count") is not None]
+    if not ran:
+        return None
+    left = [k for k, c in enumerate(code) if k > ran[-1] and _source(c).strip()]
+    if left:
+        return ran[-1], (f"the run ended here: code cells {left[0]} to {left[-1]} did not run "
+                         "(a cell that runs out of time leaves no error output)")
     return None
 
 
