@@ -132,48 +132,58 @@ def mean_contributions(layer: DARAC, fmaps: Sequence[torch.Tensor]) -> np.ndarra
 
 # --------------------------------------------------------------------------- figures
 def show_region_weights(weights, hw=(12, 16), title: str = "Weight of each region slot",
-                        row_names=("average", "max"), cmap: str = "viridis", vmin=None, vmax=None):
-    """The 42 weights drawn on DARAC's region grid of an ``h x w`` map: 2 rows (average, max) x 4 panels
-    (whole map, levels 1-3); each square filled with its weight's colour and labelled with it.
+                        row_names=("average", "max"), cmap: str = "viridis"):
+    """The 42 weights on DARAC's region grid: 2 rows (average, max vectors) x 5 panels.
 
-    ``weights``: ``(42,)`` (21 average, then 21 max, slot order of :func:`darac_regions`).
-    Returns the figure.
+    Panels 1-4: the whole-map slot and levels 1-3, each slot drawn as one tile at its place
+    in the landscape layout (level ``l``: ``l`` rows x ``l + 1`` columns of squares), coloured
+    and labelled with its weight. Panel 5: on an ``h x w`` map, each cell's mean weight over
+    the squares of levels 1-3 that cover it (1 everywhere for weights of 1, as untrained):
+    where on the image the weight lands. One colour scale for all panels. ``weights``:
+    ``(42,)`` (21 average, then 21 max, slot order of :func:`darac_regions`). Returns the figure.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     w = np.asarray(weights, dtype=float).reshape(-1)
     if w.shape != (2 * N_DARAC_REGIONS,):
         raise ValueError(f"show_region_weights: give 42 weights (21 average, 21 max), got {w.shape}")
     h_, w_ = (int(v) for v in hw)
     regions = darac_regions(h_, w_).tolist()
-    levels = [0] + [1] * 2 + [2] * 6 + [3] * 12
-    vmin = float(w.min()) if vmin is None else vmin
-    vmax = float(w.max()) if vmax is None else vmax
-    vmax = vmax if vmax > vmin else vmin + 1e-9
-    norm = plt.Normalize(vmin, vmax)
-    cm = plt.get_cmap(cmap)
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.4), squeeze=False)
+    per_cell = []
+    for row in range(2):
+        acc, cover = np.zeros((h_, w_)), np.zeros((h_, w_))
+        for k in range(1, N_DARAC_REGIONS):
+            x0, y0, bw, bh = regions[k]
+            acc[y0:y0 + bh, x0:x0 + bw] += w[row * N_DARAC_REGIONS + k]
+            cover[y0:y0 + bh, x0:x0 + bw] += 1
+        per_cell.append(acc / np.maximum(cover, 1))
+    lo, hi = min(w.min(), min(m.min() for m in per_cell)), max(w.max(), max(m.max() for m in per_cell))
+    mid, half = (lo + hi) / 2, max((hi - lo) / 2, 0.05)  # at least +-0.05: equal weights show as one colour
+    norm = plt.Normalize(mid - half, mid + half)
+    fig, axes = plt.subplots(2, 5, figsize=(19, 7.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2, 3, 4, 4]})
+    first = {0: 0, 1: 1, 2: 3, 3: 9}  # first slot of each level
     for row, name in enumerate(row_names):
-        for col in range(4):
-            ax = axes[row, col]
-            mine = [k for k, lv in enumerate(levels) if lv == col]
-            for n, k in enumerate(mine):
-                x0, y0, bw, bh = regions[k]
-                d = 0.12 * (n % 3)  # inset a little so overlapping squares stay apart
-                value = w[row * N_DARAC_REGIONS + k]
-                ax.add_patch(Rectangle((x0 + d, y0 + d), bw - 2 * d, bh - 2 * d, facecolor=cm(norm(value)),
-                                       edgecolor="black", alpha=0.55, linewidth=1.2))
-                ax.text(x0 + bw / 2, y0 + bh / 2 + 0.35 * (n % 2), f"{value:.2f}", ha="center", va="center",
-                        fontsize=8)
-            ax.set_xlim(0, w_)
-            ax.set_ylim(h_, 0)
-            ax.set_aspect("equal")
-            ax.set_xlabel("x (cells)")
-            ax.set_ylabel("y (cells)")
-            ax.set_title(f"{name}: " + ("whole map" if col == 0 else f"level {col} ({len(mine)} squares)"), fontsize=10)
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), ax=axes, fraction=0.02, label="weight")
-    fig.suptitle(f"{title} (drawn on a {h_}x{w_}-cell map)")
+        for level in range(4):
+            ax = axes[row, level]
+            rows_, cols_ = (1, 1) if level == 0 else (level, level + 1)
+            tile = w[row * N_DARAC_REGIONS + first[level]: row * N_DARAC_REGIONS + first[level] + rows_ * cols_]
+            tile = tile.reshape(rows_, cols_)
+            ax.imshow(tile, cmap=cmap, norm=norm)
+            for (r, c), v in np.ndenumerate(tile):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=9, color="white" if norm(v) < 0.5 else "black")
+            ax.set_xticks(range(cols_))
+            ax.set_yticks(range(rows_))
+            ax.set_xlabel("long side")
+            if level == 0:
+                ax.set_ylabel(f"{name} vectors\nshort side")
+            ax.set_title("whole map" if level == 0 else f"level {level}", fontsize=10)
+        ax = axes[row, 4]
+        im = ax.imshow(per_cell[row], cmap=cmap, norm=norm, extent=(0, w_, h_, 0))
+        ax.set(xlabel="x (cells)", ylabel="y (cells)")
+        ax.set_title("mean weight of the squares over each cell", fontsize=10)
+    fig.colorbar(im, ax=axes, fraction=0.02, label="weight")
+    fig.suptitle(f"{title} (the slots of a {h_}x{w_}-cell map, landscape layout)")
     return fig
 
 
