@@ -48,23 +48,39 @@ def offtheshelf(scale="cpu", data_root=None, device="auto", cache_dir=None,
     The data is :func:`~retrieval_lib.book.config.benchmark_for_scale` (what ``start``
     gives the notebooks at this scale) unless ``benchmark`` is passed. The backbone runs
     once per image (and scale); every pooling reads the same maps.
+
+    Under ``torchrun`` (an open process group with several processes, see
+    :mod:`~retrieval_lib.engine.distributed`) every process extracts its share of the images
+    on its own GPU (:func:`~retrieval_lib.engine.distributed.extract_sharded`, shares written
+    under ``cache_dir``); process 0 gathers them and returns the result, the others return ``None``.
     """
     from retrieval_lib.models.backbones import load_backbone
     from retrieval_lib.engine.device import get_device
+    from retrieval_lib.engine.distributed import dist_env, extract_sharded, rank_device
+    from retrieval_lib.engine.extract import extract_descriptors
     from retrieval_lib.search.nearest import rank_database
 
     cfg = scale_config(scale)
-    dev = get_device(device)
+    env = dist_env()
+    sharded = env["world_size"] > 1
+    dev = rank_device(env["local_rank"]) if sharded and device == "auto" else get_device(device)
     if benchmark is None:
         benchmark = benchmark_for_scale(cfg, data_root)
     model = load_backbone(cfg.backbone).to(dev).eval()
     t0 = time.perf_counter()
     common = dict(scales=cfg.scales, image_size=cfg.image_size, device=dev, batch_size=cfg.batch_size,
                   cache_dir=cache_dir, progress=progress)
-    from retrieval_lib.engine.extract import extract_descriptors
-
-    X, info = extract_descriptors(model, benchmark.database, _poolings(), return_info=True, **common)
-    Q = X if benchmark.queries is None else extract_descriptors(model, benchmark.queries, _poolings(), **common)
+    if sharded:
+        shards = Path(cache_dir or Path.cwd()) / "shards"
+        X = extract_sharded(model, benchmark.database, _poolings(), out_dir=shards, **common)
+        Q = X if benchmark.queries is None else extract_sharded(model, benchmark.queries, _poolings(),
+                                                               out_dir=shards, **common)
+        if env["rank"] != 0:
+            return None
+        info = {"skipped": [], "images_per_s": len(benchmark.database) / (time.perf_counter() - t0)}
+    else:
+        X, info = extract_descriptors(model, benchmark.database, _poolings(), return_info=True, **common)
+        Q = X if benchmark.queries is None else extract_descriptors(model, benchmark.queries, _poolings(), **common)
     rows = {}
     for name in OFF_THE_SHELF:
         ranks = rank_database(Q[name], X[name])
@@ -78,7 +94,7 @@ def offtheshelf(scale="cpu", data_root=None, device="auto", cache_dir=None,
         "weights": getattr(model, "weights", None),  # the weight set loaded, when the backbone names it
         "image_size": cfg.image_size,
         "scales": list(cfg.scales),
-        "device": str(dev),
+        "device": str(dev) if not sharded else f"{env['world_size']} processes ({dev.type})",
         "skipped_images": list(info["skipped"]),
         "extraction_images_per_s": info["images_per_s"],
         "seconds": time.perf_counter() - t0,
@@ -232,6 +248,10 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
 def main_reproduce(args) -> int:
     """Entry point behind ``python -m retrieval_lib reproduce``.
 
+    Under ``torchrun --nproc_per_node=N -m retrieval_lib reproduce ...`` the off-the-shelf
+    extraction is shared by the N processes (one per GPU); process 0 then writes the tables
+    and runs the notebooks, one after the other, on its GPU; the others exit.
+
     Relative ``--out``, ``--data`` and ``--cache`` are taken from the current directory
     (and passed on as absolute paths). The environment is restored afterwards.
     """
@@ -239,9 +259,18 @@ def main_reproduce(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = _absolute(args.data if args.data is not None else os.environ.get("RETRIEVAL_DATA"))
     cache = _absolute(args.cache or os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval_lib")
+    from retrieval_lib.engine.distributed import dist_env, process_group
+
     with _environ(RETRIEVAL_DATA=data, RETRIEVAL_CACHE=cache, RETRIEVAL_SCALE=args.scale):
-        res = offtheshelf(args.scale, data_root=data, device=args.device, cache_dir=cache / "features",
-                          progress=not args.quiet)
+        if dist_env()["world_size"] > 1:  # torchrun: the extraction is shared; process 0 goes on alone
+            with process_group():
+                res = offtheshelf(args.scale, data_root=data, device=args.device, cache_dir=cache / "features",
+                                  progress=not args.quiet)
+            if res is None:
+                return 0
+        else:
+            res = offtheshelf(args.scale, data_root=data, device=args.device, cache_dir=cache / "features",
+                              progress=not args.quiet)
         table = offtheshelf_table(res)
         (out / "offtheshelf.md").write_text(table + "\n")
         (out / "offtheshelf.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
