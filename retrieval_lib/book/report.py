@@ -32,7 +32,8 @@ from typing import Iterable, Mapping
 
 __all__ = ["write_metrics", "read_metrics", "markdown_table", "paper_vs_ours", "results_table",
            "paper_result", "measured", "SETTING_FIELDS", "OFF_THE_SHELF", "paper_catalogue", "closest_measurement",
-           "explain_difference", "reproduction_rows", "reproduction_table", "REPRODUCTION_HEADER", "uncatalogued"]
+           "explain_difference", "reproduction_rows", "reproduction_table", "REPRODUCTION_HEADER", "uncatalogued",
+           "FAMILIES"]
 
 SETTING_FIELDS = ("dataset", "protocol", "method", "training", "backbone", "resolution")
 OFF_THE_SHELF = "ImageNet, off the shelf"  # the training of every backbone this library loads
@@ -288,12 +289,16 @@ def results_table(docs) -> str:
 
 
 # ------------------------------------------------------------------ the papers of the book
+FAMILIES = ("darac", "cgd", "wgem", "rmac", "spoc", "gem", "mac")
+"""Descriptor families, most specific first (``wgem`` before ``gem``, ``rmac`` before ``mac``)."""
+
+
 def _family(method) -> str:
-    """The descriptor family a method belongs to: ``"GeM (learned p) + ..."`` -> ``"gem"``,
-    ``"R-MAC L=2, ..."`` -> ``"rmac"``; a paper number and ours are put side by side only
-    within one family."""
-    m = re.match(r"[a-z]+", str(method).lower().replace("-", "").replace("[o]", "").strip())
-    return m.group(0) if m else ""
+    """The descriptor family a method belongs to (:data:`FAMILIES`): ``"GeM (learned p) + ..."`` ->
+    ``"gem"``, ``"trainable R-MAC (rigid grid)"`` -> ``"rmac"``; else its first word. A paper
+    number and ours are put side by side only within one family."""
+    words = re.findall(r"[a-z]+", str(method).lower().replace("-", ""))
+    return next((f for f in FAMILIES if f in words), words[0] if words else "")
 
 
 def paper_catalogue() -> list[dict]:
@@ -321,9 +326,9 @@ def paper_catalogue() -> list[dict]:
     gordo = dict(dataset="oxford5k", protocol="mAP", backbone="resnet101", resolution="800 px, multi-resolution",
                  training="trained end to end (triplet loss, cleaned landmarks set)")
     cgd_paper = "Jun et al., 'Combination of Multiple Global Descriptors for Image Retrieval', arXiv 1903.10663, 2019"
-    record = "as recorded in the project's issue 10 (not re-checked here)"
-    cgd = dict(protocol="R@1", training="trained on the data set's training classes (ranking + classification loss)",
-               backbone="resnet50")
+    record = "as recorded in the project's issue 10"
+    # CGD entries as 07_cgd writes them
+    cgd = dict(training="fine-tuned end to end on the training classes", backbone="resnet50 (stage-4 downsampling removed)")
     return [
         {"key": "revisiting", "citation": revisiting, "notebook": "01_mac",
          "ours_full": "01_mac and the off-the-shelf table: MAC of ResNet-101 (ImageNet, off the shelf) on roxford5k",
@@ -375,22 +380,40 @@ def paper_catalogue() -> list[dict]:
                          method="wGeM", training="fine-tuned end to end on rSfM-120k", backbone="resnet101",
                          resolution="the paper's test resolution",
                          source="Wu et al., ICIP 2018 (its result tables are not at hand; no number quoted)")},
+        {"key": "darac", "citation": "Schall, Barthel, Hezel & Jung, 'Deep Aggregation of Regional Convolutional "
+                                     "Activations for Content Based Image Retrieval' (DARAC), IEEE MMSP 2019",
+         "notebook": "06_darac",
+         "ours_full": "06_darac: DARAC and trainable R-MAC heads trained on the honest split's training side "
+                      "(backbone frozen), beside R-MAC and untrained DARAC on held-out groups",
+         "entries": [paper_result(None, dataset=d, protocol="mAP", method=m, training=t, backbone="resnet101",
+                                  resolution=r, source=src) for d in ("oxford5k", "paris6k") for m, t, r, src in (
+             ("trainable R-MAC (rigid grid, L = 2)", "fine-tuned end to end, triplet loss", "800 px",
+              "Gordo et al., IJCV 2017 (its tables are not at hand; no number quoted)"),
+             ("DARAC", "fine-tuned with the NRA loss", "the paper's input size",
+              "Schall et al., MMSP 2019 (its tables are not at hand; no number quoted)"))]},
         {"key": "cgd", "citation": cgd_paper, "notebook": "07_cgd",
          "ours_full": "07_cgd: CGD heads on ResNet-50 without the stage-4 downsampling, fine-tuned end to end at "
                       "224 px (book.cgd.cgd_trainer); at cpu scale heads on frozen pooled branches",
-         "entries": (rows([{"dataset": d} for d in ("cub200-test", "cars196", "sop", "inshop")],
-                          [0.792, 0.948, 0.842, 0.919], method="CGD (the paper's best configuration per data set)",
-                          resolution="224 px", source=cgd_paper + ", results table", **cgd)
-                     + rows([{"protocol": f"R@{k}"} for k in (1, 2, 4, 8)], [0.7681, 0.8484, 0.9060, 0.9433],
-                            dataset="cub200-test", method="CGD MG, 1536-D", resolution="224 px, box-cropped",
-                            training=cgd["training"], backbone="resnet50",
-                            source="the authors' released CUB checkpoint, " + record)
-                     + rows([{"dataset": "cub200-test", "method": "CGD MG", "resolution": "224 px, uncropped"},
-                             {"dataset": "cub200-test", "method": "CGD MG", "resolution": "224 px, box-cropped"},
-                             {"dataset": "cars196", "method": "CGD SG", "resolution": "224 px, uncropped"},
-                             {"dataset": "cars196", "method": "CGD SG", "resolution": "224 px, box-cropped"}],
-                            [0.660, 0.739, 0.864, 0.924], source="a public re-implementation, " + record,
-                            note="its author could not reproduce the paper's numbers", **cgd))},
+         "entries": (rows([{"dataset": d} for d in ("cub200", "cars196", "sop", "inshop")],
+                          [0.792, 0.948, 0.842, 0.919], method="CGD, 1536-D (the paper's configuration for this set)",
+                          resolution="224 px", protocol="Recall@1",
+                          source="Jun et al., arXiv 1903.10663 (2019), the comparison with the state of the art (R@1)",
+                          **cgd)
+                     + [paper_result(0.7681, dataset="cub200", protocol="Recall@1",
+                                     method="CGD MG, 1536-D (authors' released checkpoint)", resolution="224 px, box-cropped",
+                                     source=f"the authors' released CUB checkpoint, {record}",
+                                     note="R@2/4/8 = 0.8484/0.9060/0.9433", **cgd)]
+                     + rows([{"protocol": f"Recall@{k}"} for k in (2, 4, 8)], [0.8484, 0.9060, 0.9433],
+                            dataset="cub200", method="CGD MG, 1536-D (authors' released checkpoint)",
+                            resolution="224 px, box-cropped", source=f"the authors' released CUB checkpoint, {record}",
+                            **cgd)
+                     + rows([{"dataset": d, "method": f"CGD {c}, 1536-D (re-implementation)", "resolution": f"224 px, {crop}"}
+                             for d, c, crop in (("cub200", "MG", "uncropped"), ("cub200", "MG", "box-cropped"),
+                                                ("cars196", "SG", "uncropped"), ("cars196", "SG", "box-cropped"))],
+                            [0.660, 0.739, 0.864, 0.924], protocol="Recall@1",
+                            source="leftthomas/CGD README, Benchmarks tables, ResNet50 (its 224 px input and its "
+                                   "author's report that the paper could not be reproduced: " + record + ")",
+                            **cgd))},
     ]
 
 
