@@ -1,7 +1,9 @@
 """The interactive path in a real browser: JupyterLab 4 + headless Chromium (selenium).
 
 One JupyterLab server runs on a copy of every notebook that has widgets (autosave would
-otherwise write into the checkout), at smoke scale, with the test session's feature cache.
+otherwise write into the checkout), at smoke scale on the offline default, with the
+feature cache the README's smoke run (the ``readme_run`` fixture, which the notebook tests
+need anyway) filled: the notebooks read their feature maps instead of extracting them again.
 Each notebook is opened in the same page, all its cells are run (the notebook's
 "Run All Cells" command), and once every cell has run and every widget has attached,
 one slider per widget cell is moved **with the keyboard** (the handle is focused and
@@ -89,7 +91,8 @@ const controls = Array.from(box.children).filter(el => !el.classList.contains('w
 return controls.map(el => {
   const label = el.querySelector('.widget-label');
   const handle = el.querySelector('.noUi-handle');
-  return {label: label ? label.textContent : '',
+  const readout = el.querySelector('.widget-readout');
+  return {label: label ? label.textContent : '', readout: readout ? readout.textContent : null,
           cut: label ? label.scrollWidth > label.clientWidth + 1 : false,
           slider: !!handle,
           now: handle ? Number(handle.getAttribute('aria-valuenow')) : null,
@@ -279,7 +282,7 @@ BROKEN_NOTEBOOK = {
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, readme_run):
     browser, driver = require_browser()
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "root"
@@ -292,14 +295,11 @@ def lab(tmp_path_factory):
         (settings / rel).parent.mkdir(parents=True, exist_ok=True)
         (settings / rel).write_text(json.dumps(values))
     port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ)
-    if "RETRIEVAL_DATA" not in env:
-        shared = REPO.parent / "shared" / "data"
-        if shared.is_dir():
-            env["RETRIEVAL_DATA"] = str(shared)
+    # the README run's data (the offline default) and its feature cache (conftest.py: <base>/cache)
+    env = {k: v for k, v in os.environ.items() if k != "RETRIEVAL_DATA"}
+    shared_cache = readme_run.root.parent / "cache"
     env.update({"RETRIEVAL_SCALE": "smoke", "RETRIEVAL_PROGRESS": "0", "MPLBACKEND": INLINE_BACKEND,
-                # the session's feature cache (tests/conftest.py), shared with the other smoke tests
-                "RETRIEVAL_CACHE": os.environ.get("RETRIEVAL_CACHE", str(tmp / "cache")),
+                "RETRIEVAL_CACHE": str(shared_cache if shared_cache.is_dir() else tmp / "cache"),
                 # nothing from the user's Jupyter set-up (config, kernels, workspaces); the kernel is this Python
                 "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
                 "JUPYTER_DATA_DIR": str(tmp / "data"),
