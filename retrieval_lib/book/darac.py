@@ -109,13 +109,15 @@ def layout_checks(fmaps: Sequence[torch.Tensor], kernels: int = 16) -> dict:
     """
     untrained = DARAC(kernels=kernels).double()
     max_only = DARAC(kernels=kernels).double().set_vector_weights([0.0] * 21 + [1.0] * 21)
-    plain, inside, outside, shapes = [], [], [], {}
+    plain, inside, outside, shapes, groups = [], [], [], {}, {}
     for f in fmaps:
-        x = f[None].double()  # (1, C, h, w)
+        groups.setdefault(tuple(f.shape), []).append(f)
+    for shape, maps in groups.items():  # one batch per map size
+        x = torch.stack(maps).double()  # (b, C, h, w)
         s = darac_vectors(x).sum(dim=1)
         plain.append(float((untrained(x) - l2n(s, eps=0.0)).abs().max()))
-        cls = grid_class(*f.shape[-2:])
-        shapes[cls] = shapes.get(cls, 0) + 1
+        cls = grid_class(*shape[-2:])
+        shapes[cls] = shapes.get(cls, 0) + len(maps)
         gap = float((max_only(x) - rmac(x, L=3, include_global=True)).abs().max())
         (inside if cls == "R-MAC's grid" else outside).append(gap)
     return {"plain_sum_max_abs_err": max(plain), "rmac_max_abs_err": max(inside) if inside else float("nan"),
