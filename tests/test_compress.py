@@ -76,8 +76,10 @@ faiss = pytest.importorskip("faiss", reason="PQCodec needs the optional faiss pa
 @pytest.mark.parametrize("m,nbits", [(4, 8), (8, 4), (16, 6), (2, 1)])
 def test_pq_bytes_per_image_is_m_nbits_over_8(m, nbits):
     X = _clustered(300, 32, 4)
+    threads = faiss.omp_get_max_threads()
     c = PQCodec(m, nbits).fit(X)
     assert c.bytes_per_image == m * nbits / 8
+    assert faiss.omp_get_max_threads() == threads  # training on one thread restores faiss's setting
     assert c.centroids.shape == (m, 2 ** nbits, 32 // m)
     codes = c.encode(X)
     assert codes.shape == (300, m) and int(codes.min()) >= 0 and int(codes.max()) < 2 ** nbits

@@ -219,7 +219,12 @@ class PQCodec(_Codec):
         pq = faiss.ProductQuantizer(d, self.m, self.nbits)
         pq.cp.seed = self.seed
         pq.cp.min_points_per_centroid = 1  # faiss only warns below it; few points per centroid is the caller's choice
-        pq.train(np.ascontiguousarray(Xt.detach().cpu().numpy()))
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # small k-means: OpenMP threads only stall when other processes share the cores
+        try:
+            pq.train(np.ascontiguousarray(Xt.detach().cpu().numpy()))
+        finally:
+            faiss.omp_set_num_threads(threads)
         cents = faiss.vector_to_array(pq.centroids).reshape(self.m, self.ksub, d // self.m)
         self.centroids = torch.from_numpy(cents.copy()).to(Xt.device)  # (m, ksub, dsub)
         self.dim_in = d
