@@ -18,13 +18,17 @@ The names a notebook or script needs most are re-exported here, one import away.
 
 from retrieval_lib.engine.device import get_device, seed_everything
 from retrieval_lib.layers.functional import gem, l2n, mac, region_mac, rmac, rmac_regions, spoc, wgem
-from retrieval_lib.layers.losses import batch_hard_triplet_loss, contrastive_loss, smoothed_cross_entropy, triplet_loss
+from retrieval_lib.layers.losses import (batch_hard_triplet_loss, contrastive_loss, nra_like_loss, smooth_ap_loss,
+                                         smoothed_cross_entropy, triplet_loss)
 from retrieval_lib.layers.pooling import MAC, POOLING, RMAC, GeM, SPoC, WGeM, make_pooling
-from retrieval_lib.layers.whitening import learned_whitening, pca_whitening, zca_whitening
-from retrieval_lib.models.backbones import efficientnet_lite, load_backbone
+from retrieval_lib.layers.aggregation import DARAC, TrainableRMAC, darac_regions, darac_vectors
+from retrieval_lib.layers.cgd import CGD
+from retrieval_lib.layers.whitening import covariance_spectrum, learned_whitening, pca_whitening, zca_whitening
+from retrieval_lib.models.backbones import efficientnet_lite, load_backbone, resnet50_cgd
 from retrieval_lib.data.images import ImageList
 from retrieval_lib.search.evaluate import compute_map, evaluate_revisited
 from retrieval_lib.search.nearest import knn, rank_database
+from retrieval_lib.search.compress import Float16Codec, PCACodec, PQCodec, compressed_pair
 from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps
 from retrieval_lib.book.session import start
 
@@ -34,9 +38,12 @@ __all__ = [
     "get_device", "seed_everything",
     "l2n", "mac", "spoc", "gem", "rmac_regions", "region_mac", "rmac", "wgem",
     "MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling",
+    "TrainableRMAC", "DARAC", "darac_regions", "darac_vectors", "CGD",
     "contrastive_loss", "triplet_loss", "batch_hard_triplet_loss", "smoothed_cross_entropy",
-    "pca_whitening", "zca_whitening", "learned_whitening",
-    "load_backbone", "efficientnet_lite", "ImageList",
+    "smooth_ap_loss", "nra_like_loss",
+    "pca_whitening", "zca_whitening", "learned_whitening", "covariance_spectrum",
+    "load_backbone", "efficientnet_lite", "resnet50_cgd", "ImageList",
     "compute_map", "evaluate_revisited", "knn", "rank_database",
+    "Float16Codec", "PCACodec", "PQCodec", "compressed_pair",
     "extract_descriptors", "extract_fmaps", "start",
 ]
