@@ -52,6 +52,8 @@ def _check_offtheshelf(ours, names):
         assert _fraction(ours[f"mAP/{name}"]), (name, ours.get(f"mAP/{name}"))
 
 
+CGD_CONFIGS = ("gem_untrained", "S", "M", "G", "SM", "MG", "SG", "SMG")  # what 07 trains and scores
+
 # What each notebook promises in its metrics.json (keys and ranges robust at smoke scale).
 CHECKS = {
     "00_pipeline": lambda o: (
@@ -112,6 +114,49 @@ CHECKS = {
         # mask mass inside the pasted object's box, and the share a uniform mask puts there
         _fraction(o["mask_mass_in_box/before"]) and _fraction(o["mask_mass_in_box/after"]),
         0 < o["box_area_share"] < 1,
+    ),
+    "06_darac": lambda o: (
+        _check_offtheshelf(o, ["heldout/rmac", "heldout/gordo_pca", "heldout/gordo", "heldout/darac_untrained",
+                               "heldout/darac", "heldout/darac_triplet", "heldout/darac_smoothap",
+                               "heldout/darac_nra"]),
+        # untrained DARAC = the normalised plain sum of its 42 vectors, on every real map
+        o["untrained_plain_sum_max_abs_err"] < 1e-6,
+        # max-only DARAC = R-MAC with the whole map where R-MAC's grid is the layout (None: no such map)
+        o["rmac_reproduction_max_abs_err"] is None or o["rmac_reproduction_max_abs_err"] < 1e-9,
+    ),
+    "07_cgd": lambda o: (
+        all(_fraction(o[f"{m}/heldout/{c}"]) for m in ("R@1", "R@8", "mAP") for c in CGD_CONFIGS),
+        # Recall@K never falls as K grows
+        all(o[f"R@1/heldout/{c}"] <= o[f"R@2/heldout/{c}"] <= o[f"R@4/heldout/{c}"] <= o[f"R@8/heldout/{c}"]
+            for c in CGD_CONFIGS),
+        all(o[f"R@1/heldout/{c}/min"] <= o[f"R@1/heldout/{c}"] <= o[f"R@1/heldout/{c}/max"]
+            for c in ("S", "MG", "SMG")),
+        o["block_norm_max_err"] < 1e-12,  # every branch's block has norm 1/sqrt(n) before the final L2
+        o["power_mean_order_holds"] == 1.0,  # SPoC <= GeM(3) <= MAC on every live channel
+        o["aux_effect_max_abs/without_scale"] == 0.0,  # frozen backbone: the auxiliary loss cannot move it
+    ),
+    "08_whitening": lambda o: (
+        _check_offtheshelf(o, ["heldout/gem/none", "heldout/gem/pca", "heldout/gem/lw", "heldout/gem/zca",
+                               "heldout/rmac/none", "heldout/rmac/pca", "heldout/gem/fp16"]),
+        # whitened training descriptors have identity covariance; Euclidean after = Mahalanobis before
+        o["whitened_cov_max_abs_err"] < 1e-5, o["mahalanobis_max_rel_err"] < 1e-6,
+        # ZCA = U x PCA whitening: same distances, cosines, rankings and mAP at full dimension
+        o["zca_minus_rotated_pca_max_abs"] < 1e-5, o["pca_zca_cosine_max_abs_diff"] < 1e-6,
+        o["pca_zca_same_ranking_share"] == 1.0,
+        abs(o["mAP/heldout/gem/pca_full"] - o["mAP/heldout/gem/zca_full"]) < 1e-9,
+        o["lw_fc_max_abs_err"] < 1e-4,  # Lw as nn.Linear inside RetrievalNet = Whitening.apply
+        o["bytes/gem/fp16"] == 2 * o["dim"] and o["bytes/gem/fp32"] == 4 * o["dim"],
+        any(k.startswith("mAP/heldout/gem/pq") for k in o),  # faiss is installed by requirements.txt
+    ),
+    "09_reproductions": lambda o: (
+        _check_offtheshelf(o, ["offtheshelf/MAC", "offtheshelf/SPoC", "offtheshelf/GeM (p=3)",
+                               "offtheshelf/R-MAC (L=3)"]),
+        # it read the README run's results, written by every notebook before it
+        o["results_found"] == 1.0 and o["n_notebooks_found"] == len(NOTEBOOKS) - 1,
+        o["n_papers"] >= 7 and o["n_quoted"] <= o["n_paper_numbers"],
+        0 <= o["n_same_setting"] <= o["n_beside_ours"] <= o["n_paper_numbers"],
+        o["n_same_setting"] == 0,  # smoke: nothing is measured in a paper's setting
+        o["n_uncatalogued"] == 0,  # every paper number a notebook cites is in report.paper_catalogue()
     ),
 }
 
