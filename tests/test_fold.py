@@ -134,3 +134,13 @@ def test_plan_defaults():
     assert cpu == {"amp": False, "fold_bn": True, "channels_last": True, "numerics": "fp32-bnfold-cl"}
     assert extract_mod._plan(model, "cpu", None, False, None)["numerics"] == "fp32"
     assert extract_mod._plan(model.train(), "cpu", None, None, None)["fold_bn"] is False
+
+
+def test_multiscale_extraction_folds_once(lite, photos, monkeypatch):
+    from retrieval_lib.engine.extract import extract_descriptors
+
+    calls = []
+    real = extract_mod.fold_batchnorm
+    monkeypatch.setattr(extract_mod, "fold_batchnorm", lambda m: calls.append(1) or real(m))
+    X = extract_descriptors(lite, photos, "mac", scales=(1, 0.5), image_size=96, num_workers=0, progress=False)
+    assert X.shape[0] == 3 and len(calls) == 1  # one folded copy serves every scale

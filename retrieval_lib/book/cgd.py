@@ -89,26 +89,6 @@ class CGDNet(RetrievalNet):
             x = self.backbone.features(x)  # (b, 3, h, w) -> (b, C, h', w')
         return self.pooling(x)
 
-    def forward(self, inputs):
-        if isinstance(inputs, torch.Tensor):
-            return self._run(inputs)
-        if len(inputs) == 0:
-            raise ValueError("CGDNet: no inputs")
-        groups: dict = {}
-        for pos, x in enumerate(inputs):
-            groups.setdefault(tuple(x.shape), []).append(pos)
-        parts, order = [], []
-        for positions in groups.values():
-            parts.append(self._run(torch.stack([inputs[q] for q in positions])))
-            order += positions
-        inverse = torch.empty(len(order), dtype=torch.int64)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        if isinstance(parts[0], tuple):
-            return tuple(torch.cat([p[k] for p in parts])[inverse.to(parts[0][k].device)]
-                         for k in range(len(parts[0])))
-        out = torch.cat(parts)
-        return out[inverse.to(out.device)]
-
 
 # --------------------------------------------------------------------------- pooled vectors
 def pool_branches(fmaps: Sequence[torch.Tensor], gem_p: float = 3.0, device=None) -> torch.Tensor:

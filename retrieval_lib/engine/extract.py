@@ -442,14 +442,13 @@ def _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_wor
                    progress, desc, skipped: list):
     """Yield (indices, fmap (b, C, h, w) float32 on ``device``) for every readable image.
 
-    ``plan``: from :func:`_plan`. Indices of images the image list could not read are
+    ``plan``: from :func:`_plan`; ``model`` is already folded when it says so (the callers
+    fold once, not once per scale). Indices of images the image list could not read are
     appended to ``skipped``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     is_cuda = device.type == "cuda"
     amp, channels_last = plan["amp"], plan["channels_last"]
-    if plan["fold_bn"]:
-        model = fold_batchnorm(model)  # a folded copy; the caller's model is untouched
     workers = _default_workers(device) if num_workers is None else int(num_workers)
     mean = torch.tensor(model.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(model.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
@@ -538,7 +537,8 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
             return cached
     out: list = [None] * n
     skipped: list[int] = []
-    it = _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_workers, plan,
+    run = fold_batchnorm(model) if plan["fold_bn"] else model  # a folded copy; the caller's model is untouched
+    it = _iterate_fmaps(run, images, image_size, scale, device, batch_size, num_workers, plan,
                         progress, f"fmaps {getattr(model, 'name', '')}", skipped)
     for idx, fmap in it:
         fmap = fmap.cpu()
@@ -672,6 +672,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
     tags = _pooling_tags(poolings, cache)
     t0 = time.perf_counter()
     per_label: dict = {label: [] for label in poolings}  # label -> one (N, D) per scale
+    run = None  # the model as the forward runs it (folded copy on the CPU), made once
     skipped: list[int] = []
     for s in scales:
         per_scale: dict = {}
@@ -683,7 +684,9 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
         todo = [label for label in poolings if label not in per_scale]
         if todo:
             skipped = []
-            it = _iterate_fmaps(model, images, image_size, s, device, batch_size, num_workers, plan,
+            if run is None:  # folded once, on the first scale that is not cached
+                run = fold_batchnorm(model) if plan["fold_bn"] else model
+            it = _iterate_fmaps(run, images, image_size, s, device, batch_size, num_workers, plan,
                                 progress, f"descriptors x{s:.3g}", skipped)
             for idx, fmap in it:
                 for label in todo:

@@ -102,7 +102,7 @@ class RetrievalNet(nn.Module):
         if isinstance(inputs, torch.Tensor):
             return self._run(inputs)
         if len(inputs) == 0:
-            raise ValueError("RetrievalNet: no inputs")
+            raise ValueError(f"{type(self).__name__}: no inputs")
         groups: dict = {}
         for pos, x in enumerate(inputs):
             groups.setdefault(tuple(x.shape), []).append(pos)
@@ -113,7 +113,8 @@ class RetrievalNet(nn.Module):
         inverse = torch.empty(len(order), dtype=torch.int64)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         if isinstance(parts[0], tuple):
-            return tuple(torch.cat([p[k] for p in parts])[inverse.to(parts[0][k].device)] for k in range(2))
+            return tuple(torch.cat([p[k] for p in parts])[inverse.to(parts[0][k].device)]
+                         for k in range(len(parts[0])))
         out = torch.cat(parts)
         return out[inverse.to(out.device)]
 
