@@ -162,7 +162,7 @@ def show_region_weights(weights, hw=(12, 16), title: str = "Weight of each regio
     lo, hi = min(w.min(), min(m.min() for m in per_cell)), max(w.max(), max(m.max() for m in per_cell))
     mid, half = (lo + hi) / 2, max((hi - lo) / 2, 0.05)  # at least +-0.05: equal weights show as one colour
     norm = plt.Normalize(mid - half, mid + half)
-    fig, axes = plt.subplots(2, 5, figsize=(19, 7.2), squeeze=False,
+    fig, axes = plt.subplots(2, 5, figsize=(19, 7.6), squeeze=False, layout="constrained",  # no overlapping labels
                              gridspec_kw={"width_ratios": [1, 2, 3, 4, 4]})
     first = {0: 0, 1: 1, 2: 3, 3: 9}  # first slot of each level
     for row, name in enumerate(row_names):
