@@ -4,14 +4,37 @@
 comparison and every notebook executed, one results table.
 ``python -m retrieval_lib site [--scale ...] [--out DIR] [--from RUN]``: the executed
 notebooks as a static web site (``DIR/index.html``).
+
+Expected failures (missing data, a download that failed, a refused checkpoint, an argument that
+names nothing) end with one line on stderr and the exit code of their kind
+(:mod:`retrieval_lib.errors`); ``--debug`` or ``RETRIEVAL_DEBUG=1`` shows their traceback too.
+Anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 from retrieval_lib.book.config import SCALES
+from retrieval_lib.errors import EXIT_CODES, ExpectedError
+
+_EXIT_HELP = "exit codes:\n" + "\n".join(f"  {code}  {what}" for code, what in EXIT_CODES.items())
+_EXAMPLES = {
+    None: "examples:\n  python -m retrieval_lib reproduce --scale cpu --out results\n"
+          "  python -m retrieval_lib site --from results --out site",
+    "reproduce": "examples:\n  python -m retrieval_lib reproduce --scale cpu --out results\n"
+                 "  python -m retrieval_lib reproduce --scale smoke --notebooks 00,03 --out r\n"
+                 "  python -m retrieval_lib reproduce --scale cpu --data ~/data --notebooks none --out r",
+    "site": "examples:\n  python -m retrieval_lib site --scale smoke --out site\n"
+            "  python -m retrieval_lib site --from results --out site",
+}
+
+
+def _epilog(command=None) -> str:
+    return _EXAMPLES[command] + "\n\n" + _EXIT_HELP + "\n\n--debug (or RETRIEVAL_DEBUG=1) prints the traceback of any error."
 
 
 def _run_arguments(p: argparse.ArgumentParser, out_default: str, out_help: str) -> None:
@@ -32,12 +55,17 @@ def _run_arguments(p: argparse.ArgumentParser, out_default: str, out_help: str) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m retrieval_lib",
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m retrieval_lib", formatter_class=raw, epilog=_epilog(),
                                      description="The runnable textbook of deep image retrieval.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of expected errors too (also RETRIEVAL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("reproduce", help="off-the-shelf comparison + every notebook, one results table")
+    rep = sub.add_parser("reproduce", help="off-the-shelf comparison + every notebook, one results table",
+                         formatter_class=raw, epilog=_epilog("reproduce"))
     _run_arguments(rep, "results", "folder for tables and executed notebooks (relative to the current directory)")
-    site = sub.add_parser("site", help="the executed notebooks as static HTML pages + an index with the results")
+    site = sub.add_parser("site", help="the executed notebooks as static HTML pages + an index with the results",
+                          formatter_class=raw, epilog=_epilog("site"))
     _run_arguments(site, "site", "folder for the pages (index.html, NN_name.html); without --from the "
                                  "notebooks are executed into OUT/run first")
     site.add_argument("--from", dest="from_dir", default=None, metavar="RUN",
@@ -46,8 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("RETRIEVAL_DEBUG", "").strip() not in ("", "0")
+
+
 def main(argv=None) -> int:
+    """Run a subcommand; expected failures become one stderr line and their exit code."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ExpectedError as err:
+        if _debug(args):
+            traceback.print_exc()
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     from retrieval_lib.engine.allocator import tune_allocator
 
     logging.basicConfig(format="%(name)s: %(message)s")  # the library's INFO lines on stderr, no one else's

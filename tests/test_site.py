@@ -196,8 +196,7 @@ def test_command_line_from_a_run(fake_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (out / "index.html").is_file() and (out / "01_beta.html").is_file()
     assert code == 1 and "01_beta" in printed and "stopped with an error" in printed  # 01_beta failed: exit 1
-    with pytest.raises(FileNotFoundError):
-        main(["site", "--from", str(tmp_path / "missing"), "--out", str(out)])
+    assert main(["site", "--from", str(tmp_path / "missing"), "--out", str(out)]) == 3  # one line, exit 3
 
 
 def test_command_line_without_from_runs_reproduce_into_out_run(fake_run, tmp_path, monkeypatch):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+from retrieval_lib.errors import MissingDataError
+
 __all__ = ["ScaleConfig", "SCALES", "scale_config", "default_scale", "default_progress", "benchmark_for_scale"]
 
 
@@ -120,9 +122,11 @@ def benchmark_for_scale(cfg: ScaleConfig | str | None = None, data_root=None):
         try:
             benchmark = RevisitedDataset(cfg.data, root=data_root)
         except FileNotFoundError as err:
-            raise FileNotFoundError(
+            where = f" --data {data_root}" if data_root is not None else " --data DIR"
+            raise MissingDataError(
                 f"{cfg.name} scale runs on {cfg.data}: {err}. Download it once with "
-                f"retrieval_lib.data.datasets.download_revisited({cfg.data!r}, root) (about 2 GB), "
+                f"`python -m retrieval_lib download {cfg.data}{where}` (from Python: "
+                f"retrieval_lib.data.datasets.download_revisited({cfg.data!r}, root); about 2 GB), "
                 "or run at scale 'cpu'") from err
     else:
         raise ValueError(f"scale {cfg.name!r} names unknown data {cfg.data!r}; use 'default' or one of {REVISITED}")

@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 from retrieval_lib.book.config import benchmark_for_scale, scale_config
+from retrieval_lib.errors import MissingDataError, UsageError
 from retrieval_lib.book.report import OFF_THE_SHELF as OFF_THE_SHELF_TRAINING
 from retrieval_lib.book.report import markdown_table, measured, read_metrics, results_table
 
 __all__ = ["offtheshelf", "offtheshelf_table", "offtheshelf_measured", "gather_results", "run_notebooks",
-           "find_notebooks", "OFF_THE_SHELF", "CELL_TIMEOUT_S"]
+           "find_notebooks", "select_notebooks", "check_data_root", "OFF_THE_SHELF", "CELL_TIMEOUT_S"]
 
 OFF_THE_SHELF = ("MAC", "SPoC", "GeM (p=3)", "R-MAC (L=3)")
 _METHOD = {"MAC": "MAC", "SPoC": "SPoC", "GeM (p=3)": "GeM p=3", "R-MAC (L=3)": "R-MAC L=3"}  # as notebooks write it
@@ -77,7 +78,9 @@ def offtheshelf(scale="cpu", data_root=None, device="auto", cache_dir=None,
                                                                out_dir=shards, **common)
         if env["rank"] != 0:
             return None
-        info = {"skipped": [], "images_per_s": len(benchmark.database) / (time.perf_counter() - t0)}
+        # the shares may have come from each process's cache: the count of forwards is not known here
+        info = {"skipped": [], "extracted": None,
+                "images_per_s": len(benchmark.database) / (time.perf_counter() - t0)}
     else:
         X, info = extract_descriptors(model, benchmark.database, _poolings(), return_info=True, **common)
         Q = X if benchmark.queries is None else extract_descriptors(model, benchmark.queries, _poolings(), **common)
@@ -96,7 +99,8 @@ def offtheshelf(scale="cpu", data_root=None, device="auto", cache_dir=None,
         "scales": list(cfg.scales),
         "device": str(dev) if not sharded else f"{env['world_size']} processes ({dev.type})",
         "skipped_images": list(info["skipped"]),
-        "extraction_images_per_s": info["images_per_s"],
+        "extraction_images_per_s": info["images_per_s"],  # None: every descriptor came from the cache
+        "extracted_images": info["extracted"],
         "seconds": time.perf_counter() - t0,
         "rows": rows,
     }
@@ -116,6 +120,14 @@ def offtheshelf_table(result: dict) -> str:
             f"{result['backbone']} (ImageNet weights{' ' + result['weights'] if result.get('weights') else ''}, "
             f"off the shelf) at {result['image_size']} px, scales {result['scales']}, device {result['device']}.")
     return head + "\n\n" + markdown_table(["pooling"] + keys, rows)
+
+
+def extraction_line(result: dict) -> str:
+    """What the extraction of an off-the-shelf run did, in words: a throughput only when measured."""
+    n, speed = result.get("extracted_images"), result.get("extraction_images_per_s")
+    if n == 0 or speed is None:
+        return f"descriptors from the cache ({n or 0} images extracted)"
+    return f"extraction: {speed:.1f} images/s" + (f" ({n} image forwards)" if n else "")
 
 
 def offtheshelf_measured(result: dict) -> list[dict]:
@@ -176,12 +188,73 @@ def find_notebooks(notebooks_dir=None, only=None) -> list[Path]:
         places = [Path.cwd() / "notebooks", Path(__file__).resolve().parents[2] / "notebooks"]
     nb_dir = next((d for d in places if d.is_dir()), None)
     if nb_dir is None:
-        raise FileNotFoundError(f"no notebooks folder at {' or '.join(str(d) for d in places)}; run from the "
+        raise MissingDataError(f"no notebooks folder at {' or '.join(str(d) for d in places)}; run from the "
                                 "repository's root or pass --notebooks-dir DIR")
     found = sorted(p for p in nb_dir.glob("[0-9][0-9]_*.ipynb"))
     if only:
         found = [p for p in found if p.name[:2] in set(only)]
     return found
+
+
+def select_notebooks(spec: str, notebooks_dir=None) -> list[str]:
+    """The notebook numbers (``"00"``, ``"03"``, ...) a ``--notebooks`` value names, checked.
+
+    ``spec``: ``"all"``, ``"none"`` or a comma list of numbers (``3``, ``03``) or names
+    (``03_gem``). Raises :class:`~retrieval_lib.errors.UsageError` listing the notebooks there
+    are when an item names none of them, so a typo never gives a run without the notebook asked for.
+    """
+    spec = (spec or "").strip()
+    if spec == "none":
+        return []
+    found = find_notebooks(notebooks_dir)
+    numbers = [p.name[:2] for p in found]
+    if spec == "all":
+        return numbers
+    chosen, unknown = [], []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        number = item.zfill(2) if item.isdigit() and len(item) <= 2 else None
+        match = [p.name[:2] for p in found if p.name[:2] == number or p.stem == item]
+        if match:
+            chosen += [m for m in match if m not in chosen]
+        else:
+            unknown.append(item)
+    if unknown or not chosen:
+        listed = ", ".join(p.stem for p in found)
+        what = ", ".join(repr(u) for u in unknown) if unknown else repr(spec)
+        raise UsageError(f"--notebooks {what} names no notebook; there are: {listed} "
+                         "(give numbers such as 00,03, names such as 03_gem, 'all' or 'none')")
+    return sorted(chosen)
+
+
+def check_data_root(scale, data) -> Path:
+    """An explicit ``--data`` folder, checked for what ``scale`` measures; returns it absolute.
+
+    Raises :class:`~retrieval_lib.errors.MissingDataError` when the folder does not exist or lacks
+    the scale's data set (``real171`` at ``smoke``/``cpu``, revisited Oxford at ``full``), naming
+    the ``download`` command that fetches it. (A data root that only comes from ``RETRIEVAL_DATA``
+    is not checked here: the data sets fall back to the offline default with a warning.)
+    """
+    cfg = scale_config(scale)
+    root = _absolute(data)
+    if root is None or not root.is_dir():
+        raise MissingDataError(f"--data {data}: no such folder. Create it and fetch the data with "
+                               f"`python -m retrieval_lib download {_needed(cfg)} --data {data}`, or leave "
+                               "--data out to run on the offline default")
+    if cfg.data == "default":
+        if not (root / "real171" / "manifest.json").is_file():
+            raise MissingDataError(
+                f"--data {data}: no real171/manifest.json there ({cfg.name} scale measures real171 when a data "
+                f"root is given). Fetch it with `python -m retrieval_lib download real171 --data {data}`, "
+                "or leave --data out to run on the offline default")
+    else:
+        benchmark_for_scale(cfg, root)  # raises MissingDataError naming the download command
+    return root
+
+
+def _needed(cfg) -> str:
+    return "real171" if cfg.data == "default" else cfg.data
 
 
 @contextlib.contextmanager
@@ -255,9 +328,16 @@ def main_reproduce(args) -> int:
     Relative ``--out``, ``--data`` and ``--cache`` are taken from the current directory
     (and passed on as absolute paths). The environment is restored afterwards.
     """
+    # every argument is checked before anything is written to --out
+    only = select_notebooks(args.notebooks, args.notebooks_dir)
+    if args.data is not None:
+        data = check_data_root(args.scale, args.data)
+    else:
+        data = _absolute(os.environ.get("RETRIEVAL_DATA"))
+    if scale_config(args.scale).data != "default":
+        benchmark_for_scale(args.scale, data)  # full scale: its data set must be there before we start
     out = _absolute(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = _absolute(args.data if args.data is not None else os.environ.get("RETRIEVAL_DATA"))
     cache = _absolute(args.cache or os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval_lib")
     from retrieval_lib.engine.distributed import dist_env, process_group
 
@@ -275,10 +355,9 @@ def main_reproduce(args) -> int:
         (out / "offtheshelf.md").write_text(table + "\n")
         (out / "offtheshelf.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
         print(table)
-        print(f"\nextraction: {res['extraction_images_per_s']:.1f} images/s; wrote {out / 'offtheshelf.md'}")
-        if args.notebooks == "none":
+        print(f"\n{extraction_line(res)}; wrote {out / 'offtheshelf.md'}")
+        if not only:
             return 0
-        only = None if args.notebooks == "all" else [s.strip().zfill(2) for s in args.notebooks.split(",")]
         docs = run_notebooks(args.scale, out / "notebooks", args.notebooks_dir, only, data, progress=not args.quiet)
     if docs:
         table = results_table(docs)

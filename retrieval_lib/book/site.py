@@ -28,6 +28,8 @@ import shutil
 import time
 from pathlib import Path
 
+from retrieval_lib.errors import ExpectedError, MissingDataError
+
 __all__ = ["build_site", "executed_notebooks", "static_widgets", "render_notebook", "main_site",
            "WIDGET_VIEW", "WIDGET_STATE"]
 
@@ -64,12 +66,12 @@ def executed_notebooks(run_dir) -> list[Path]:
     """
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"no reproduce run at {run_dir}: run `python -m retrieval_lib reproduce --out "
+        raise MissingDataError(f"no reproduce run at {run_dir}: run `python -m retrieval_lib reproduce --out "
                                 f"{run_dir}` first, or leave out --from to execute the notebooks now")
     found = sorted(p for p in run_dir.glob("notebooks/*/[0-9][0-9]_*.ipynb")
                    if p.parent.name == p.stem and _NB_NAME.match(p.stem))
     if not found:
-        raise FileNotFoundError(f"{run_dir} holds no executed notebook (expected notebooks/NN_name/NN_name.ipynb, "
+        raise MissingDataError(f"{run_dir} holds no executed notebook (expected notebooks/NN_name/NN_name.ipynb, "
                                 "as `python -m retrieval_lib reproduce --out DIR` writes them); point --from at "
                                 "that DIR, or leave out --from to execute the notebooks now")
     return found
@@ -408,6 +410,7 @@ def main_site(args) -> int:
     status = 0
     if args.from_dir:
         run_dir = Path(args.from_dir).expanduser().resolve()
+        executed_notebooks(run_dir)  # a missing or empty run folder is refused before anything is written
     else:
         from retrieval_lib.book.reproduce import main_reproduce
 
@@ -416,6 +419,8 @@ def main_site(args) -> int:
         rep_args.out = str(run_dir)
         try:
             status = main_reproduce(rep_args)
+        except ExpectedError:  # refused arguments or missing data: nothing ran, nothing to show
+            raise
         except Exception as err:  # a failing notebook: still show what ran, then fail
             print(f"reproduce stopped: {type(err).__name__}: {str(err)[:500]}")
             status = 1

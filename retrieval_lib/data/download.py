@@ -24,6 +24,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+from retrieval_lib.errors import ExpectedError, FetchError
+
 __all__ = ["download", "extract_archive", "file_hash", "ChecksumError", "DownloadError",
            "ArchiveError"]
 
@@ -32,11 +34,13 @@ _FILTER_ERRORS = (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
-class ChecksumError(ValueError):
+class ChecksumError(ExpectedError, ValueError):
     """A downloaded (or existing) file whose hash differs from the expected one."""
 
+    exit_code = FetchError.exit_code
 
-class DownloadError(OSError):
+
+class DownloadError(FetchError):
     """A transfer that failed or ended early (the partial file is never at ``dest``)."""
 
 

@@ -645,7 +645,10 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
 
     Rows of images that could not be read (``on_error="skip"``) are zero; with
     ``return_info=True`` the function returns ``(X, info)`` where ``info`` has
-    ``skipped`` (indices), ``seconds`` and ``images_per_s``.
+    ``skipped`` (indices), ``seconds``, ``extracted`` (image forwards run: images times the
+    scales that were not cached; 0 when everything came from the cache) and ``images_per_s``
+    (images per second of the call, ``None`` when nothing was extracted: a cache read is not
+    a throughput).
 
     With ``cache_dir``, descriptors are cached per (image files, model, image size, scale,
     pooling); model and pooling are keyed on their class, settings and weights
@@ -674,6 +677,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
     per_label: dict = {label: [] for label in poolings}  # label -> one (N, D) per scale
     run = None  # the model as the forward runs it (folded copy on the CPU), made once
     skipped: list[int] = []
+    extracted = 0  # image forwards run (images x scales not read from the cache)
     for s in scales:
         per_scale: dict = {}
         keys = {label: cache.key(image_size, s, tag) for label, tag in tags.items()}
@@ -684,6 +688,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
         todo = [label for label in poolings if label not in per_scale]
         if todo:
             skipped = []
+            extracted += n
             if run is None:  # folded once, on the first scale that is not cached
                 run = fold_batchnorm(model) if plan["fold_bn"] else model
             it = _iterate_fmaps(run, images, image_size, s, device, batch_size, num_workers, plan,
@@ -707,6 +712,6 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
     result = out["_"] if single else out
     seconds = time.perf_counter() - t0
     if return_info:
-        return result, {"skipped": skipped, "seconds": seconds,
-                        "images_per_s": n / seconds if seconds > 0 else math.inf}
+        speed = None if not extracted else (n / seconds if seconds > 0 else math.inf)
+        return result, {"skipped": skipped, "seconds": seconds, "extracted": extracted, "images_per_s": speed}
     return result
