@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", help="off-the-shelf comparison + every notebook, one results table",
                          formatter_class=raw, epilog=_epilog("reproduce"))
     _run_arguments(rep, "results", "folder for tables and executed notebooks (relative to the current directory)")
+    rep.add_argument("--network", default=None, metavar="NAME[,NAME]", help="measure released networks (names from retrieval_lib.released_networks(), or checkpoint files) on roxford5k+rparis6k in their authors' setting, write OUT/paper_networks.md, and stop")
     site = sub.add_parser("site", help="the executed notebooks as static HTML pages + an index with the results",
                           formatter_class=raw, epilog=_epilog("site"))
     _run_arguments(site, "site", "folder for the pages (index.html, NN_name.html); without --from the "

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from retrieval_lib.book.config import benchmark_for_scale, scale_config
+from retrieval_lib.book.paper_networks import main_paper_networks
 from retrieval_lib.errors import MissingDataError, UsageError
 from retrieval_lib.book.report import OFF_THE_SHELF as OFF_THE_SHELF_TRAINING
 from retrieval_lib.book.report import markdown_table, measured, read_metrics, results_table
@@ -339,6 +340,8 @@ def main_reproduce(args) -> int:
     out = _absolute(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = _absolute(args.cache or os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval_lib")
+    if getattr(args, "network", None):  # released networks in their authors' setting: book.paper_networks
+        return main_paper_networks(args, out, data, cache)
     from retrieval_lib.engine.distributed import dist_env, process_group
 
     with _environ(RETRIEVAL_DATA=data, RETRIEVAL_CACHE=cache, RETRIEVAL_SCALE=args.scale):

@@ -1,0 +1,280 @@
+"""Reproduce the released networks' revisited Oxford/Paris numbers in the authors' setting.
+
+``python -m retrieval_lib reproduce --scale full --network NAME[,NAME] --data DIR --out R``
+calls :func:`main_paper_networks`: for each network (a name of
+:func:`~retrieval_lib.models.released.released_networks` or a local file) it extracts
+``roxford5k`` and ``rparis6k`` exactly as the authors' test script does, evaluates Easy /
+Medium / Hard with the revisited protocol, and writes ``R/paper_networks.md`` and ``.json``:
+per network, data set and protocol, the paper's number, ours, the difference, and whether
+the setting is the same (every field of :func:`setting_differences` agrees).
+
+The authors' test path, where it differs from the library's defaults (cited in
+:mod:`retrieval_lib.models.released`):
+
+* image: ``PIL.Image.open(...).convert("RGB")`` (no EXIF rotation, alpha dropped, not
+  composited), a query cropped to its box with ``round`` (PIL's ``crop``), then for cirtorch
+  ``thumbnail((S, S), ANTIALIAS)``: the longer side to ``S`` if it is longer, never enlarged.
+  The thumbnail is written out with Pillow < 7's rule (sizes truncated with ``int``, one
+  Lanczos resize; Pillow >= 7 rounds the size and pre-reduces the image), the Pillow of the
+  authors' PyTorch 1.0 setup. dirtorch keeps the image at its own size.
+* normalisation: the checkpoint's mean/std on RGB in ``[0, 1]`` (``ToTensor`` then
+  ``Normalize``), not the library's per-backbone default.
+* scales: :meth:`~retrieval_lib.models.released.ReleasedNet.multiscale` with the script's
+  ``msp`` (:func:`~retrieval_lib.models.released.cirtorch_msp`); one image at a time.
+* post-processing whitening: cirtorch's ``Lw`` (``'ms'`` when several scales) or dirtorch's
+  PCA with power 0.25; the search is ``Q @ X.T``; the protocol is the library's
+  :meth:`~retrieval_lib.data.datasets.RevisitedDataset.evaluate` (revisitop's).
+
+Taught in ``notebooks/09_reproductions.ipynb``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from retrieval_lib.book.report import markdown_table
+from retrieval_lib.data.datasets import GND_SHA256, RevisitedDataset, data_root as default_data_root
+from retrieval_lib.data.download import file_hash
+from retrieval_lib.engine.device import get_device
+from retrieval_lib.errors import MissingDataError, UsageError
+from retrieval_lib.models.released import ReleasedNetwork, cirtorch_msp, hash_prefix, load_network, released_networks
+from retrieval_lib.search.nearest import rank_database
+
+__all__ = ["authors_image", "old_thumbnail_size", "evaluate_network", "setting_differences", "paper_rows",
+           "paper_table", "reproduce_networks", "main_paper_networks", "DATASETS", "PROTOCOLS"]
+
+DATASETS = ("roxford5k", "rparis6k")
+PROTOCOLS = ("easy", "medium", "hard")
+
+
+def old_thumbnail_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """The size Pillow < 7's ``thumbnail((size, size))`` gives a ``w x h`` image (never larger).
+
+    ``if x > S: y = int(max(y S / x, 1)); x = S``, then the same for ``y`` (Pillow 5/6,
+    ``Image.thumbnail``). Pillow >= 7 rounds instead of truncating, so sizes can differ by 1 px.
+    """
+    x, y = w, h
+    if x > size:
+        y, x = int(max(y * size / x, 1)), int(size)
+    if y > size:
+        x, y = int(max(x * size / y, 1)), int(size)
+    return x, y
+
+
+def authors_image(path, box=None, image_size: Optional[int] = None, mean=(0.485, 0.456, 0.406),
+                  std=(0.229, 0.224, 0.225)) -> torch.Tensor:
+    """One image as the authors' loaders give it to the network: ``(1, 3, H, W)`` float32.
+
+    RGB without EXIF rotation (cirtorch's ``pil_loader``), cropped to ``box`` rounded to
+    pixels, thumbnail to ``image_size`` (``None``: own size), ``/ 255``, then
+    ``(x - mean) / std``. See the module docstring for the sources.
+    """
+    with open(path, "rb") as f:
+        im = Image.open(f).convert("RGB")
+    if box is not None:
+        im = im.crop(tuple(int(round(float(v))) for v in box))
+    if image_size is not None:
+        size = old_thumbnail_size(*im.size, int(image_size))
+        if size != im.size:
+            im = im.resize(size, Image.Resampling.LANCZOS)
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.size[1], im.size[0], 3)
+    x = x.permute(2, 0, 1).float().div(255)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - m) / s)[None]
+
+
+def _descriptors(net, paths, boxes, image_size, scales, msp, device, progress, desc) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i, p in enumerate(tqdm(paths, desc=desc, disable=not progress, leave=False)):
+            x = authors_image(p, None if boxes is None else boxes[i], image_size, net.mean, net.std).to(device)
+            out.append(net.multiscale(x, scales, msp).float().cpu())
+    return torch.cat(out)  # (N, D)
+
+
+def _gnd_is_real(name: str, root: Path) -> bool:
+    for p in (root / name / f"gnd_{name}.pkl", root / "revisited_gnd" / f"gnd_{name}.pkl"):
+        if p.is_file():
+            return file_hash(p) == GND_SHA256[name]
+    return False
+
+
+def _entry_for(name_or_path) -> tuple[Optional[ReleasedNetwork], Optional[bool]]:
+    """The registry entry of a name, or of a local file named like a released file, and whether
+    the file is the released one (its sha256 starts with the hash in its name; ``None``: no hash)."""
+    nets = released_networks()
+    if str(name_or_path) in nets:
+        entry = nets[str(name_or_path)]
+        return entry, (True if entry.sha256_prefix else None)
+    path = Path(name_or_path)
+    entry = next((n for n in nets.values() if n.file_name == path.name), None)
+    if entry is None or not path.is_file():
+        return entry, None
+    if entry.sha256_prefix is None:
+        return entry, None
+    return entry, file_hash(path).startswith(entry.sha256_prefix)
+
+
+def evaluate_network(name_or_path, data_root=None, datasets: Sequence[str] = DATASETS, device="auto",
+                     image_size: Optional[int] = None, scales: Optional[Sequence[float]] = None,
+                     network_root=None, progress: bool = True) -> dict:
+    """Measure one released network on revisited Oxford/Paris in the authors' setting.
+
+    ``image_size`` / ``scales`` default to the registry's setting of the network (for a local
+    file not named like a released one: 1024 px and one scale); passing others is allowed and
+    recorded as a different setting. Returns ``{"network", "file", "registry" (entry dict or
+    None), "released_file" (True: hash checked, False: differs, None: no hash), "setting" (what
+    ran), "datasets": {name: {"n_database", "n_queries", "real_ground_truth", "metrics",
+    "metrics_whitened" (None without post-whitening), "seconds"}}}``; metrics are fractions.
+
+    Raises ``MissingDataError`` naming the download command when a data set is missing.
+    """
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    if root is None:
+        raise MissingDataError("no data root: pass --data DIR (holding roxford5k/ and rparis6k/) or set "
+                               "RETRIEVAL_DATA; get the data with `python -m retrieval_lib download roxford5k "
+                               "--data DIR` (and rparis6k)")
+    entry, released_file = _entry_for(name_or_path)
+    net = load_network(name_or_path, root=network_root, progress=progress)
+    dev = get_device(device)
+    net = net.to(dev)
+    st = entry.setting if entry is not None else {}
+    fmt = net.info["format"]
+    if image_size is None:
+        image_size = st.get("image_size", 1024) if entry is not None else (None if fmt == "dirtorch" else 1024)
+    scales = [float(s) for s in (scales if scales is not None else st.get("scales", [1.0]))]
+    script = st.get("script", "cirtorch/examples/test.py" if fmt != "dirtorch" else "dirtorch/test_dir.py")
+    msp = cirtorch_msp(net.info, scales, script) if fmt != "dirtorch" else 1.0
+    post = bool(net.lw) or net.pca is not None
+    setting = {"script": script, "image_size": image_size, "scales": scales, "msp": msp,
+               "post_whitening": ("Lw " + ("ms" if len(scales) > 1 else "ss") if net.lw else
+                                  "PCA power 0.25" if net.pca is not None else None),
+               "resize": "authors' thumbnail" if image_size else "none", "device": str(dev)}
+    result = {"network": str(name_or_path), "file": net.info.get("file"), "registry": entry.as_dict() if entry else None,
+              "released_file": released_file, "info": {k: v for k, v in net.info.items() if k != "registry"},
+              "setting": setting, "datasets": {}}
+    for name in datasets:
+        try:
+            bench = RevisitedDataset(name, root, min_size=0, max_aspect=float("inf"))
+        except FileNotFoundError as err:
+            raise MissingDataError(f"{err}; get it with `python -m retrieval_lib download {name} --data {root}`") from None
+        t0 = time.perf_counter()
+        X = _descriptors(net, bench.database.paths, None, image_size, scales, msp, dev, progress, f"{name} database")
+        Q = _descriptors(net, bench.queries.paths, bench.queries.boxes, image_size, scales, msp, dev, progress,
+                         f"{name} queries")
+        metrics = bench.evaluate(rank_database(Q, X))
+        whitened = None
+        if post:
+            Xw, Qw = net.post_whiten(X, multiscale=len(scales) > 1), net.post_whiten(Q, multiscale=len(scales) > 1)
+            whitened = bench.evaluate(rank_database(Qw, Xw))
+        result["datasets"][name] = {"n_database": len(bench.database), "n_queries": len(bench.queries),
+                                    "real_ground_truth": _gnd_is_real(name, root), "metrics": metrics,
+                                    "metrics_whitened": whitened, "seconds": time.perf_counter() - t0}
+    return result
+
+
+def setting_differences(result: dict, dataset: str) -> list[str]:
+    """Every way the run differs from the setting the paper's number was measured in (``[]``: same).
+
+    Compared: the file is the released one (hash checked), the numbers are tied to it,
+    architecture, image size, scales, ``msp``, post-processing whitening, the real ground truth
+    (sha256 of ``gnd_<name>.pkl``). dirtorch's files carry no hash and the README's query
+    cropping was not read from its source, so their rows are never called "same setting".
+    """
+    entry = result.get("registry")
+    if entry is None:
+        return ["not a released network (no paper number)"]
+    diffs, st, run = [], entry["setting"], result["setting"]
+    if result.get("released_file") is False:
+        diffs.append("file differs from the released one (sha256 prefix)")
+    elif result.get("released_file") is None:
+        diffs.append("file not verifiable (no published hash)")
+    if result["info"].get("architecture") != entry["architecture"]:
+        diffs.append(f"architecture {result['info'].get('architecture')} != {entry['architecture']}")
+    if run["image_size"] != st.get("image_size"):
+        diffs.append(f"image size {run['image_size']} != {st.get('image_size')}")
+    if [round(s, 6) for s in run["scales"]] != [round(s, 6) for s in st.get("scales", [1.0])]:
+        diffs.append(f"scales {run['scales']} != {st.get('scales')}")
+    expected_msp = cirtorch_msp(result["info"], st.get("scales", [1.0]), st.get("script", "")) \
+        if result["info"].get("format") != "dirtorch" else 1.0
+    if abs(run["msp"] - expected_msp) > 1e-9:
+        diffs.append(f"msp {run['msp']:.4g} != {expected_msp:.4g}")
+    if bool(run["post_whitening"]) != bool(st.get("post_whitening")):
+        diffs.append(f"post-whitening {run['post_whitening']} != {st.get('post_whitening')}")
+    d = result["datasets"].get(dataset, {})
+    if not d.get("real_ground_truth"):
+        diffs.append(f"stand-in data ({d.get('n_database')} images; the ground truth is not the released gnd_{dataset}.pkl)")
+    return diffs
+
+
+def paper_rows(result: dict) -> list[dict]:
+    """One row per data set and protocol: paper (where published), ours, difference, same setting."""
+    entry = result.get("registry") or {}
+    paper = {(n["dataset"], n["protocol"]): n for n in entry.get("numbers", [])}
+    rows = []
+    for ds, d in result["datasets"].items():
+        m = d["metrics_whitened"] or d["metrics"]
+        diffs = setting_differences(result, ds)
+        for prot in PROTOCOLS:
+            ours = 100 * m[f"mAP/{prot}"]
+            ours = None if ours != ours else round(ours, 2)  # NaN: no query has a positive in this protocol
+            num = paper.get((ds, prot))
+            rows.append({"network": Path(str(result["network"])).name, "dataset": ds, "protocol": prot,
+                         "paper": None if num is None else num["value"], "ours": ours,
+                         "difference": None if num is None or ours is None else round(ours - num["value"], 2),
+                         "number_file": None if num is None else num["file"],
+                         "same_setting": not diffs and num is not None, "differences": diffs,
+                         "whitened": d["metrics_whitened"] is not None})
+    return rows
+
+
+def paper_table(results: Sequence[dict]) -> str:
+    """Markdown: network, data set, protocol, paper, ours, difference, same setting."""
+    rows = []
+    for res in results:
+        for r in paper_rows(res):
+            same = "yes" if r["same_setting"] else ("no: " + "; ".join(r["differences"]) if r["differences"]
+                                                    else "no paper number")
+            if r["same_setting"] and r["number_file"] == "implied":
+                same += " (the README does not name the file behind the number)"
+            rows.append([r["network"], r["dataset"], r["protocol"].capitalize(),
+                         "—" if r["paper"] is None else f"{r['paper']:.1f}", "n/a" if r["ours"] is None else f"{r['ours']:.1f}",
+                         "—" if r["difference"] is None else f"{r['difference']:+.1f}", same])
+    head = ("Released networks in the authors' setting: mAP (%) on the revisited protocol; 'ours' is after "
+            "the post-processing whitening where the network has one (the published numbers are).")
+    return head + "\n\n" + markdown_table(["network", "data set", "protocol", "paper", "ours", "difference",
+                                           "same setting"], rows)
+
+
+def reproduce_networks(networks: Sequence[str], out, data_root=None, device="auto", network_root=None,
+                       progress: bool = True) -> list[dict]:
+    """:func:`evaluate_network` for each network, then ``out/paper_networks.md`` and ``.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [evaluate_network(n, data_root, device=device, network_root=network_root, progress=progress)
+               for n in networks]
+    (out / "paper_networks.md").write_text(paper_table(results) + "\n")
+    doc = [{**r, "rows": paper_rows(r)} for r in results]
+    (out / "paper_networks.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return results
+
+
+def main_paper_networks(args, out: Path, data, cache: Path) -> int:
+    """``reproduce --network A,B``: measure the named released networks; print and write the table."""
+    names = [n.strip() for n in str(args.network).split(",") if n.strip()]
+    if not names:
+        raise UsageError("--network needs at least one name, e.g. --network rSfM120k-tl-resnet101-gem-w "
+                         f"(choose from {sorted(released_networks())}) or a checkpoint path")
+    results = reproduce_networks(names, out, data_root=data, device=args.device,
+                                 network_root=Path(cache) / "networks",
+                                 progress=not args.quiet)
+    print(paper_table(results))
+    print(f"\nwrote {Path(out) / 'paper_networks.md'}")
+    return 0
