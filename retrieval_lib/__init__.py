@@ -25,6 +25,7 @@ from retrieval_lib.layers.aggregation import DARAC, TrainableRMAC, darac_regions
 from retrieval_lib.layers.cgd import CGD
 from retrieval_lib.layers.whitening import covariance_spectrum, learned_whitening, pca_whitening, zca_whitening
 from retrieval_lib.models.backbones import efficientnet_lite, load_backbone, resnet50_cgd
+from retrieval_lib.models.released import fetch_network, load_network, released_networks
 from retrieval_lib.data.images import ImageList
 from retrieval_lib.search.evaluate import compute_map, evaluate_revisited
 from retrieval_lib.search.nearest import knn, rank_database
@@ -42,7 +43,8 @@ __all__ = [
     "contrastive_loss", "triplet_loss", "batch_hard_triplet_loss", "smoothed_cross_entropy",
     "smooth_ap_loss", "nra_like_loss",
     "pca_whitening", "zca_whitening", "learned_whitening", "covariance_spectrum",
-    "load_backbone", "efficientnet_lite", "resnet50_cgd", "ImageList",
+    "load_backbone", "efficientnet_lite", "resnet50_cgd", "load_network", "released_networks", "fetch_network",
+    "ImageList",
     "compute_map", "evaluate_revisited", "knn", "rank_database",
     "Float16Codec", "PCACodec", "PQCodec", "compressed_pair",
     "extract_descriptors", "extract_fmaps", "start",
