@@ -19,6 +19,7 @@ import sys
 import traceback
 
 from retrieval_lib.book.config import SCALES
+from retrieval_lib.book.downloads import add_download_parser, main_download
 from retrieval_lib.errors import EXIT_CODES, ExpectedError
 
 _EXIT_HELP = "exit codes:\n" + "\n".join(f"  {code}  {what}" for code, what in EXIT_CODES.items())
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--from", dest="from_dir", default=None, metavar="RUN",
                       help="build from this reproduce output folder (its notebooks/NN_name/NN_name.ipynb, "
                            "results.md) instead of executing the notebooks; --scale etc. are then unused")
+    add_download_parser(sub)  # download NAME | --list
     return parser
 
 
@@ -108,6 +110,8 @@ def _run(args) -> int:
         from retrieval_lib.book.site import main_site
 
         return main_site(args)
+    if args.command == "download":
+        return main_download(args)
     return 2
 
 
