@@ -306,3 +306,61 @@ def test_reproduce_hands_notebooks_absolute_paths_and_no_progress(tmp_path, monk
 
 def test_smoke_cells_time_out_within_a_minute():
     assert CELL_TIMEOUT_S["smoke"] <= 60 and CELL_TIMEOUT_S["cpu"] >= CELL_TIMEOUT_S["smoke"]
+
+
+def _failing_notebook(path, message="no rSfM-120k here; download it with `python -m retrieval_lib download rsfm120k`"):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('SCALE = "cpu"\nOUT_DIR = "x"\nDATA_ROOT = None')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell(f"raise FileNotFoundError({message!r})")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_a_failing_notebook_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from retrieval_lib.errors import NotebooksFailed
+
+    monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
+    nb_dir = tmp_path / "nbs"
+    nb_dir.mkdir()
+    _failing_notebook(nb_dir / "00_a.ipynb")
+    _tiny_notebook(nb_dir / "01_b.ipynb", 0.5)
+    out = tmp_path / "res"
+    args = ["reproduce", "--scale", "smoke", "--out", str(out), "--notebooks-dir", str(nb_dir), "--quiet"]
+    assert main(args) == NotebooksFailed.exit_code == 6
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # In [4]: the failing cell's execution count, after the parameters cell papermill injects
+    assert err.startswith("error: 1 of 2 notebooks failed, the others ran: 00_a (In [4]: FileNotFoundError: no rSfM")
+    md = (out / "results.md").read_text()
+    assert "Notebooks that failed" in md and "download rsfm120k" in md and "| 01_b |" in md
+    saved = json.loads((out / "results.json").read_text())
+    assert [(d["notebook"], d.get("failed", False)) for d in saved] == [("00_a", True), ("01_b", False)]
+    assert saved[0]["cell"] == 4 and saved[1]["ours"] == {"mAP/x": 0.5}
+    assert (out / "notebooks" / "00_a" / "00_a.ipynb").is_file()  # the executed copy up to the failing cell
+
+    # the fix, then a rerun of that notebook alone: the results accumulate instead of being replaced
+    _tiny_notebook(nb_dir / "00_a.ipynb", 0.75)
+    assert main(args[:-1] + ["--notebooks", "00", "--quiet"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert [(d["notebook"], d.get("failed", False)) for d in saved] == [("00_a", False), ("01_b", False)]
+    assert saved[0]["ours"] == {"mAP/x": 0.75} and saved[1]["ours"] == {"mAP/x": 0.5}
+    assert "Notebooks that failed" not in (out / "results.md").read_text()
+
+
+def test_notebook_kernels_never_inherit_torchruns_process_group(tmp_path, monkeypatch):
+    nb_dir = tmp_path / "nbs"
+    nb_dir.mkdir()
+    _tiny_notebook(nb_dir / "00_a.ipynb", 0.25)
+    torchrun_env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
+                    "MASTER_PORT": "29999", "TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2"}
+    for k, v in torchrun_env.items():
+        monkeypatch.setenv(k, v)
+    code = ("import os\nfrom retrieval_lib.book.report import write_metrics\n"
+            f"write_metrics(OUT_DIR, '00_a', {{'mAP/x': 0.1}}, extra={{k: os.environ.get(k) for k in {list(torchrun_env)!r}}})")
+    nb = nbformat.read(nb_dir / "00_a.ipynb", as_version=4)
+    nb.cells[1].source = code
+    nbformat.write(nb, nb_dir / "00_a.ipynb")
+    docs = run_notebooks("smoke", tmp_path / "out", nb_dir, progress=False)
+    assert docs[0]["extra"] == {k: None for k in torchrun_env}
+    assert all(os.environ[k] == v for k, v in torchrun_env.items())  # this process keeps its own

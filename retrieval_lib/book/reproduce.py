@@ -23,17 +23,22 @@ from pathlib import Path
 
 from retrieval_lib.book.config import benchmark_for_scale, scale_config
 from retrieval_lib.book.paper_networks import main_paper_networks
-from retrieval_lib.errors import MissingDataError, UsageError
+from retrieval_lib.errors import MissingDataError, NotebooksFailed, UsageError
 from retrieval_lib.book.report import OFF_THE_SHELF as OFF_THE_SHELF_TRAINING
 from retrieval_lib.book.report import markdown_table, measured, read_metrics, results_table
 
 __all__ = ["offtheshelf", "offtheshelf_table", "offtheshelf_measured", "gather_results", "run_notebooks",
-           "find_notebooks", "select_notebooks", "check_data_root", "OFF_THE_SHELF", "CELL_TIMEOUT_S"]
+           "find_notebooks", "select_notebooks", "check_data_root", "merge_results", "write_results",
+           "OFF_THE_SHELF", "CELL_TIMEOUT_S"]
 
 OFF_THE_SHELF = ("MAC", "SPoC", "GeM (p=3)", "R-MAC (L=3)")
 _METHOD = {"MAC": "MAC", "SPoC": "SPoC", "GeM (p=3)": "GeM p=3", "R-MAC (L=3)": "R-MAC L=3"}  # as notebooks write it
 # per-cell limit: a hang at smoke scale fails within a minute; cpu/full cells may extract for long
 CELL_TIMEOUT_S = {"smoke": 60, "cpu": 1800, "full": 4 * 3600}
+# what torchrun (torch.distributed.run) hands its processes: a notebook kernel started by process 0 must not
+# inherit it, or its first Trainer would try to rejoin processes that have already exited
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _poolings():
@@ -289,8 +294,13 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
     ``data_root`` (default ``RETRIEVAL_DATA``) are handed over as absolute paths, and
     ``RETRIEVAL_DATA`` / ``RETRIEVAL_CACHE`` are made absolute in the kernel's environment.
     The kernel gets ``RETRIEVAL_PROGRESS=0`` (no progress widgets in the saved notebooks) and
-    ``RETRIEVAL_RESULTS`` = the folder above ``out_dir`` (``--out``: what ``09_reproductions`` reads);
-    ``progress`` is papermill's own bar over the cells.
+    ``RETRIEVAL_RESULTS`` = the folder above ``out_dir`` (``--out``: what ``09_reproductions`` reads),
+    and none of torchrun's process-group variables; ``progress`` is papermill's own bar over the cells.
+
+    A notebook that fails (an error in a cell, a cell out of time, a dead kernel) does not stop
+    the others: its document is ``{"notebook", "failed": True, "cell", "error", "seconds", "ours": {}}``
+    (``cell``: the execution count ``In [n]`` of the failing cell in the executed copy, ``None`` if unknown)
+    and its executed copy (up to the failing cell) is kept.
     """
     import papermill as pm
 
@@ -301,22 +311,68 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
     # RETRIEVAL_RESULTS: the folder above out_dir, where offtheshelf.json is (09_reproductions reads it)
     env = dict(RETRIEVAL_PROGRESS="0", RETRIEVAL_SCALE=scale, RETRIEVAL_DATA=data_root, RETRIEVAL_CACHE=cache,
                RETRIEVAL_RESULTS=out_dir.parent)
+    env.update({k: None for k in os.environ if k in _TORCHRUN_ENV or k.startswith("TORCHELASTIC_")})
     with _environ(**env):
         for nb in find_notebooks(notebooks_dir, only):
             nb_out = out_dir / nb.stem
             nb_out.mkdir(parents=True, exist_ok=True)
+            (nb_out / "metrics.json").unlink(missing_ok=True)  # an earlier run's numbers never pass for this one's
             params = {"SCALE": scale, "OUT_DIR": str(nb_out)}
             if data_root is not None:
                 params["DATA_ROOT"] = str(data_root)
             t0 = time.perf_counter()
-            # a per-cell limit, so that a stuck cell fails the run instead of hanging it
-            pm.execute_notebook(str(nb), str(nb_out / nb.name), parameters=params, progress_bar=progress,
-                                cwd=str(nb.parent), kernel_name="python3",
-                                execution_timeout=CELL_TIMEOUT_S[scale])
-            doc = read_metrics(nb_out)
+            try:
+                # a per-cell limit, so that a stuck cell fails the notebook instead of hanging the run
+                pm.execute_notebook(str(nb), str(nb_out / nb.name), parameters=params, progress_bar=progress,
+                                    cwd=str(nb.parent), kernel_name="python3",
+                                    execution_timeout=CELL_TIMEOUT_S[scale])
+                doc = read_metrics(nb_out)
+            except Exception as err:  # the notebook's failure is recorded; the run goes on with the next
+                doc = {"notebook": nb.stem, "failed": True, "cell": getattr(err, "exec_count", None),
+                       "error": _one_line(err), "ours": {}, "scale": scale}
             doc["seconds"] = time.perf_counter() - t0
             docs.append(doc)
     return docs
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """``Type: message`` of a failure on one line (papermill's errors name the notebook's own exception)."""
+    name, value = getattr(err, "ename", None), getattr(err, "evalue", None)
+    text = f"{name}: {value}" if name else f"{type(err).__name__}: {err}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def merge_results(out, docs: list[dict]) -> list[dict]:
+    """This run's notebook documents merged into ``out/results.json`` (a notebook rerun replaces its entry),
+    sorted by notebook; a rerun of some notebooks after a failure keeps the others' results."""
+    merged = {}
+    path = Path(out) / "results.json"
+    if path.is_file():
+        try:
+            merged = {d["notebook"]: d for d in json.loads(path.read_text()) if isinstance(d, dict) and "notebook" in d}
+        except (ValueError, TypeError):
+            merged = {}
+    merged.update({d["notebook"]: d for d in docs})
+    return [merged[k] for k in sorted(merged)]
+
+
+def write_results(out, docs: list[dict]) -> str:
+    """``results.md`` / ``results.json`` for the documents ``docs``; returns the markdown written."""
+    ran = [d for d in docs if not d.get("failed")]
+    failed = [d for d in docs if d.get("failed")]
+    parts = [results_table(ran)] if ran else []
+    if failed:
+        rows = [[d["notebook"], d.get("cell"), d["error"]] for d in failed]
+        parts.append("Notebooks that failed (their executed copies show the cell; the others ran):\n\n"
+                     + markdown_table(["notebook", "cell (In [n])", "error"], rows))
+    parts.append(markdown_table(["notebook", "seconds", "status"],
+                                [[d["notebook"], d["seconds"], "failed" if d.get("failed") else "ran"]
+                                 for d in docs]))
+    text = "\n\n".join(parts)
+    (Path(out) / "results.md").write_text(text + "\n")
+    (Path(out) / "results.json").write_text(json.dumps(docs, indent=2, default=float) + "\n")
+    return text
 
 
 def main_reproduce(args) -> int:
@@ -362,10 +418,10 @@ def main_reproduce(args) -> int:
         if not only:
             return 0
         docs = run_notebooks(args.scale, out / "notebooks", args.notebooks_dir, only, data, progress=not args.quiet)
-    if docs:
-        table = results_table(docs)
-        timing = markdown_table(["notebook", "seconds"], [[d["notebook"], d["seconds"]] for d in docs])
-        (out / "results.md").write_text(table + "\n\n" + timing + "\n")
-        (out / "results.json").write_text(json.dumps(docs, indent=2) + "\n")
-        print("\n" + table + "\n\n" + timing)
+    print("\n" + write_results(out, merge_results(out, docs)))
+    failed = [d for d in docs if d.get("failed")]
+    if failed:
+        named = "; ".join(f"{d['notebook']} (In [{d.get('cell')}]: {d['error'][:160]})" for d in failed)
+        raise NotebooksFailed(f"{len(failed)} of {len(docs)} notebooks failed, the others ran: {named}. "
+                              f"See {out / 'results.md'} and the executed copies under {out / 'notebooks'}")
     return 0
