@@ -714,3 +714,23 @@ def test_relevance_errors(tmp_path):
         d.relevance_row(0, np.zeros((2, 2), dtype=int))
     with pytest.raises(ValueError, match=r"ranks has shape \(1, 7\)"):
         d.top_results(np.zeros((1, 7), dtype=int), 0)
+
+
+def test_find_gnd_looks_where_the_download_puts_it_first(tmp_path):
+    from retrieval_lib.data.datasets import find_gnd
+    from retrieval_lib.errors import MissingDataError
+
+    with pytest.raises(MissingDataError, match=r"download roxford5k --data"):
+        find_gnd("roxford5k", tmp_path)
+    (tmp_path / "revisited_gnd").mkdir()
+    alone = tmp_path / "revisited_gnd" / "gnd_roxford5k.pkl"
+    alone.write_bytes(b"x")
+    assert find_gnd("roxford5k", tmp_path) == alone  # the ground truth without its images
+    (tmp_path / "roxford5k").mkdir()
+    downloaded = tmp_path / "roxford5k" / "gnd_roxford5k.pkl"
+    downloaded.write_bytes(b"x")
+    assert find_gnd("roxford5k", tmp_path) == downloaded  # where download_revisited puts it wins
+    with pytest.raises(FileNotFoundError, match="rparis6k"):  # MissingDataError is a FileNotFoundError
+        find_gnd("rparis6k", tmp_path)
+    with pytest.raises(ValueError, match="unknown revisited dataset"):
+        find_gnd("holidays", tmp_path)

@@ -36,11 +36,12 @@ import numpy as np
 
 from retrieval_lib.data.download import download, extract_archive
 from retrieval_lib.data.images import MAX_ASPECT, MIN_SIZE, ImageList
+from retrieval_lib.errors import MissingDataError
 
 __all__ = [
     "Benchmark", "GroupDataset", "RevisitedDataset", "CUB200",
     "real171", "offline_default", "default_benchmark", "data_root", "cache_root",
-    "download_revisited", "download_cub", "load_gnd",
+    "download_revisited", "download_cub", "load_gnd", "find_gnd",
     "IMAGE_EXTENSIONS", "REVISITED", "GND_SHA256",
 ]
 
@@ -66,7 +67,7 @@ def cache_root() -> Path:
 def _root(root) -> Path:
     r = Path(root).expanduser() if root is not None else data_root()
     if r is None:
-        raise FileNotFoundError(f"no data root given; {DATA_HINT}")
+        raise MissingDataError(f"no data root given; {DATA_HINT}")
     return r
 
 
@@ -448,7 +449,8 @@ def real171(root=None, **kw) -> GroupDataset:
     r = _root(root)
     manifest = r / "real171" / "manifest.json"
     if not manifest.is_file():
-        raise FileNotFoundError(f"real171 not found: no '{manifest}'; {DATA_HINT}")
+        raise MissingDataError(f"real171 not found: no '{manifest}'; fetch it with `python -m retrieval_lib "
+                               f"download real171 --data {r}`, or {DATA_HINT}")
     return GroupDataset.from_manifest(manifest, name="real171", **kw)
 
 
@@ -682,13 +684,24 @@ def load_gnd(path) -> dict:
     return doc
 
 
-def _find_gnd(name: str, root: Path) -> Path:
+def find_gnd(name: str, root=None) -> Path:
+    """The one place the library looks for a revisited ground truth ``gnd_<name>.pkl``.
+
+    Under the data root (``root``, else ``RETRIEVAL_DATA``): ``<root>/<name>/`` first, where
+    :func:`download_revisited` puts it, then ``<root>/revisited_gnd/`` (the ground truth alone,
+    without the images). Raises :class:`~retrieval_lib.errors.MissingDataError` (a
+    ``FileNotFoundError``) naming both places and the command that fetches it.
+    """
+    if name not in REVISITED:
+        raise ValueError(f"unknown revisited dataset {name!r}; choose one of {REVISITED}")
+    root = _root(root)
     places = [root / name / f"gnd_{name}.pkl", root / "revisited_gnd" / f"gnd_{name}.pkl"]
     for p in places:
         if p.is_file():
             return p
-    raise FileNotFoundError(f"no ground truth for {name}: looked at {[str(p) for p in places]}; "
-                            f"run download_revisited({name!r}, root) or pass gnd_path=")
+    raise MissingDataError(f"no ground truth for {name}: looked at {[str(p) for p in places]}; fetch it with "
+                           f"`python -m retrieval_lib download {name} --data {root}` "
+                           f"(download_revisited({name!r}, root)) or pass gnd_path=")
 
 
 class RevisitedDataset(Benchmark):
@@ -713,7 +726,7 @@ class RevisitedDataset(Benchmark):
         if name not in REVISITED:
             raise ValueError(f"unknown revisited dataset {name!r}; choose one of {REVISITED}")
         root = _root(root)
-        doc = load_gnd(gnd_path if gnd_path is not None else _find_gnd(name, root))
+        doc = load_gnd(gnd_path if gnd_path is not None else find_gnd(name, root))
         self._init(name, root / name / "jpg", doc["imlist"], doc["qimlist"], doc["gnd"],
                    dict(min_size=min_size, max_aspect=max_aspect, on_error=on_error))
 
@@ -722,11 +735,11 @@ class RevisitedDataset(Benchmark):
         self._jpg = jpg
         missing = [n for n in self.imlist + self.qimlist if not (jpg / f"{n}.jpg").is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"{len(missing)} of {len(self.imlist) + len(self.qimlist)} images of {name} are "
-                f"missing under '{jpg}' (e.g. {missing[0]}.jpg); run download_revisited({name!r}, "
-                "root) or point root (RETRIEVAL_DATA) at the folder that holds "
-                f"{name}/jpg/")
+                f"missing under '{jpg}' (e.g. {missing[0]}.jpg); fetch them with `python -m retrieval_lib "
+                f"download {name} --data DIR` (download_revisited({name!r}, root)) or point root "
+                f"(RETRIEVAL_DATA) at the folder that holds {name}/jpg/")
         self.database = ImageList([f"{n}.jpg" for n in self.imlist], root=jpg, name=name, **opts)
         self.queries = ImageList([f"{n}.jpg" for n in self.qimlist], root=jpg,
                                  boxes=[g["bbx"] for g in gnd], name=f"{name} queries", **opts)
