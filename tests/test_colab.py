@@ -114,35 +114,96 @@ def test_the_cell_installs_in_colab(monkeypatch):
     assert argv[1:4] == ["-m", "pip", "install"] and argv[-1] == pip_target() and kwargs == {"check": True}
 
 
-def _fake_download(monkeypatch):
-    import retrieval_lib.data.datasets as datasets
-
+def _fake_downloads(monkeypatch):
     got = []
-    monkeypatch.setattr(datasets, "download_revisited", lambda name, root, progress=True: got.append((name, root)))
+    monkeypatch.setattr(colab, "download_revisited", lambda name, root, progress=True: got.append((name, root)))
+    monkeypatch.setattr(colab, "download_real171", lambda root, progress=True: got.append(("real171", root)))
     return got
 
 
-def test_colab_setup_on_a_gpu_runtime_downloads_what_full_measures(monkeypatch):
-    import torch
+def _shell():
+    """A stand-in for Colab's IPython shell: a namespace and IPython's own event manager."""
+    from IPython.core.events import EventManager, available_events
 
-    got = _fake_download(monkeypatch)
+    shell = types.SimpleNamespace(user_ns={})
+    shell.events = EventManager(shell, available_events)
+    return shell
+
+
+def _run_cell_in(shell, code: str, success: bool = True):
+    exec(compile(code, "<cell>", "exec"), shell.user_ns)
+    shell.events.trigger("post_run_cell", types.SimpleNamespace(success=success))
+
+
+@pytest.mark.parametrize("scale, fetched", [("cpu", "real171"), ("smoke", "real171"), ("full", "roxford5k")])
+def test_the_parameters_cell_decides_what_is_downloaded(scale, fetched, monkeypatch):
+    got = _fake_downloads(monkeypatch)
     monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
-    monkeypatch.delenv("RETRIEVAL_SCALE", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert colab.colab_setup() == "full"
-    assert got == [("roxford5k", colab.COLAB_DATA_ROOT)] and os.environ["RETRIEVAL_DATA"] == colab.COLAB_DATA_ROOT
+    shell = _shell()
+    assert colab.colab_setup(shell=shell) == colab.COLAB_DATA_ROOT == os.environ["RETRIEVAL_DATA"]
+    _run_cell_in(shell, "import os")                            # the imports cell: no SCALE yet
+    assert got == []                                            # nothing before the parameters cell
+    _run_cell_in(shell, f'SCALE = {scale!r}\nDATA_ROOT = os.environ.get("RETRIEVAL_DATA")')
+    assert got == [(fetched, colab.COLAB_DATA_ROOT)]
+    _run_cell_in(shell, 'SCALE = "full"')                       # later cells: the callback is gone
+    assert got == [(fetched, colab.COLAB_DATA_ROOT)] and shell.events.callbacks["post_run_cell"] == []
 
 
-def test_colab_setup_without_a_gpu_downloads_nothing(monkeypatch, tmp_path):
+def test_the_cell_s_data_root_wins_and_a_failed_cell_waits(monkeypatch, tmp_path):
+    got = _fake_downloads(monkeypatch)
+    monkeypatch.setenv("RETRIEVAL_DATA", str(tmp_path / "env"))  # a data root already set is kept
+    shell = _shell()
+    assert colab.colab_setup(shell=shell) == str(tmp_path / "env")
+    colab.colab_setup(shell=shell)                                # the install cell run twice: one callback
+    assert len(shell.events.callbacks["post_run_cell"]) == 1
+    shell.user_ns["SCALE"] = "cpu"
+    shell.events.trigger("post_run_cell", types.SimpleNamespace(success=False))
+    assert got == []                                              # the parameters cell failed: wait for a good run
+    _run_cell_in(shell, f"SCALE = 'cpu'\nDATA_ROOT = {str(tmp_path / 'mine')!r}")
+    assert got == [("real171", str(tmp_path / "mine"))]
+
+
+def test_a_failed_download_warns_and_the_notebook_goes_on(monkeypatch):
+    from retrieval_lib.errors import FetchError
+
+    def offline(root, progress=True):
+        raise FetchError("real171: could not fetch ukbench56/ukbench00000.jpg (offline?)")
+
+    monkeypatch.setattr(colab, "download_real171", offline)
+    shell = _shell()
+    colab.colab_setup(root="/tmp/nowhere", shell=shell)
+    with pytest.warns(UserWarning, match="scale 'cpu' could not be fetched: real171: could not fetch"):
+        _run_cell_in(shell, "SCALE = 'cpu'")
+
+
+def test_the_rendered_cell_in_colab_downloads_only_after_the_parameters_cell(monkeypatch):
+    """The install cell as the notebooks hold it, run in a (stand-in) Colab kernel, then a parameters cell."""
+    import IPython
+
+    got = _fake_downloads(monkeypatch)
+    shell = _shell()
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
+    _run_cell_in(shell, install_cell_source())
+    assert got == []
+    _run_cell_in(shell, 'SCALE = "cpu"\nDATA_ROOT = None')
+    assert got == [("real171", colab.COLAB_DATA_ROOT)]
+
+
+def test_without_ipython_the_default_scale_is_fetched_at_once(monkeypatch, tmp_path):
+    import IPython
     import torch
 
-    got = _fake_download(monkeypatch)
-    monkeypatch.setenv("RETRIEVAL_DATA", str(tmp_path))  # a data root already set is kept
+    got = _fake_downloads(monkeypatch)
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
     monkeypatch.delenv("RETRIEVAL_SCALE", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert colab.colab_setup() == "cpu" and got == [] and os.environ["RETRIEVAL_DATA"] == str(tmp_path)
-    monkeypatch.setenv("RETRIEVAL_SCALE", "full")  # asked for full on a CPU runtime: the data comes too
-    assert colab.colab_setup() == "full" and got == [("roxford5k", str(tmp_path))]
+    monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert colab.colab_setup(root=str(tmp_path)) == os.environ["RETRIEVAL_DATA"] == str(tmp_path)
+    assert got == [("roxford5k", str(tmp_path))]
+    assert colab.fetch_for_scale("cpu", str(tmp_path)) == "real171" and got[-1] == ("real171", str(tmp_path))
 
 
 def test_the_cell_runs_here_as_a_plain_kernel_would():

@@ -15,10 +15,16 @@ The install cell runs before the package can be imported (in Colab it is what in
 it), so it cannot import :data:`REPO_URL`: the sync writes the URL into it. Outside Colab
 (Jupyter, papermill, nbval, the tests) it does nothing: it is guarded by
 ``"google.colab" in sys.modules``, which holds only inside a Colab kernel. In Colab it then
-calls :func:`colab_setup`: ``RETRIEVAL_DATA`` defaults to :data:`COLAB_DATA_ROOT`, and since
-the scale defaults to ``full`` on a GPU runtime (and ``cpu`` otherwise,
-:func:`~retrieval_lib.book.config.default_scale`), a GPU runtime downloads revisited Oxford,
-the data ``full`` measures, once per runtime.
+calls :func:`colab_setup`: ``RETRIEVAL_DATA`` defaults to :data:`COLAB_DATA_ROOT`, and nothing
+is downloaded yet. The notebook's ``parameters`` cell decides the scale (``SCALE``: by default
+``full`` on a GPU runtime and ``cpu`` otherwise, :func:`~retrieval_lib.book.config.default_scale`);
+right after that cell has run, :func:`fetch_for_scale` downloads what that scale measures into
+the data root (``DATA_ROOT`` when the cell sets one): real171 from its public sources at
+``smoke``/``cpu`` (:func:`~retrieval_lib.data.real171.download_real171`, 87 MB of sources, so the
+CPU runtime runs on real photos), revisited Oxford at ``full``
+(:func:`~retrieval_lib.data.datasets.download_revisited`). Both fetch only what is missing, so a
+second notebook in the same runtime downloads nothing. The hook is IPython's ``post_run_cell``
+event, registered by :func:`colab_setup` and removed once it has fired.
 
 How the sync finds the cell (:func:`sync_notebook`): a code cell whose first line is
 :data:`MARKER` (a rendered install cell, or the placeholder of a new notebook, whose whole
@@ -33,10 +39,16 @@ import json
 import os
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
+from retrieval_lib.book.config import scale_config
+from retrieval_lib.data.datasets import REVISITED, download_revisited
+from retrieval_lib.data.real171 import download_real171
+from retrieval_lib.errors import ExpectedError
+
 __all__ = ["REPO_URL", "MARKER", "COLAB_DATA_ROOT", "install_cell_source", "pip_target", "colab_url", "colab_setup",
-           "notebook_install_cell", "sync_notebook", "sync_notebooks", "sync_readme", "main"]
+           "fetch_for_scale", "notebook_install_cell", "sync_notebook", "sync_notebooks", "sync_readme", "main"]
 
 REPO_URL = "https://github.com/deep-retrieval-textbook/deep-retrieval-textbook"
 """The repository every notebook installs from in Colab (a fork edits this line, then runs the sync)."""
@@ -67,27 +79,73 @@ def install_cell_source(repo_url: str = REPO_URL) -> str:
         "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\",\n"
         f"                    \"{pip_target(repo_url)}\"], check=True)\n"
         "    from retrieval_lib.book.colab import colab_setup\n"
-        "    colab_setup()  # data root /content/data; on a GPU runtime (scale full) revisited Oxford is downloaded"
+        "    colab_setup()  # data root /content/data; the data SCALE needs is fetched after the parameters cell"
     )
 
 
-def colab_setup(root: str | None = None, progress: bool = True) -> str:
-    """What the install cell does in Colab once the package is installed; returns the scale.
+def fetch_for_scale(scale: str | None = None, root=None, progress: bool = True) -> str:
+    """Download what ``scale`` measures into the data root ``root`` (default ``RETRIEVAL_DATA``); return its name.
 
-    Sets ``RETRIEVAL_DATA`` to ``root`` (default :data:`COLAB_DATA_ROOT`) unless it is set,
-    and when the notebooks will run at ``full`` scale (:func:`~retrieval_lib.book.config.default_scale`:
-    a GPU runtime, or ``RETRIEVAL_SCALE=full``) downloads revisited Oxford there
-    (:func:`~retrieval_lib.data.datasets.download_revisited`, which fetches only what is missing),
-    the one data set ``full`` measures.
+    ``smoke`` and ``cpu`` measure the default benchmark: real171, built from its public
+    sources (:func:`~retrieval_lib.data.real171.download_real171`). ``full`` measures
+    revisited Oxford (:func:`~retrieval_lib.data.datasets.download_revisited`). What is
+    already there is not fetched again.
     """
-    from retrieval_lib.book.config import SCALES, default_scale
-    from retrieval_lib.data.datasets import download_revisited
+    cfg = scale_config(scale)
+    root = root or os.environ.get("RETRIEVAL_DATA")
+    if cfg.data in REVISITED:
+        download_revisited(cfg.data, root, progress=progress)
+        return cfg.data
+    download_real171(root, progress=progress)
+    return "real171"
 
+
+_HOOKS: list = []  # the callback colab_setup registered last
+
+
+def _after_parameters(shell, progress: bool):
+    """A ``post_run_cell`` callback: once a cell has left ``SCALE`` in the notebook's namespace
+    (the parameters cell), fetch that scale's data and unregister itself."""
+
+    def callback(result=None):
+        if "SCALE" not in shell.user_ns or (result is not None and not getattr(result, "success", True)):
+            return
+        shell.events.unregister("post_run_cell", callback)
+        scale, root = shell.user_ns["SCALE"], shell.user_ns.get("DATA_ROOT")
+        try:
+            fetch_for_scale(scale, root, progress=progress)
+        except ExpectedError as err:  # the notebook still runs: offline default (cpu) or a clear error (full)
+            warnings.warn(f"the data for scale {scale!r} could not be fetched: {err}", stacklevel=2)
+
+    return callback
+
+
+def colab_setup(root: str | None = None, progress: bool = True, shell=None) -> str:
+    """What the install cell does in Colab once the package is installed; returns the data root.
+
+    Sets ``RETRIEVAL_DATA`` to ``root`` (default :data:`COLAB_DATA_ROOT`) unless it is set, and
+    downloads nothing: the parameters cell, which runs later, decides the scale. Registers on
+    the IPython ``shell`` (default: the running one) a ``post_run_cell`` callback that, after the
+    first cell that defines ``SCALE``, calls :func:`fetch_for_scale` with that ``SCALE`` and the
+    cell's ``DATA_ROOT`` (real171 at ``smoke``/``cpu``, revisited Oxford at ``full``). Without
+    IPython (a plain script) it fetches for :func:`~retrieval_lib.book.config.default_scale` at once.
+    """
     os.environ.setdefault("RETRIEVAL_DATA", root or COLAB_DATA_ROOT)
-    scale = default_scale()
-    if scale == "full":
-        download_revisited(SCALES["full"].data, os.environ["RETRIEVAL_DATA"], progress=progress)
-    return scale
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            get_ipython = None
+        shell = get_ipython() if get_ipython is not None else None
+    if shell is None:
+        fetch_for_scale(None, os.environ["RETRIEVAL_DATA"], progress=progress)
+    else:
+        for old in _HOOKS:  # the install cell run again: one callback, not one per run
+            if old in shell.events.callbacks.get("post_run_cell", []):
+                shell.events.unregister("post_run_cell", old)
+        _HOOKS[:] = [_after_parameters(shell, progress)]
+        shell.events.register("post_run_cell", _HOOKS[0])
+    return os.environ["RETRIEVAL_DATA"]
 
 
 def colab_url(notebook: str, repo_url: str = REPO_URL, branch: str = BRANCH) -> str:
