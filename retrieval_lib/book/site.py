@@ -20,23 +20,29 @@ pages; ``--from RUN`` builds from an existing reproduce folder instead, executin
 """
 from __future__ import annotations
 
+import ast
 import copy
 import html
 import json
+import os
 import re
-import shutil
 import time
 from pathlib import Path
 
-from retrieval_lib.errors import ExpectedError, MissingDataError
+from retrieval_lib.book.colab import MARKER, colab_url
+from retrieval_lib.book.report import closest_measurement, explain_difference
+from retrieval_lib.book.site_math import math_placeholders, plain_math, put_math_back, split_math
+from retrieval_lib.errors import ExpectedError, MissingDataError, NotebooksFailed
 
 __all__ = ["build_site", "executed_notebooks", "static_widgets", "render_notebook", "main_site",
-           "WIDGET_VIEW", "WIDGET_STATE"]
+           "plumbing_cells", "path_scrubber", "headline_comparisons", "WIDGET_VIEW", "WIDGET_STATE"]
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml")
 _NB_NAME = re.compile(r"^\d\d_[\w-]+$")
+_HERE = Path(__file__).resolve().parents[2]
+_REPO = _HERE if (_HERE / "pyproject.toml").is_file() else None  # a checkout (not an installed copy)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem;
@@ -47,6 +53,8 @@ th { background: #f6f8fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .failed { color: #b42318; font-weight: 600; }
 .note { color: #57606a; }
+details { margin: 0.6rem 0; }
+details > summary { cursor: pointer; color: #0969da; }
 """
 _WIDGET_CSS = """
 .rl-nav { font-family: system-ui, sans-serif; padding: 0.5rem 1rem; border-bottom: 1px solid #d0d7de;
@@ -54,6 +62,14 @@ _WIDGET_CSS = """
 .rl-widget { border-left: 4px solid #0969da; background: #f6f8fa; padding: 0.5rem 0.9rem; margin: 0.3rem 0;
              font-family: system-ui, sans-serif; font-size: 0.92rem; }
 .rl-widget ul { margin: 0.3rem 0; }
+.rl-nav .rl-links { float: right; }
+.rl-colab { display: inline-block; padding: 0.05rem 0.5rem; border-radius: 0.25rem; background: #f9ab00;
+            color: #1f2328; font-weight: 600; text-decoration: none; font-size: 0.85rem; }
+details.rl-setup { border: 1px solid #d0d7de; border-radius: 0.3rem; margin: 0.5rem 0; padding: 0.2rem 0.6rem; }
+details.rl-setup > summary { cursor: pointer; color: #57606a; font-family: system-ui, sans-serif; font-size: 0.9rem; }
+math[display="block"] { margin: 0.6em 0; }
+math { font-size: 1.08em; }
+.rl-tex-error { color: #b42318; }
 """
 
 
@@ -237,6 +253,150 @@ def static_widgets(nb) -> tuple[dict, list[dict]]:
     return nb, widgets
 
 
+# ---------------------------------------------------------------- chapters without plumbing
+_PLUMBING_TAGS = ("parameters", "injected-parameters")
+
+
+def _only_imports(source: str) -> bool:
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return False
+    return bool(body) and all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in body)
+
+
+def _plumbing_kind(cell) -> str | None:
+    if cell.get("cell_type") != "code":
+        return None
+    tags = cell.get("metadata", {}).get("tags", [])
+    if "injected-parameters" in tags:
+        return "the parameters this run passed"
+    if "parameters" in tags:
+        return "parameters"
+    source = _source(cell)
+    if source.lstrip().startswith(MARKER):
+        return "Colab install"
+    if _only_imports(source):
+        return "imports"
+    return None
+
+
+def plumbing_cells(nb) -> list[int]:
+    """Indices of the cells that set a chapter up: its first run of code cells that are the Colab
+    install cell (``colab.MARKER``), import-only cells, the ``parameters`` cell and papermill's
+    ``injected-parameters`` cell. The site folds them; a later import cell is part of the text."""
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        if cell.get("cell_type") != "code" and not found:
+            continue  # the title and the introduction before the setup
+        if _plumbing_kind(cell) is None:
+            break
+        found.append(i)
+    return found
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~:/\\-])/(?:tmp|home|root|work|Users|usr|opt|var|mnt|srv|private|data|scratch)"
+                       r"/[^\s\"'<>`)\]},;]*")
+
+
+def path_scrubber(run_dir, parameters: dict | None = None, repo=None):
+    """A function ``str -> str`` that writes this machine's absolute paths the way a reader would pass them.
+
+    A path inside ``run_dir`` becomes ``<run folder name>/<rest>`` (``run/notebooks/03_gem``,
+    as ``reproduce --out run`` would make it), a path parameter outside it (``DATA_ROOT``)
+    becomes its name in capitals (``DATA_ROOT``: the folder you pass), the home folder ``~``, a
+    file of an installed package ``site-packages/...``, one of the checkout ``repo`` its path
+    in the checkout, and any other absolute path under a usual root (``/tmp``, ``/home``,
+    ``/work``, ``/usr``, ...) ``…/<last two parts>``.
+    """
+    run_dir = Path(run_dir)
+    prefixes = [(str(run_dir), run_dir.name)]
+    for name, value in (parameters or {}).items():
+        if isinstance(value, str) and os.path.isabs(value) and not value.startswith(str(run_dir)):
+            prefixes.append((value.rstrip("/"), name))
+    if repo is not None:
+        prefixes.append((str(Path(repo)), "."))
+    prefixes.append((str(Path.home()), "~"))
+    prefixes.sort(key=lambda p: -len(p[0]))  # the longest first: run_dir inside home stays run_dir
+
+    def one(m):
+        path = m.group(0)
+        tail = path[len(path.rstrip(".:!?")):]  # "... in /tmp/run:" -- the colon is the sentence's
+        path = path[:len(path) - len(tail)]
+        for prefix, short in prefixes:
+            if prefix and prefix != "/" and (path == prefix or path.startswith(prefix + "/")):
+                return short + path[len(prefix):] + tail
+        if "/site-packages/" in path:
+            return "site-packages/" + path.split("/site-packages/", 1)[1] + tail
+        parts = [p for p in path.split("/") if p]
+        return "…/" + "/".join(parts[-2:]) + tail
+
+    def scrub(text: str) -> str:
+        return _ABSOLUTE.sub(one, text) if "/" in text else text
+
+    return scrub
+
+
+def _scrub_notebook(nb, scrub) -> None:
+    """Apply ``scrub`` to every text a page shows (sources, text outputs, errors), in place; images untouched."""
+    for cell in nb["cells"]:
+        cell["source"] = scrub(_source(cell))
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = scrub(_text(out["text"]))
+            for mime, value in list(out.get("data", {}).items()):
+                if mime.startswith("text/") or mime in ("application/json",):
+                    out["data"][mime] = scrub(_text(value)) if isinstance(value, (str, list)) else value
+            if out.get("output_type") == "error":
+                out["evalue"] = scrub(str(out.get("evalue", "")))
+                out["traceback"] = [scrub(line) for line in out.get("traceback", [])]
+    papermill = nb.get("metadata", {}).get("papermill", {})
+    for where in (papermill, papermill.get("parameters")):
+        if isinstance(where, dict):
+            for k, v in where.items():
+                if isinstance(v, str):
+                    where[k] = scrub(v)
+
+
+def _math_to_placeholders(nb, table: list) -> None:
+    """Every equation of the markdown cells and the markdown outputs replaced by a placeholder, in place."""
+    for cell in nb["cells"]:
+        if cell.get("cell_type") == "markdown":
+            cell["source"] = math_placeholders(_source(cell), table)
+        for out in cell.get("outputs", []):
+            if "text/markdown" in out.get("data", {}):
+                out["data"]["text/markdown"] = math_placeholders(_text(out["data"]["text/markdown"]), table)
+
+
+def plain_text(markdown: str) -> str:
+    """A line of markdown with its equations as plain characters (for titles and links)."""
+    return "".join(c if k == "text" else plain_math(c) for k, c in split_math(markdown))
+
+
+def _fold(page: str, nb, cells: list[int], summary: str) -> str:
+    """Wrap the rendered cells ``cells`` (consecutive) of ``page`` in a collapsed ``<details class="rl-setup">``."""
+    if not cells:
+        return page
+    first = page.find(f'id="cell-id={nb["cells"][cells[0]]["id"]}"')
+    if first < 0:
+        return page
+    start = page.rfind("<div", 0, first)
+    end = -1
+    if cells[-1] + 1 < len(nb["cells"]):
+        nxt = page.find(f'id="cell-id={nb["cells"][cells[-1] + 1]["id"]}"', first)
+        end = page.rfind("<div", 0, nxt) if nxt > 0 else -1
+    if end < 0:
+        end = page.find("</main>", first)
+    if start < 0 or end < 0:
+        return page
+    return (page[:start] + f'<details class="rl-setup"><summary>{summary}</summary>\n' + page[start:end]
+            + "</details>\n" + page[end:])
+
+
+_CDN_SCRIPT = re.compile(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>\s*')
+_MATHJAX = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S)
+
+
 # ---------------------------------------------------------------- rendering
 def _exporter():
     """nbconvert's HTML exporter with the JupyterLab template; its alt-text warnings silenced (alts are set below)."""
@@ -254,18 +414,41 @@ def _exporter():
 _NO_ALT = 'alt="No description has been provided for this image"'
 
 
-def render_notebook(nb, title: str, nav: str = "", exporter=None) -> str:
+def render_notebook(nb, title: str, nav: str = "", exporter=None, math_failures: list | None = None) -> str:
     """One executed notebook (a dict, widgets already static) as a self-contained HTML page.
 
-    Output images get the alt text "<title>: figure k"; ``nav`` (HTML) goes at the top of
-    the page; ``exporter`` reuses an nbconvert exporter across pages (faster).
+    Every ``$...$`` and ``$$...$$`` of the markdown (cells and markdown outputs) is MathML
+    (:mod:`~retrieval_lib.book.site_math`), so the page needs no script and no network; the
+    CDN scripts of nbconvert's template (MathJax, require.js) are left out. The setup cells
+    (:func:`plumbing_cells`) are folded in a collapsed ``<details class="rl-setup">``. Output
+    images get the alt text "<title>: figure k"; ``nav`` (HTML) goes at the top of the page;
+    ``exporter`` reuses an nbconvert exporter across pages (faster); an equation that cannot be
+    converted is shown as its source and appended to ``math_failures`` as ``(tex, message)``.
     """
     import nbformat
 
+    nb = copy.deepcopy(nb)
+    for i, cell in enumerate(nb["cells"]):
+        cell.setdefault("id", f"cell-{i}")
+    setup = plumbing_cells(nb)
+    table: list = []
+    _math_to_placeholders(nb, table)
     node = nbformat.from_dict(nb)
     for cell in node.cells:  # a notebook read as plain JSON keeps sources as lists of lines
         cell.source = _source(cell)
+    title = plain_text(title)
     body, _ = (exporter or _exporter()).from_notebook_node(node, resources={"metadata": {"name": title}})
+    body = _CDN_SCRIPT.sub("", _MATHJAX.sub("", body))
+    if setup:
+        kinds = []
+        for i in setup:
+            kind = _plumbing_kind(nb["cells"][i])
+            if kind not in kinds:
+                kinds.append(kind)
+        body = _fold(body, nb, setup, "Setup code (" + ", ".join(kinds) + "): click to show")
+    body, failures = put_math_back(body, table)
+    if math_failures is not None:
+        math_failures.extend(failures)
     counter = iter(range(1, 1 << 30))
     body = re.sub(re.escape(_NO_ALT), lambda m: f'alt="{html.escape(title)}: figure {next(counter)}"', body)
     extra = f"<style>{_WIDGET_CSS}</style>"
@@ -278,9 +461,12 @@ def render_notebook(nb, title: str, nav: str = "", exporter=None) -> str:
 
 
 def _markdown(text: str) -> str:
+    """Markdown to HTML, its equations as MathML."""
     from nbconvert.filters.markdown import markdown2html
 
-    return markdown2html(text)
+    table: list = []
+    page, _ = put_math_back(markdown2html(math_placeholders(text, table)), table)
+    return page
 
 
 def _nav(pages: list[dict], k: int) -> str:
@@ -289,7 +475,11 @@ def _nav(pages: list[dict], k: int) -> str:
         parts.append(f'← <a href="{pages[k - 1]["html"]}">{html.escape(pages[k - 1]["name"])}</a>')
     if k + 1 < len(pages):
         parts.append(f'<a href="{pages[k + 1]["html"]}">{html.escape(pages[k + 1]["name"])}</a> →')
-    return '<nav class="rl-nav">' + " · ".join(parts) + "</nav>"
+    page = pages[k]
+    links = (f'<span class="rl-links"><a class="rl-ipynb" href="{page["ipynb"]}" download>executed notebook '
+             f'(.ipynb)</a> · <a class="rl-colab" href="{html.escape(colab_url(page["name"]))}" '
+             'title="Open this notebook in Google Colab">Open in Colab</a></span>')
+    return '<nav class="rl-nav">' + links + " · ".join(parts) + "</nav>"
 
 
 def _widgets_cell(widgets: list[dict]) -> str:
@@ -300,6 +490,205 @@ def _widgets_cell(widgets: list[dict]) -> str:
     return f"{len(widgets)}: " + ", ".join(names)
 
 
+# ---------------------------------------------------------------- the front page
+def _comparison(label: str, delta, lo, hi, level=0.95, n=None) -> dict | None:
+    if not all(isinstance(v, (int, float)) for v in (delta, lo, hi)):
+        return None
+    if delta == 0 and lo == 0 and hi == 0:
+        verdict = "identical"
+    elif lo > 0 or hi < 0:
+        verdict = f"{'higher' if delta > 0 else 'lower'}: the interval excludes zero"
+    else:
+        verdict = "within the noise: the interval contains zero"
+    return {"label": label, "delta": float(delta), "ci": (float(lo), float(hi)), "level": level, "n": n,
+            "verdict": verdict}
+
+
+def _nested_comparisons(value, path: list, out: list, parent: dict | None = None) -> None:
+    """Paired comparisons (``search.compare.paired_comparison`` dicts: delta, ci, significant) anywhere in ``extra``."""
+    if isinstance(value, dict):
+        if {"delta", "ci"} <= set(value) and isinstance(value["ci"], (list, tuple)) and len(value["ci"]) == 2:
+            found = _comparison(_label(path, parent), value["delta"], *value["ci"], value.get("level", 0.95),
+                                value.get("n"))
+            if found:
+                out.append(found)
+            return
+        for k, v in value.items():
+            _nested_comparisons(v, path + [k], out, value)
+    elif isinstance(value, list):
+        for k, v in enumerate(value):
+            _nested_comparisons(v, path + [k], out, parent)
+
+
+def _label(path: list, parent: dict | None) -> str:
+    """A comparison's place in ``extra`` in words; a list item named by a sibling list of scalars of the same
+    length (``{"dims": [8, 16, 31], "comparisons": [...]}``: ``comparisons at dims = 16``)."""
+    words = []
+    for i, p in enumerate(path):
+        if isinstance(p, int):
+            name = None
+            if parent is not None and i == len(path) - 1 and i > 0:
+                items = parent.get(path[i - 1])
+                for key, sib in parent.items():
+                    if (key != path[i - 1] and isinstance(sib, list) and isinstance(items, list)
+                            and len(sib) == len(items) and all(isinstance(x, (int, float, str)) for x in sib)):
+                        name = f"at {key} = {sib[p]}"
+                        break
+            words.append(name or f"#{p + 1}")
+        else:
+            words.append(str(p).replace("_", " "))
+    return " / ".join(words).replace(" / at ", " at ")
+
+
+def headline_comparisons(doc: dict) -> list[dict]:
+    """The comparisons with an interval that a notebook's ``metrics.json`` records.
+
+    Two forms are read: a paired-comparison dict anywhere under ``extra`` (``delta``, ``ci``,
+    ``level``, ``n``), and in ``ours`` a key with ``ci_low`` in its name beside the same key
+    with ``ci_high``, whose difference is the key without ``_ci_low`` (``gap_ci_low/spoc-mac``
+    -> ``gap/spoc-mac``) or with ``delta`` in its place (``heldout_ci_low`` -> ``heldout_delta``).
+    Each: ``label``, ``delta``, ``ci`` (low, high), ``level``, ``n`` and ``verdict`` (identical,
+    higher/lower with the interval excluding zero, or within the noise).
+    """
+    out: list = []
+    _nested_comparisons(doc.get("extra") or {}, [], out)
+    ours = doc.get("ours") or {}
+    for key in ours:
+        if "ci_low" not in key:
+            continue
+        high = key.replace("ci_low", "ci_high")
+        base = next((k for k in (key.replace("_ci_low", ""), key.replace("ci_low", "delta"),
+                                 key.replace("_ci_low", "_delta")) if k in ours and k != key), None)
+        if base is None or high not in ours:
+            continue
+        found = _comparison(base, ours[base], ours[key], ours[high])
+        if found:
+            out.append(found)
+    return out
+
+
+def _num(v, digits=3) -> str:
+    return "–" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v)))
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.1e}" if v != 0 and abs(v) < 5e-4 else f"{v:+.3f}"
+
+
+def _read_docs(run_dir: Path) -> list[dict]:
+    """Each notebook's ``metrics.json`` in the run, in notebook order (results.json's copies when a file is missing)."""
+    docs = {}
+    for path in sorted(run_dir.glob("notebooks/*/metrics.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and "notebook" in doc:
+            docs[doc["notebook"]] = doc
+    try:
+        for doc in json.loads((run_dir / "results.json").read_text(encoding="utf-8")):
+            if isinstance(doc, dict) and "notebook" in doc:
+                docs.setdefault(doc["notebook"], doc)
+    except (OSError, ValueError, TypeError):
+        pass
+    return [docs[k] for k in sorted(docs)]
+
+
+def _measured_html(docs: list[dict], pages: list[dict]) -> str:
+    """Per notebook: its headline numbers (the ``measured`` entries) and its comparisons with an interval."""
+    link = {p["name"]: p["html"] for p in pages}
+    rows, cmp_rows = [], []
+    for doc in docs:
+        name = doc["notebook"]
+        cell = (f'<a href="{link[name]}">{html.escape(name)}</a>' if name in link else html.escape(name))
+        numbers = [e for e in doc.get("measured") or [] if isinstance(e, dict) and "value" in e]
+        if numbers:
+            settings = sorted({f"{e.get('protocol', '')} on {e.get('dataset', '')}" for e in numbers})
+            shown = " · ".join(f"{html.escape(str(e.get('method', '')))} <b>{_num(e['value'])}</b>" for e in numbers)
+            rows.append(f"<tr><td>{cell}</td><td>{shown}</td><td>{html.escape('; '.join(settings))}</td></tr>")
+        for c in headline_comparisons(doc):
+            lo, hi = c["ci"]
+            cmp_rows.append(f'<tr><td>{cell}</td><td><code>{html.escape(c["label"])}</code></td>'
+                            f'<td class="num">{_signed(c["delta"])}</td>'
+                            f'<td class="num">{_signed(lo)} … {_signed(hi)}</td>'
+                            f'<td class="num">{"–" if c["n"] is None else c["n"]}</td>'
+                            f'<td>{html.escape(c["verdict"])}</td></tr>')
+    parts = []
+    if rows:
+        parts += ['<h3 id="headline">Each notebook\'s headline numbers</h3>',
+                  '<table class="headline"><thead><tr><th>notebook</th><th>measured in this run</th>'
+                  "<th>protocol and data</th></tr></thead><tbody>", *rows, "</tbody></table>"]
+    if cmp_rows:
+        parts += ['<h3 id="comparisons">Comparisons with a 95 % bootstrap interval</h3>',
+                  '<p class="note">Paired over the same queries; a difference is called higher or lower only when '
+                  "its interval excludes zero (several comparisons at once: one of them may do so by chance).</p>",
+                  '<table class="comparisons"><thead><tr><th>notebook</th><th>comparison (key in metrics.json)</th>'
+                  "<th>difference</th><th>interval</th><th>queries</th><th>verdict</th></tr></thead><tbody>",
+                  *cmp_rows, "</tbody></table>"]
+    return "\n".join(parts)
+
+
+def _paper_html(docs: list[dict], run_dir: Path) -> str:
+    """The released networks' reproductions (``paper_networks.json``), then paper numbers measured in the same
+    setting, then a count of the others in a collapsed ``<details>`` holding their table."""
+    parts = []
+    networks = run_dir / "paper_networks.json"
+    if networks.is_file():
+        try:
+            rows = json.loads(networks.read_text(encoding="utf-8"))
+        except ValueError:
+            rows = []
+        rows = sorted((r for r in rows if isinstance(r, dict)), key=lambda r: not r.get("same_setting"))
+        if rows:
+            body = "".join(
+                f"<tr><td>{html.escape(str(r.get('network', '')))}</td><td>{html.escape(str(r.get('dataset', '')))}</td>"
+                f"<td>{html.escape(str(r.get('protocol', '')))}</td><td class=\"num\">{_num(r.get('paper'))}</td>"
+                f"<td class=\"num\">{_num(r.get('ours'))}</td>"
+                f"<td class=\"num\">{_signed(r['diff']) if isinstance(r.get('diff'), (int, float)) else '–'}</td>"
+                f"<td>{'yes' if r.get('same_setting') else 'no'}</td></tr>" for r in rows)
+            parts += ['<h3 id="networks">The papers\' released networks, run here</h3>',
+                      '<table class="networks"><thead><tr><th>network</th><th>dataset</th><th>protocol</th>'
+                      "<th>paper</th><th>ours</th><th>ours − paper</th><th>same setting</th></tr></thead>"
+                      f"<tbody>{body}</tbody></table>"]
+    same, other = [], []
+    for doc in docs:
+        for ref in doc.get("paper") or []:
+            if not isinstance(ref, dict) or "method" not in ref:
+                continue
+            try:
+                mine = closest_measurement(ref, doc.get("measured") or [])
+                why = explain_difference(ref, mine)
+            except (KeyError, ValueError, TypeError):
+                continue
+            setting = (f"{ref.get('method')}; {ref.get('dataset')}, {ref.get('protocol')}; {ref.get('backbone')}, "
+                       f"{ref.get('training')}, {ref.get('resolution')}")
+            source = "; ".join(str(ref[k]) for k in ("source", "note") if ref.get(k))
+            if mine is not None and why.startswith("same setting"):
+                gap = (_signed(mine["value"] - ref["value"]) if isinstance(mine.get("value"), (int, float))
+                       and isinstance(ref.get("value"), (int, float)) else "–")
+                same.append(f"<tr><td>{html.escape(doc['notebook'])}</td><td>{html.escape(setting)}</td>"
+                            f'<td class="num">{_num(ref.get("value"))}</td><td class="num">{_num(mine.get("value"))}</td>'
+                            f'<td class="num">{gap}</td><td>{html.escape(source)}</td></tr>')
+            else:
+                other.append(f"<tr><td>{html.escape(doc['notebook'])}</td><td>{html.escape(setting)}</td>"
+                             f'<td class="num">{_num(ref.get("value"))}</td><td>{html.escape(why)}</td>'
+                             f"<td>{html.escape(source)}</td></tr>")
+    if same:
+        parts += ['<h3 id="same-setting">Paper numbers measured here in the same setting</h3>',
+                  '<table class="same-setting"><thead><tr><th>notebook</th><th>setting</th><th>paper</th>'
+                  "<th>ours</th><th>ours − paper</th><th>source</th></tr></thead><tbody>", *same, "</tbody></table>"]
+    else:
+        parts.append('<p class="note">No paper number was measured in its own setting in this run (dataset, '
+                     "protocol, method, training, backbone and resolution all equal); the scales below full run other "
+                     "data and backbones.</p>")
+    if other:
+        parts += [f'<details class="rl-other"><summary>{len(other)} paper numbers with no comparable measurement in '
+                  "this run (click for the list and what differs)</summary>",
+                  '<table class="other"><thead><tr><th>notebook</th><th>paper\'s setting</th><th>paper</th>'
+                  "<th>why not compared</th><th>source</th></tr></thead><tbody>", *other, "</tbody></table></details>"]
+    return "\n".join(parts)
+
+
 def _index_html(pages: list[dict], run_dir: Path, scale: str | None) -> str:
     rows = []
     for p in pages:
@@ -307,35 +696,43 @@ def _index_html(pages: list[dict], run_dir: Path, scale: str | None) -> str:
                                                      f'{html.escape(p["error"][1][:200])}</span>')
         secs = "–" if p["seconds"] is None else f"{p['seconds']:.1f}"
         rows.append(f'<tr><td><a href="{p["html"]}">{html.escape(p["name"])}</a></td>'
-                    f"<td>{html.escape(p['title'])}</td><td class=\"num\">{secs}</td>"
+                    f"<td>{html.escape(plain_text(p['title']))}</td><td class=\"num\">{secs}</td>"
                     f"<td>{status}</td><td class=\"num\">{p['figures']}</td><td>{_widgets_cell(p['widgets'])}</td>"
-                    f'<td><a href="{p["ipynb"]}">.ipynb</a></td></tr>')
+                    f'<td><a href="{p["ipynb"]}">.ipynb</a> · <a href="{html.escape(colab_url(p["name"]))}">Colab</a>'
+                    "</td></tr>")
+    docs = _read_docs(run_dir)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         "<title>The runnable textbook of deep image retrieval: executed notebooks</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>The runnable textbook of deep image retrieval</h1>",
-        '<p class="note">Every page below is a notebook as it ran'
+        '<p class="note">What this run measured'
         + (f" at <b>{html.escape(scale)}</b> scale" if scale else "") +
-        " (numbers and figures come from that run). Widgets are shown as the figure they start from; "
-        "open a notebook in JupyterLab or Colab to move its sliders.</p>",
-        '<h2 id="notebooks">Notebooks</h2>',
-        '<table class="notebooks"><thead><tr><th>notebook</th><th>title</th><th>run time (s)</th><th>status</th>'
-        "<th>figures</th><th>widgets</th><th>executed copy</th></tr></thead><tbody>",
-        *rows, "</tbody></table>",
+        ", then the papers' numbers beside ours, then the notebooks as they ran (numbers and figures come from "
+        "that run). Widgets are shown as the figure they start from; open a notebook in JupyterLab or Colab to "
+        "move its sliders.</p>",
+        '<h2 id="measured">What this run measured</h2>',
     ]
-    results = run_dir / "results.md"
-    parts.append('<h2 id="results">Results</h2>')
-    if results.is_file():
-        parts.append(f'<div class="results">{_markdown(results.read_text(encoding="utf-8"))}</div>')
-    else:
-        parts.append(f'<p class="failed">No results table: {html.escape(str(results))} is missing (reproduce '
-                     "writes it once every notebook has run).</p>")
     offtheshelf = run_dir / "offtheshelf.md"
     if offtheshelf.is_file():
-        parts += ['<h2 id="offtheshelf">Off-the-shelf descriptors</h2>',
+        parts += ['<h3 id="offtheshelf">Off-the-shelf descriptors</h3>',
                   f'<div class="offtheshelf">{_markdown(offtheshelf.read_text(encoding="utf-8"))}</div>']
+    parts.append(_measured_html(docs, pages) or '<p class="note">No notebook of this run wrote a metrics.json.</p>')
+    parts += ['<h2 id="paper">Paper vs. ours</h2>', _paper_html(docs, run_dir)]
+    parts += ['<h2 id="notebooks">Notebooks</h2>',
+              '<table class="notebooks"><thead><tr><th>notebook</th><th>title</th><th>run time (s)</th>'
+              "<th>status</th><th>figures</th><th>widgets</th><th>open</th></tr></thead><tbody>",
+              *rows, "</tbody></table>"]
+    results = run_dir / "results.md"
+    parts.append('<h2 id="results">Every number of this run</h2>')
+    if results.is_file():
+        parts.append('<details class="results"><summary>The full results table of the run (results.md: every '
+                     "number each notebook wrote, and the paper comparisons row by row)</summary>"
+                     f"{_markdown(results.read_text(encoding='utf-8'))}</details>")
+    else:
+        parts.append('<p class="failed">No results table: the run folder holds no results.md (reproduce '
+                     "writes it once every notebook has run).</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -357,8 +754,10 @@ def build_site(run_dir, out_dir) -> dict:
     ``python -m retrieval_lib site`` puts its own run). Returns ``{"index": Path, "pages":
     [page info], "seconds": rendering time}``; each page info holds ``name``, ``title``,
     ``html``, ``ipynb``, ``seconds`` (run time from results.json, or None), ``error``
-    (``(code cell, message)`` or None), ``figures`` (images) and ``widgets`` (from
-    :func:`static_widgets`).
+    (``(code cell, message)`` or None), ``figures`` (images), ``widgets`` (from
+    :func:`static_widgets`) and ``math_failures`` (equations shown as source, see
+    :func:`render_notebook`; none for the book's notebooks). Absolute paths of this machine are
+    written as the reader would pass them (:func:`path_scrubber`) on the pages and in the copies.
 
     Raises:
         FileNotFoundError: ``run_dir`` holds no executed notebook (:func:`executed_notebooks`).
@@ -379,21 +778,29 @@ def build_site(run_dir, out_dir) -> dict:
         if not _was_executed(nb):
             raise ValueError(f"{path} was never executed (no code cell has an execution count); build the site "
                              "from a folder written by `python -m retrieval_lib reproduce`")
-        scale = scale or nb.get("metadata", {}).get("papermill", {}).get("parameters", {}).get("SCALE")
-        static, widgets = static_widgets(nb)
+        params = nb.get("metadata", {}).get("papermill", {}).get("parameters", {})
+        scale = scale or params.get("SCALE")
+        scrub = path_scrubber(run_dir, params, repo=_REPO)
+        shown = copy.deepcopy(nb)
+        _scrub_notebook(shown, scrub)  # the page and the copy show no path of this machine
+        nbformat.write(shown, out_dir / "ipynb" / path.name)
+        static, widgets = static_widgets(shown)
         figures = sum(1 for c in static["cells"] for o in c.get("outputs", []) for m in IMAGE_MIMES
                       if m in o.get("data", {}))
         pages.append({"name": path.stem, "title": notebook_title(nb, path.stem), "html": f"{path.stem}.html",
                       "ipynb": f"ipynb/{path.name}", "seconds": seconds.get(path.stem), "error": _first_error(nb),
                       "figures": figures, "widgets": widgets})
         docs.append(static)
-        shutil.copyfile(path, out_dir / "ipynb" / path.name)
     exporter = _exporter()
     for k, (page, static) in enumerate(zip(pages, docs)):
-        body = render_notebook(static, f"{page['name']}: {page['title']}", nav=_nav(pages, k), exporter=exporter)
+        failures: list = []
+        body = render_notebook(static, f"{page['name']}: {page['title']}", nav=_nav(pages, k), exporter=exporter,
+                               math_failures=failures)
+        page["math_failures"] = failures
         (out_dir / page["html"]).write_text(body, encoding="utf-8")
     index = out_dir / "index.html"
-    index.write_text(_index_html(pages, run_dir, scale), encoding="utf-8")
+    scrub = path_scrubber(run_dir, repo=_REPO)
+    index.write_text(scrub(_index_html(pages, run_dir, scale)), encoding="utf-8")
     return {"index": index, "pages": pages, "seconds": time.perf_counter() - t0}
 
 
@@ -419,6 +826,9 @@ def main_site(args) -> int:
         rep_args.out = str(run_dir)
         try:
             status = main_reproduce(rep_args)
+        except NotebooksFailed as err:  # the run went on: show what ran, name what failed, then fail
+            print(f"reproduce: {err}")
+            status = err.exit_code
         except ExpectedError:  # refused arguments or missing data: nothing ran, nothing to show
             raise
         except Exception as err:  # a failing notebook: still show what ran, then fail
@@ -427,6 +837,9 @@ def main_site(args) -> int:
     run_seconds = time.perf_counter() - t0
     built = build_site(run_dir, out)
     failed = [p["name"] for p in built["pages"] if p["error"] is not None]
+    for p in built["pages"]:
+        for tex, why in p.get("math_failures", []):
+            print(f"site: {p['name']}: an equation is shown as its source: {why}")
     print(f"site: {built['index']} ({len(built['pages'])} notebooks"
           + (f", {len(failed)} stopped with an error: {', '.join(failed)}" if failed else "")
           + f"); rendering {built['seconds']:.1f} s"
