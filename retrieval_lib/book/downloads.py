@@ -13,7 +13,7 @@ Every item is fetched by the library's own downloader (:func:`~retrieval_lib.dat
 a ``.part`` file renamed into place once complete and verified, resumed with an HTTP range
 when a transfer was cut), checked where a checksum exists, and skipped when already there.
 A failure ends as one line naming what failed and what to do
-(:class:`~retrieval_lib.errors.FetchError`, exit code 4). Taught in ``notebooks/00_pipeline.ipynb``.
+(:class:`~retrieval_lib.errors.FetchError`, exit code 4).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from retrieval_lib.data.datasets import (CUB_URL, GND_URL, IMAGE_URLS, REVISITED, data_root, download_cub,
-                                         download_revisited, load_gnd)
+                                         download_revisited, find_gnd, load_gnd)
 from retrieval_lib.data.download import ArchiveError
 from retrieval_lib.data.real171 import download_real171, real171_status, source_bytes_total
 from retrieval_lib.data.sfm120k import SFM_BASE_URL, SFM_NAME, download_sfm120k
@@ -70,12 +70,10 @@ def _revisited_fetch(name):
 
 def _revisited_present(name):
     def present(root: Path) -> str:
-        gnd = next((p for p in (root / name / f"gnd_{name}.pkl", root / "revisited_gnd" / f"gnd_{name}.pkl")
-                    if p.is_file()), None)
-        if gnd is None:
-            return "no"
         try:
-            doc = load_gnd(gnd)
+            doc = load_gnd(find_gnd(name, root))
+        except FileNotFoundError:
+            return "no"
         except ValueError:
             return "no (damaged ground truth)"
         needed = doc["imlist"] + doc["qimlist"]

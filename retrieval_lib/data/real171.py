@@ -29,8 +29,8 @@ A mirror (``mirror=`` or ``RETRIEVAL_MIRROR``) replaces ``https://raw.githubuser
 in every URL and keeps the rest, ``/<owner>/<repo>/<commit>/<path>``: a lab copy, a local
 HTTP server in the tests, or ``file:///path/to/copy``.
 
-Command line: ``python -m retrieval_lib download real171 --data DIR [--mirror URL]``.
-Taught in ``notebooks/00_pipeline.ipynb`` (where the data comes from).
+Command line: ``python -m retrieval_lib download real171 --data DIR [--mirror URL]``
+(:mod:`retrieval_lib.book.downloads`).
 """
 from __future__ import annotations
 
