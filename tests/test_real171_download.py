@@ -169,6 +169,13 @@ def test_a_local_folder_is_a_mirror_too(tmp_path):
     assert report.identical == 5 and len(report.fetched) == 5
 
 
+def test_a_file_missing_from_a_local_mirror_names_it(tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    with pytest.raises(DownloadError, match=r"alpha/big_1\.jpg.*the mirror folder lacks this file"):
+        download_real171(tmp_path / "data", mirror=copy.as_uri(), progress=False, sources=_table())
+
+
 def test_the_data_root_comes_from_the_environment(server, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_DATA", str(tmp_path))
     assert download_real171(mirror=server.mirror, progress=False, sources=_table()).folder == tmp_path / "real171"
@@ -347,6 +354,14 @@ def test_the_packaged_table_pins_every_source():
     assert all(d["n_images"] == len(d["items"]) and d["n_groups"] == len({g for _, g in d["items"]})
                for d in manifest["subsets"].values())
     assert r171.source_bytes_total(table) == 87_221_177
+
+
+def test_the_table_ships_in_the_package():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    doc = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "real171_sources.json" in doc["tool"]["setuptools"]["package-data"]["retrieval_lib.data"]
+    assert r171.SOURCES_FILE.parent == Path(r171.__file__).parent and r171.SOURCES_FILE.is_file()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/real171 (the project's copy) is not here")
