@@ -143,3 +143,35 @@ def test_missing_data_and_empty_network_list(tmp_path):
         network, device, quiet = " , ", "cpu", True
     with pytest.raises(UsageError, match="at least one"):
         pn.main_paper_networks(Args, tmp_path / "o", tmp_path / "d", tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- dirtorch's AP
+def _ap_loop(ranking, ok, junk):
+    """scikit-learn's average_precision_score on the ranking with junk removed, written as a loop."""
+    kept = [i for i in ranking if i not in junk]
+    hits, total = 0, 0.0
+    for r, i in enumerate(kept, start=1):
+        if i in ok:
+            hits += 1
+            total += hits / r
+    return total / len(ok)
+
+
+def test_map_noninterpolated_against_a_loop_and_a_hand_case():
+    gnd = [{"easy": [0], "hard": [2], "junk": [1]}]
+    # medium: ok {0, 2}, junk {1}; ranking 0, 3, 1, 2 -> kept 0, 3, 2: AP = (1/1 + 2/3) / 2
+    assert pn.map_noninterpolated(np.array([[0, 3, 1, 2]]), gnd, "medium") == pytest.approx((1 + 2 / 3) / 2)
+    rng = np.random.default_rng(4)
+    n = 30
+    gnd = [{"easy": rng.choice(n, 3, replace=False).tolist(), "hard": [], "junk": []} for _ in range(5)]
+    for g in gnd:
+        rest = [i for i in range(n) if i not in g["easy"]]
+        g["hard"], g["junk"] = rest[:2], rest[2:5]
+    gnd.append({"easy": [], "hard": [], "junk": [1]})  # no positive: left out of the mean
+    R = np.stack([rng.permutation(n) for _ in gnd])
+    for prot, (ok, junk) in {"easy": ("easy", ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
+                             "hard": ("hard", ("junk", "easy"))}.items():
+        ok = (ok,) if isinstance(ok, str) else ok
+        ref = [_ap_loop(list(R[q]), {i for k in ok for i in g[k]}, {i for k in junk for i in g[k]})
+               for q, g in enumerate(gnd[:-1])]
+        assert pn.map_noninterpolated(R, gnd, prot) == pytest.approx(np.mean(ref))

@@ -393,3 +393,19 @@ def test_drive_hosted_networks_say_how_to_get_them(tmp_path):
         fetch_network("Resnet101-AP-GeM", root=tmp_path)
     (tmp_path / "Resnet-101-AP-GeM.pt").write_bytes(b"x")
     assert fetch_network("Resnet101-AP-GeM", root=tmp_path) == tmp_path / "Resnet-101-AP-GeM.pt"
+
+
+def test_legacy_format_with_old_numpy_names_loads(tmp_path, images):
+    """The released files predate PyTorch 1.6's zip format and numpy 2's rename of numpy.core:
+    a legacy-format file whose Lw arrays are pickled under ``numpy.core.multiarray`` loads too."""
+    feats, sd, meta = _cirtorch_ckpt(tmp_path / "zip.pth", whitening=False, lw=True)
+    torch.save({"state_dict": sd, "meta": meta}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    raw = (tmp_path / "legacy.pth").read_bytes()
+    assert raw[:2] != b"PK" and b"numpy._core.multiarray" in raw
+    (tmp_path / "legacy.pth").write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    net = load_network(tmp_path / "legacy.pth")
+    m, P = net.lw["retrieval-SfM-120k"]["ms"]
+    np.testing.assert_array_equal(P.numpy(), meta["Lw"]["retrieval-SfM-120k"]["ms"]["P"])
+    np.testing.assert_array_equal(m.numpy(), meta["Lw"]["retrieval-SfM-120k"]["ms"]["m"].reshape(-1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), _cir_forward(feats, sd, images), **TOL)

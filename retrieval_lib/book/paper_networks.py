@@ -23,7 +23,13 @@ The authors' test path, where it differs from the library's defaults (cited in
   ``msp`` (:func:`~retrieval_lib.models.released.cirtorch_msp`); one image at a time.
 * post-processing whitening: cirtorch's ``Lw`` (``'ms'`` when several scales) or dirtorch's
   PCA with power 0.25; the search is ``Q @ X.T``; the protocol is the library's
-  :meth:`~retrieval_lib.data.datasets.RevisitedDataset.evaluate` (revisitop's).
+  :meth:`~retrieval_lib.data.datasets.RevisitedDataset.evaluate` (revisitop's, which is also
+  cirtorch's ``compute_map``: trapezoidal AP, ``cirtorch/utils/evaluate.py``).
+* dirtorch's numbers use another AP: ``eval_query_AP`` in ``dirtorch/datasets/generic.py``
+  calls ``compute_AP`` = scikit-learn's ``average_precision_score`` (``dirtorch/utils/evaluation.py``),
+  the non-interpolated AP, on the same Easy/Medium/Hard ok/junk sets; its queries are cropped to
+  their box (``ImageListROIs.get_image``). :func:`map_noninterpolated` computes it, and dirtorch
+  rows are compared in it.
 
 Taught in ``notebooks/09_reproductions.ipynb``.
 """
@@ -34,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -44,9 +51,10 @@ from retrieval_lib.data.download import file_hash
 from retrieval_lib.engine.device import get_device
 from retrieval_lib.errors import MissingDataError, UsageError
 from retrieval_lib.models.released import ReleasedNetwork, cirtorch_msp, hash_prefix, load_network, released_networks
+from retrieval_lib.search.evaluate import revisited_protocol
 from retrieval_lib.search.nearest import rank_database
 
-__all__ = ["authors_image", "old_thumbnail_size", "evaluate_network", "setting_differences", "paper_rows",
+__all__ = ["authors_image", "old_thumbnail_size", "map_noninterpolated", "evaluate_network", "setting_differences", "paper_rows",
            "paper_table", "reproduce_networks", "main_paper_networks", "DATASETS", "PROTOCOLS"]
 
 DATASETS = ("roxford5k", "rparis6k")
@@ -88,6 +96,32 @@ def authors_image(path, box=None, image_size: Optional[int] = None, mean=(0.485,
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((x - m) / s)[None]
+
+
+def map_noninterpolated(ranks, gnd, protocol: str = "medium") -> float:
+    """Mean non-interpolated AP (scikit-learn's ``average_precision_score``) on a revisited protocol.
+
+    For each query with positives, the junk images are removed from its ranking and
+    ``AP = (1 / n_pos) sum_i i / r_i`` over its positives, ``r_i`` the 1-based rank of the
+    ``i``-th positive (ties are broken by the ranking). Queries without positives are left out
+    of the mean, as dirtorch does. The library's :func:`~retrieval_lib.search.evaluate.compute_map`
+    (revisitop, cirtorch) uses the trapezoidal rule instead, which is never larger on a hit
+    after a miss. ``ranks`` ``(n_queries, n_db)``; returns a fraction (NaN if no query has a positive).
+    """
+    R = np.asarray(ranks)
+    g = revisited_protocol(gnd, protocol)
+    nq, n = R.shape
+    ok, junk = np.zeros((nq, n), bool), np.zeros((nq, n), bool)
+    for q, gq in enumerate(g):  # (n_queries, n_db) masks from the index lists
+        ok[q, gq["ok"]], junk[q, gq["junk"]] = True, True
+    hit, kept = np.take_along_axis(ok, R, 1), ~np.take_along_axis(junk, R, 1)  # in rank order
+    rank = np.cumsum(kept, 1)  # 1-based rank among kept images
+    hit &= kept
+    prec = np.where(hit, np.cumsum(hit, 1) / np.maximum(rank, 1), 0.0).sum(1)  # rank 0 only before the first kept image
+    npos = hit.sum(1)
+    if not npos.any():
+        return float("nan")
+    return float(np.mean(prec[npos > 0] / npos[npos > 0]))
 
 
 def _descriptors(net, paths, boxes, image_size, scales, msp, device, progress, desc) -> torch.Tensor:
@@ -156,7 +190,8 @@ def evaluate_network(name_or_path, data_root=None, datasets: Sequence[str] = DAT
     setting = {"script": script, "image_size": image_size, "scales": scales, "msp": msp,
                "post_whitening": ("Lw " + ("ms" if len(scales) > 1 else "ss") if net.lw else
                                   "PCA power 0.25" if net.pca is not None else None),
-               "resize": "authors' thumbnail" if image_size else "none", "device": str(dev)}
+               "resize": "authors' thumbnail" if image_size else "none", "device": str(dev),
+               "ap": st.get("ap", "trapezoidal")}
     result = {"network": str(name_or_path), "file": net.info.get("file"), "registry": entry.as_dict() if entry else None,
               "released_file": released_file, "info": {k: v for k, v in net.info.items() if k != "registry"},
               "setting": setting, "datasets": {}}
@@ -169,14 +204,17 @@ def evaluate_network(name_or_path, data_root=None, datasets: Sequence[str] = DAT
         X = _descriptors(net, bench.database.paths, None, image_size, scales, msp, dev, progress, f"{name} database")
         Q = _descriptors(net, bench.queries.paths, bench.queries.boxes, image_size, scales, msp, dev, progress,
                          f"{name} queries")
-        metrics = bench.evaluate(rank_database(Q, X))
-        whitened = None
+        final = rank_database(Q, X)
+        metrics, whitened = bench.evaluate(final), None
         if post:
             Xw, Qw = net.post_whiten(X, multiscale=len(scales) > 1), net.post_whiten(Q, multiscale=len(scales) > 1)
-            whitened = bench.evaluate(rank_database(Qw, Xw))
+            final = rank_database(Qw, Xw)
+            whitened = bench.evaluate(final)
+        nonint = {f"mAP/{p}": map_noninterpolated(final, bench.gnd, p) for p in PROTOCOLS}
         result["datasets"][name] = {"n_database": len(bench.database), "n_queries": len(bench.queries),
                                     "real_ground_truth": _gnd_is_real(name, root), "metrics": metrics,
-                                    "metrics_whitened": whitened, "seconds": time.perf_counter() - t0}
+                                    "metrics_whitened": whitened, "metrics_noninterpolated": nonint,
+                                    "seconds": time.perf_counter() - t0}
     return result
 
 
@@ -220,7 +258,8 @@ def paper_rows(result: dict) -> list[dict]:
     paper = {(n["dataset"], n["protocol"]): n for n in entry.get("numbers", [])}
     rows = []
     for ds, d in result["datasets"].items():
-        m = d["metrics_whitened"] or d["metrics"]
+        m = d["metrics_noninterpolated"] if result["setting"].get("ap") == "non-interpolated" else \
+            (d["metrics_whitened"] or d["metrics"])
         diffs = setting_differences(result, ds)
         for prot in PROTOCOLS:
             ours = 100 * m[f"mAP/{prot}"]
@@ -248,7 +287,8 @@ def paper_table(results: Sequence[dict]) -> str:
                          "—" if r["paper"] is None else f"{r['paper']:.1f}", "n/a" if r["ours"] is None else f"{r['ours']:.1f}",
                          "—" if r["difference"] is None else f"{r['difference']:+.1f}", same])
     head = ("Released networks in the authors' setting: mAP (%) on the revisited protocol; 'ours' is after "
-            "the post-processing whitening where the network has one (the published numbers are).")
+            "the post-processing whitening where the network has one (the published numbers are), with the "
+            "authors' AP (trapezoidal for cirtorch, non-interpolated for dirtorch).")
     return head + "\n\n" + markdown_table(["network", "data set", "protocol", "paper", "ours", "difference",
                                            "same setting"], rows)
 

@@ -144,19 +144,20 @@ _CIR_POST = {
     "msp": "GeM's p (test.py: multi-scale, GeM, not regional, no whitening layer)",
     "post_whitening": "Lw 'retrieval-SfM-120k' from meta['Lw'] ('ms' for several scales)",
     "resize": "PIL thumbnail to 1024 on the longer side (never enlarges), ANTIALIAS; queries cropped to their box first",
-    "datasets": "roxford5k, rparis6k (and oxford5k, paris6k)",
+    "datasets": "roxford5k, rparis6k (and oxford5k, paris6k)", "ap": "trapezoidal",
 }
 _CIR_E2E = {
     "script": "cirtorch/examples/test_e2e.py", "image_size": 1024, "scales": [1.0, 2 ** 0.5, 2 ** -0.5],
     "msp": 1, "post_whitening": None,
     "resize": "PIL thumbnail to 1024 on the longer side (never enlarges), ANTIALIAS; queries cropped to their box first",
-    "datasets": "roxford5k, rparis6k",
+    "datasets": "roxford5k, rparis6k", "ap": "trapezoidal",
 }
 _DIR_SET = {
     "script": "dirtorch/test_dir.py", "image_size": None, "scales": [1.0], "msp": 1,
     "post_whitening": "PCA-whitening 'Landmarks_clean' stored in the checkpoint, power 0.25 (--whitenp)",
-    "resize": "none: the image at its own size (test_dir's default --trfs '')",
+    "resize": "none: the image at its own size (test_dir's default --trfs ''); queries cropped to their box",
     "datasets": "ROxford5K, RParis6K (and Oxford5K, Paris6K)",
+    "ap": "non-interpolated",  # datasets/generic.py eval_query_AP -> utils/evaluation.py compute_AP (scikit-learn)
 }
 _E2E_TABLE = "cirtorch README, 'Testing our pretrained networks with whitening learned end-to-end' (multi-scale)"
 _POST_TABLE = "cirtorch README, 'Testing our pretrained networks' (the networks 'trained with this framework')"
