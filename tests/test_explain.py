@@ -584,3 +584,27 @@ def test_fmap_of_pre_activation_is_the_backbones_preactivation():
     pre6, pre1 = fmap_of(m6, image, pre_activation=True), fmap_of(m1, image, pre_activation=True)
     assert torch.equal(pre6, ref) and torch.equal(pre1, ref)
     assert torch.equal(fmap_of(m6, image), ref.clamp(0, 6)) and torch.equal(fmap_of(m1, image), ref.clamp(min=0))
+
+
+def test_input_gradients_batches_by_pixels_not_count(lite0, monkeypatch):
+    import retrieval_lib.book.explain as explain
+
+    image = torch.rand(3, 40, 48)
+    cells = [[0, 0, 0], [1, 1, 1], [2, 0, 1], [3, 1, 0], [4, 0, 0]]
+    one_by_one = input_gradients(lite0, image, cells, batch_size=1)
+    sizes = []
+    run = lite0.preactivation
+
+    def counting(x):
+        sizes.append(x.shape[0])
+        return run(x)
+
+    monkeypatch.setattr(lite0, "preactivation", counting)
+    monkeypatch.setattr(explain, "GRADIENT_PIXELS", 2 * 40 * 48 + 1)  # two copies of this image per pass
+    got = input_gradients(lite0, image, cells)
+    assert sizes == [2, 2, 1]
+    torch.testing.assert_close(got, one_by_one, rtol=1e-5, atol=1e-7)
+    sizes.clear()
+    monkeypatch.setattr(explain, "GRADIENT_PIXELS", 10)  # smaller than one image: still one copy per pass
+    input_gradients(lite0, image, cells[:2])
+    assert sizes == [1, 1]

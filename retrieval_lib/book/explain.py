@@ -433,7 +433,13 @@ def _preactivation_fn(model: nn.Module, fn: str):
     return pre
 
 
-def input_gradients(model: nn.Module, image, cells, batch_size: int = 4,
+GRADIENT_PIXELS = 4 * 512 * 512
+"""Input pixels per backward pass of :func:`input_gradients` when ``batch_size`` is ``None``: four copies
+of a 512 x 512 image. At 1024 px a backward through ResNet-101 needs about 2 GB per 1024 x 768 copy
+(measured on the CPU: +8.3 GB for four), so the batch is sized by memory, not by count."""
+
+
+def input_gradients(model: nn.Module, image, cells, batch_size: int | None = None,
                     pre_activation: bool = True) -> torch.Tensor:
     """Gradient magnitude of chosen feature-map activations with respect to the input pixels.
 
@@ -454,7 +460,8 @@ def input_gradients(model: nn.Module, image, cells, batch_size: int = 4,
         image: the image as the network sees it: PIL image, uint8 (H, W, 3) array or float
             (3, H, W) tensor in [0, 1] (not normalised; this function normalises).
         cells: (K, 3) integers ``(channel, row, col)``.
-        batch_size: copies of the image per backward pass (memory grows with it).
+        batch_size: copies of the image per backward pass (memory grows with it); ``None``: as many
+            as fit in :data:`GRADIENT_PIXELS` input pixels, at least one (4 at 512 x 512, 1 at 1024 x 768).
 
     Returns:
         ``(K, H, W)`` float tensor on the model's device, non-negative.
@@ -467,9 +474,11 @@ def input_gradients(model: nn.Module, image, cells, batch_size: int = 4,
                               dtype=torch.long)
     if cells_t.dim() != 2 or cells_t.shape[1] != 3:
         raise ValueError(f"input_gradients: cells must be (K, 3) (channel, row, col), got shape {tuple(cells_t.shape)}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"input_gradients: batch_size must be >= 1, got {batch_size}")
     x0 = _as_input(image, model)  # (3, H, W)
+    if batch_size is None:
+        batch_size = max(1, GRADIENT_PIXELS // (x0.shape[1] * x0.shape[2]))
     pre = getattr(model, "preactivation", None) if pre_activation else None
     run = pre if callable(pre) else model.features
     grads = []
