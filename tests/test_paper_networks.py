@@ -175,3 +175,16 @@ def test_map_noninterpolated_against_a_loop_and_a_hand_case():
         ref = [_ap_loop(list(R[q]), {i for k in ok for i in g[k]}, {i for k in junk for i in g[k]})
                for q, g in enumerate(gnd[:-1])]
         assert pn.map_noninterpolated(R, gnd, prot) == pytest.approx(np.mean(ref))
+
+
+def test_start_with_a_released_network(tmp_path):
+    from _fakes import group_benchmark
+    from retrieval_lib.book.session import start
+
+    feats, sd, _ = _cirtorch_ckpt(tmp_path / "net.pth", whitening=True, lw=False)
+    book = start("smoke", device="cpu", benchmark=group_benchmark(tmp_path, n_groups=2, per_group=2),
+                 network=tmp_path / "net.pth", progress=False)
+    assert book.network.info["format"] == "cirtorch" and book.model is book.network.backbone
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(book.model.features(x), feats(x))

@@ -23,6 +23,7 @@ import torch
 
 from retrieval_lib.book.config import ScaleConfig, benchmark_for_scale, default_progress, scale_config
 from retrieval_lib.engine.device import get_device, seed_everything
+from retrieval_lib.models.released import load_network
 
 __all__ = ["Book", "start"]
 
@@ -59,6 +60,7 @@ class Book:
     model: torch.nn.Module
     cache_dir: Path
     progress: bool = True
+    network: object = None  # the released network when start(network=...) loaded one; model is its backbone
     _fmaps: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -188,7 +190,7 @@ class Book:
 
 
 def start(scale: str | None = None, data_root=None, device="auto", seed: int = 0, benchmark=None,
-          progress: bool | None = None) -> Book:
+          progress: bool | None = None, network=None) -> Book:
     """Set up a notebook: seed, device, the scale's data and backbone.
 
     Data: :func:`~retrieval_lib.book.config.benchmark_for_scale`, the same choice
@@ -199,6 +201,9 @@ def start(scale: str | None = None, data_root=None, device="auto", seed: int = 0
     :func:`~retrieval_lib.data.datasets.download_revisited` when it is absent.
     ``progress``: progress bars in long loops; ``None`` reads ``RETRIEVAL_PROGRESS``
     (:func:`~retrieval_lib.book.config.default_progress`: unset = on, ``0`` = off).
+    ``network``: a released network's name or checkpoint file
+    (:func:`~retrieval_lib.models.released.load_network`); the book's backbone is then that
+    network's fine-tuned backbone (with its own mean/std) and ``book.network`` the whole network.
     """
     from retrieval_lib.models.backbones import load_backbone
     from retrieval_lib.data.datasets import cache_root
@@ -213,6 +218,7 @@ def start(scale: str | None = None, data_root=None, device="auto", seed: int = 0
         benchmark = benchmark_for_scale(cfg, data_root)
     elif cfg.max_images is not None and len(benchmark.database) > cfg.max_images:
         benchmark = benchmark.subset(cfg.max_images)
-    model = load_backbone(cfg.backbone).to(dev).eval()
+    net = load_network(network, progress=progress).to(dev).eval() if network is not None else None
+    model = net.backbone if net is not None else load_backbone(cfg.backbone).to(dev).eval()
     return Book(cfg=cfg, device=dev, benchmark=benchmark, model=model,
-                cache_dir=cache_root() / "features", progress=progress)
+                cache_dir=cache_root() / "features", progress=progress, network=net)
