@@ -26,10 +26,13 @@ class Need:
 
     item: str
     used_for: str
-    required: bool = True  # False: the sections that use it are skipped (and say so) when it is missing
+    required: bool = True  # False: the notebook goes on without it (``if_missing`` says how)
+    if_missing: str = "skipped"
 
 
-_REAL171 = Need("real171", "the honest split's real photos (without them: the offline default)", required=False)
+_FALLBACK = "the offline default is used instead"
+_REAL171 = Need("real171", "the real photos of the honest split", required=False, if_missing=_FALLBACK)
+_REAL171_BENCHMARK = Need("real171", "the benchmark every section measures", required=False, if_missing=_FALLBACK)
 _SPLIT = ("the honest split: heads trained on real171's UKBench56 + landmarks23 (plus views, composites and the "
           "offline default), evaluated on WxBS + EVD (without real171: the offline default's split by photo)")
 _NOT_OXFORD = (" at the scale's backbone and input size -- not revisited Oxford, which has no training side: these "
@@ -61,7 +64,7 @@ def scale_needs(notebook: str, scale) -> tuple:
     needs = []
     if notebook != "09_reproductions":
         if cfg.data == "default":
-            needs.append(_REAL171)
+            needs.append(_REAL171 if notebook in MEASURES else _REAL171_BENCHMARK)
         elif notebook not in MEASURES:
             needs.append(Need(cfg.data, "the benchmark every section measures"))
         else:
@@ -95,14 +98,14 @@ class NeedsReport:
         where = f"data root `{self.root}`" if self.root is not None else "no data root (RETRIEVAL_DATA unset)"
         lines = [f"**What this notebook needs at `{self.scale}` scale** ({where}):", ""]
         for n in self.needs:
-            size = DATA_ITEMS[n.item].size if n.item in DATA_ITEMS else "?"
+            size = DATA_ITEMS[n.item].size if n.item in DATA_ITEMS else "unknown"
             if self.have(n.item):
                 state = "present"
             elif n.required:
-                state = f"**missing** -- required; fetch it with `{self.command(n.item)}`"
+                state = f"**missing**, required: fetch it with `{self.command(n.item)}`"
             else:
-                state = f"missing -- skipped; to run it: `{self.command(n.item)}`"
-            lines.append(f"- {n.item} ({size}): {n.used_for}. {state}.")
+                state = f"missing, so {n.if_missing}; to have it: `{self.command(n.item)}`"
+            lines.append(f"- **{n.item}** -- {n.used_for}; {state} (download: {size}).")
         if not self.needs:
             lines.append("- no data set of its own.")
         if self.notebook in MEASURES:
