@@ -341,6 +341,7 @@ def test_latex_to_mathml_hand_worked_cases_and_errors():
     assert "\U0001D6B2" in bold and "mathvariant" not in bold  # MATHEMATICAL BOLD CAPITAL LAMDA
     assert "\\" not in latex_to_mathml(r"\bigl\lVert x \bigr\rVert_2 + \arg\max_p f")
     assert "arg" in latex_to_mathml(r"\arg\max_p f")
+    assert "<mo>&#x002C6;</mo></mover>" in latex_to_mathml(r"\hat{x}")  # a hat Chromium sets on its letter
     with pytest.raises(MathError, match=r"would show \\foo as text"):
         latex_to_mathml(r"a + \foo{b}")
 

@@ -188,7 +188,12 @@ def latex_to_mathml(tex: str, display: bool = False) -> str:
     if left:
         raise MathError(f"the equation {tex.strip()[:120]!r} would show {', '.join(sorted(set(left)))} as text; "
                         "write it with another macro or add a rewrite to retrieval_lib/book/site_math.py")
-    return _unicode_variants(mathml)
+    return _accents(_unicode_variants(mathml))
+
+
+def _accents(mathml: str) -> str:
+    """The hat as U+02C6, which Chromium sets on its letter (the ASCII ``^`` floats above and to the left)."""
+    return mathml.replace("<mo>&#x0005E;</mo></mover>", "<mo>&#x002C6;</mo></mover>")
 
 
 def plain_math(tex: str) -> str:
