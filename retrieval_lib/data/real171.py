@@ -231,7 +231,7 @@ def _advice(cause, url: str, root: Path, n_done: int) -> str:
 
 def _disk_full(err: OSError, path: Path, root: Path) -> FetchError:
     return FetchError(f"real171: the disk is full while writing {path} ({err.strerror}); free some space "
-                      f"(the set needs about 15 MB, plus one source at a time) and run "
+                      f"(the finished set takes about 13 MB, plus one source at a time) and run "
                       f"`{COMMAND.format(root=root)}` again")
 
 
