@@ -333,7 +333,8 @@ def test_a_failing_notebook_is_recorded_and_the_run_goes_on(tmp_path, monkeypatc
     # In [4]: the failing cell's execution count, after the parameters cell papermill injects
     assert err.startswith("error: 1 of 2 notebooks failed, the others ran: 00_a (In [4]: FileNotFoundError: no rSfM")
     md = (out / "results.md").read_text()
-    assert "Notebooks that failed" in md and "download rsfm120k" in md and "| 01_b |" in md
+    assert "Notebooks that failed" in md and "download rsfm120k" in md and "| 01_b | smoke |" in md
+    assert "What each notebook measured" in md
     saved = json.loads((out / "results.json").read_text())
     assert [(d["notebook"], d.get("failed", False)) for d in saved] == [("00_a", True), ("01_b", False)]
     assert saved[0]["cell"] == 4 and saved[1]["ours"] == {"mAP/x": 0.5}

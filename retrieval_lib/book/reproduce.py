@@ -366,9 +366,11 @@ def write_results(out, docs: list[dict]) -> str:
         rows = [[d["notebook"], d.get("cell"), d["error"]] for d in failed]
         parts.append("Notebooks that failed (their executed copies show the cell; the others ran):\n\n"
                      + markdown_table(["notebook", "cell (In [n])", "error"], rows))
-    parts.append(markdown_table(["notebook", "seconds", "status"],
-                                [[d["notebook"], d["seconds"], "failed" if d.get("failed") else "ran"]
-                                 for d in docs]))
+    parts.append("What each notebook measured, at which scale (the learned notebooks measure their honest split, "
+                 "not the scale's benchmark; each says why in its first cells):\n\n"
+                 + markdown_table(["notebook", "scale", "measured on", "seconds", "status"],
+                                  [[d["notebook"], d.get("scale"), d.get("data") or "-", d["seconds"],
+                                    "failed" if d.get("failed") else "ran"] for d in docs]))
     text = "\n\n".join(parts)
     (Path(out) / "results.md").write_text(text + "\n")
     (Path(out) / "results.json").write_text(json.dumps(docs, indent=2, default=float) + "\n")
