@@ -456,14 +456,26 @@ def test_front_page_leads_with_what_was_measured(built, fake_run):
 
 
 def test_released_network_rows_come_first_when_the_run_has_them(fake_run, tmp_path):
-    rows = [{"network": "rSfM120k-tl-resnet101-gem-w", "dataset": "roxford5k", "protocol": "mAP medium",
+    """Both layouts of paper_networks.json: flat rows, and per network its ``rows`` (mAP in %, ``difference``)."""
+    flat = [{"network": "rSfM120k-tl-resnet101-gem-w", "dataset": "roxford5k", "protocol": "mAP medium",
              "paper": 0.647, "ours": None, "diff": None, "same_setting": False},
             {"network": "gl18-tl-resnet101-gem-w", "dataset": "roxford5k", "protocol": "mAP medium", "paper": 0.677,
              "ours": 0.675, "diff": -0.002, "same_setting": True}]
-    (fake_run["run"] / "paper_networks.json").write_text(json.dumps(rows))
+    (fake_run["run"] / "paper_networks.json").write_text(json.dumps(flat))
     index = build_site(fake_run["run"], tmp_path / "site_nets")["index"].read_text()
     paper = index[index.index('id="paper"'):]
     assert paper.index('id="networks"') < paper.index("Same-setting paper")
     nets = paper[paper.index('id="networks"'): paper.index("</table>")]
     assert nets.index("gl18-tl-resnet101-gem-w") < nets.index("rSfM120k-tl-resnet101-gem-w")  # same setting first
     assert "-0.002" in nets and "0.675" in nets
+    nested = [{"network": "x", "rows": [
+        {"network": "retrievalSfM120k-resnet101-gem", "dataset": "rparis6k", "protocol": "hard", "paper": 53.0,
+         "ours": 51.75, "difference": -1.25, "same_setting": False, "differences": ["stand-in data (12 images)"]},
+        {"network": "retrievalSfM120k-resnet101-gem", "dataset": "roxford5k", "protocol": "medium", "paper": 64.7,
+         "ours": 64.71, "difference": 0.01, "same_setting": True, "differences": []}]}]
+    (fake_run["run"] / "paper_networks.json").write_text(json.dumps(nested))
+    index = build_site(fake_run["run"], tmp_path / "site_nested")["index"].read_text()
+    nets = index[index.index('id="networks"'):]
+    nets = nets[: nets.index("</table>")]
+    assert "paper (%)" in nets and "64.7" in nets and "+0.0" in nets and "-1.2" in nets
+    assert nets.index("roxford5k") < nets.index("rparis6k") and "no: stand-in data (12 images)" in nets

@@ -628,28 +628,56 @@ def _measured_html(docs: list[dict], pages: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def _network_rows(path: Path) -> list[dict]:
+    """The rows of ``paper_networks.json``, same-setting rows first: a list of rows (network, dataset, protocol,
+    paper, ours, diff or difference, same_setting), or a list of network results each holding its ``rows``."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    rows = []
+    for item in doc if isinstance(doc, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("rows"), list):
+            rows += [r for r in item["rows"] if isinstance(r, dict)]
+        elif isinstance(item, dict):
+            rows.append(item)
+    rows = [{**r, "diff": r.get("diff", r.get("difference"))} for r in rows]
+    return sorted(rows, key=lambda r: not r.get("same_setting"))
+
+
+def _network_table(rows: list[dict]) -> str:
+    """HTML of :func:`_network_rows`; numbers above 1 are read as mAP in % (one decimal), else as fractions."""
+    values = [r.get(k) for r in rows for k in ("paper", "ours") if isinstance(r.get(k), (int, float))]
+    percent = bool(values) and max(abs(v) for v in values) > 1.0
+
+    def value(v, sign=False):
+        if not isinstance(v, (int, float)):
+            return "–"
+        if percent:
+            return f"{v:+.1f}" if sign else f"{v:.1f}"
+        return _signed(v) if sign else _num(float(v))
+
+    body = []
+    for r in rows:
+        why = "; ".join(map(str, r.get("differences") or []))
+        same = "yes" if r.get("same_setting") else ("no: " + why if why else "no")
+        body.append(f"<tr><td>{html.escape(str(r.get('network', '')))}</td>"
+                    f"<td>{html.escape(str(r.get('dataset', '')))}</td><td>{html.escape(str(r.get('protocol', '')))}</td>"
+                    f'<td class="num">{value(r.get("paper"))}</td><td class="num">{value(r.get("ours"))}</td>'
+                    f'<td class="num">{value(r.get("diff"), sign=True)}</td><td>{html.escape(same)}</td></tr>')
+    unit = " (%)" if percent else ""
+    return ('<table class="networks"><thead><tr><th>network</th><th>dataset</th><th>protocol</th>'
+            f"<th>paper{unit}</th><th>ours{unit}</th><th>ours − paper</th><th>same setting</th></tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
 def _paper_html(docs: list[dict], run_dir: Path) -> str:
     """The released networks' reproductions (``paper_networks.json``), then paper numbers measured in the same
     setting, then a count of the others in a collapsed ``<details>`` holding their table."""
     parts = []
-    networks = run_dir / "paper_networks.json"
-    if networks.is_file():
-        try:
-            rows = json.loads(networks.read_text(encoding="utf-8"))
-        except ValueError:
-            rows = []
-        rows = sorted((r for r in rows if isinstance(r, dict)), key=lambda r: not r.get("same_setting"))
-        if rows:
-            body = "".join(
-                f"<tr><td>{html.escape(str(r.get('network', '')))}</td><td>{html.escape(str(r.get('dataset', '')))}</td>"
-                f"<td>{html.escape(str(r.get('protocol', '')))}</td><td class=\"num\">{_num(r.get('paper'))}</td>"
-                f"<td class=\"num\">{_num(r.get('ours'))}</td>"
-                f"<td class=\"num\">{_signed(r['diff']) if isinstance(r.get('diff'), (int, float)) else '–'}</td>"
-                f"<td>{'yes' if r.get('same_setting') else 'no'}</td></tr>" for r in rows)
-            parts += ['<h3 id="networks">The papers\' released networks, run here</h3>',
-                      '<table class="networks"><thead><tr><th>network</th><th>dataset</th><th>protocol</th>'
-                      "<th>paper</th><th>ours</th><th>ours − paper</th><th>same setting</th></tr></thead>"
-                      f"<tbody>{body}</tbody></table>"]
+    rows = _network_rows(run_dir / "paper_networks.json")
+    if rows:
+        parts += ['<h3 id="networks">The papers\' released networks, run here</h3>', _network_table(rows)]
     same, other = [], []
     for doc in docs:
         for ref in doc.get("paper") or []:
