@@ -6,13 +6,22 @@
 without a server or a kernel:
 
 - one page per executed notebook (nbconvert's JupyterLab template), its figures embedded
-  as PNG data, so a page is one self-contained file;
+  as PNG data and its equations converted to MathML (:mod:`~retrieval_lib.book.site_math`),
+  so a page is one self-contained file that loads no script and nothing from the network;
+- the setup cells of each chapter (Colab install, imports, parameters, papermill's injected
+  parameters: :func:`plumbing_cells`) folded in a collapsed ``<details>``; this machine's
+  absolute paths written as a reader would pass them (:func:`path_scrubber`), on the pages and
+  in the ``.ipynb`` copies; a link to the executed ``.ipynb`` and to Colab on every page;
 - each live widget (``viz.live_figure``) replaced by a note that names its controls (the
   ``description`` of each slider, its range and starting value) and points at the
   static figure the notebook drew with the same function, in that cell or the code cell
   before it: a reader without a kernel sees the figure, not an empty widget area;
-- ``index.html``: the notebooks in order (title, run time, a link to the page and to the
-  executed ``.ipynb``), then the results table and the off-the-shelf table of the run.
+- ``index.html``: what the run measured first (the off-the-shelf table, each notebook's
+  headline numbers -- its ``measured`` entries -- and its comparisons with an interval,
+  :func:`headline_comparisons`), then paper vs. ours (the released networks of
+  ``paper_networks.json`` when the run has one, the paper numbers measured in their own
+  setting, the others folded into a count), then the notebooks (title, run time, status,
+  links) and, folded, the run's whole ``results.md``.
 
 ``python -m retrieval_lib site --scale smoke|cpu|full --out site/`` first runs
 ``reproduce`` into ``site/run/`` (every notebook executed at that scale), then builds the
