@@ -409,3 +409,21 @@ def test_legacy_format_with_old_numpy_names_loads(tmp_path, images):
     np.testing.assert_array_equal(m.numpy(), meta["Lw"]["retrieval-SfM-120k"]["ms"]["m"].reshape(-1))
     with torch.no_grad():
         torch.testing.assert_close(net(images), _cir_forward(feats, sd, images), **TOL)
+
+
+def test_load_by_name_uses_the_verified_cache(tmp_path, monkeypatch, images):
+    """A name resolves to the cached file when its sha256 starts with the prefix in its name."""
+    feats, sd, _ = _cirtorch_ckpt(tmp_path / "ckpt.pth", whitening=True, lw=False)
+    prefix = hashlib.sha256((tmp_path / "ckpt.pth").read_bytes()).hexdigest()[:7]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.replace(tmp_path / "ckpt.pth", cache / f"tiny-net-{prefix}.pth")
+    entry = released.ReleasedNetwork(
+        name="tiny-net", paper="p", format="cirtorch", url=f"http://127.0.0.1:9/tiny-net-{prefix}.pth",
+        sha256_prefix=prefix, architecture="resnet50", pooling="gem", whitening="fc", normalisation="n",
+        setting={}, source="test")
+    monkeypatch.setattr(released, "_REGISTRY", {**released._REGISTRY, "tiny-net": entry})
+    net = load_network("tiny-net", root=cache, progress=False)  # port 9 is never asked: the cache verifies
+    assert net.info["registry"] is entry and net.info["file"] == str(cache / f"tiny-net-{prefix}.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), _cir_forward(feats, sd, images), **TOL)

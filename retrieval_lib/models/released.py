@@ -631,7 +631,8 @@ def _from_cirtorch(ckpt: dict, path, entry: Optional[ReleasedNetwork]) -> Releas
     return ReleasedNet(backbone, pools[pooling](), whiten, "cirtorch", True, lw=lw, info=info)
 
 
-def _from_features(sd: dict, path, arch: str, pooling: str, p: float, whitening) -> ReleasedNet:
+def _from_features(sd: dict, path, arch: str, pooling: str, p: float, whitening, root=None,
+                   progress: bool = True) -> ReleasedNet:
     backbone = paper_backbone(arch)
     _load_backbone(backbone, _cirtorch_features(arch, sd, path), path)
     pools = {"gem": lambda: GeM(p=p, learn_p=False), "mac": MAC, "spoc": SPoC}
@@ -639,7 +640,7 @@ def _from_features(sd: dict, path, arch: str, pooling: str, p: float, whitening)
         raise UsageError(f"pooling must be one of {sorted(pools)}, got {pooling!r}")
     whiten = None
     if whitening is not None:
-        wpath = fetch_network(whitening) if whitening in _REGISTRY else Path(whitening)
+        wpath = fetch_network(whitening, root, progress) if whitening in _REGISTRY else Path(whitening)
         w = safe_load(wpath)
         if not (isinstance(w, dict) and set(w) == {"weight", "bias"}):
             raise _refuse(wpath, "a whitening file holds exactly 'weight' and 'bias'")
@@ -729,7 +730,7 @@ def load_network(name_or_path, root=None, progress: bool = True, pooling: str = 
         if arch is None:
             raise UsageError(f"cannot tell the architecture of the features file {path}: its name should "
                              f"contain one of {list(PAPER_ARCHITECTURES)}")
-        net = _from_features(ckpt, path, arch, pooling, p, whitening)
+        net = _from_features(ckpt, path, arch, pooling, p, whitening, root, progress)
     else:
         raise _refuse(path, f"keys {sorted(map(str, ckpt))[:6]} are neither cirtorch's ('state_dict', 'meta') "
                             "nor dirtorch's ('model_options', 'state_dict') nor a features state dict")
