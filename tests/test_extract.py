@@ -1,6 +1,7 @@
 """Extraction: batched == one image at a time by hand; multi-scale formula; cache; skips."""
 import copy
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -397,3 +398,18 @@ def test_cache_is_keyed_on_autocast(image_files, tmp_path):
     torch.testing.assert_close(amp[0], extract_fmaps(tiny, images, amp=True, image_size=SIZE, num_workers=0,
                                                       progress=False)[0], atol=0, rtol=0)
     assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_a_plain_list_of_paths_is_an_image_list(model, image_files):
+    # what a user types first: a list of file names (str or Path), not an ImageList
+    want = extract_descriptors(model, ImageList(image_files[:2]), "gem", image_size=SIZE, num_workers=0,
+                               progress=False)
+    got = extract_descriptors(model, [str(image_files[0]), Path(image_files[1])], "gem", image_size=SIZE,
+                              num_workers=0, progress=False)
+    torch.testing.assert_close(got, want)
+    maps = extract_fmaps(model, [str(image_files[0])], image_size=SIZE, num_workers=0, progress=False)
+    assert len(maps) == 1 and maps[0].dim() == 3
+    with pytest.raises(TypeError, match="got one path"):
+        extract_descriptors(model, str(image_files[0]), "gem", image_size=SIZE, progress=False)
+    with pytest.raises(TypeError, match="mixes file paths"):
+        extract_descriptors(model, [str(image_files[0]), object()], "gem", image_size=SIZE, progress=False)

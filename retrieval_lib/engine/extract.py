@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from retrieval_lib.data.images import ImageList
 from retrieval_lib.engine.fold import fold_batchnorm, foldable
 from retrieval_lib.layers.functional import l2n, multiscale_mean
 
@@ -485,6 +486,22 @@ def _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_wor
                       f"(indices {sorted(skipped)[:10]}{'...' if len(skipped) > 10 else ''})")
 
 
+def _as_images(images, fn: str):
+    """``images`` as an indexable list of images: a list of file paths becomes an :class:`ImageList`
+    (what a user types first); an image list, a dataset or a list of PIL images is used as it is."""
+    if isinstance(images, (str, os.PathLike)):
+        raise TypeError(f"{fn}: images must be a list of images, got one path {str(images)!r}; pass "
+                        f"[{str(images)!r}] or ImageList([...])")
+    if isinstance(images, (list, tuple)):
+        paths = [isinstance(x, (str, os.PathLike)) for x in images]
+        if paths and all(paths):
+            return ImageList([str(x) for x in images])
+        if any(paths):
+            raise TypeError(f"{fn}: the image list mixes file paths and other items; give all paths "
+                            "(or an ImageList) or all PIL images")
+    return images
+
+
 def _check_images(images, fn: str) -> int:
     n = len(images)
     if n == 0:
@@ -507,7 +524,8 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
     Args:
         model: a backbone from :mod:`retrieval_lib.models.backbones` (``.features``, ``.mean``,
             ``.std``, ``.name``).
-        images: an indexable image list (``ImageList``); items are PIL images, or None
+        images: an indexable image list (``ImageList``), or a plain list of file paths (made an
+            ``ImageList``) or of PIL images; items are PIL images, or None
             for a file skipped with ``on_error="skip"`` (its entry is then ``None``).
         image_size: longer side of the network input, px.
         scale: extra resize factor applied to the network input (multi-scale extraction).
@@ -525,6 +543,7 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
 
     Taught in ``notebooks/00_pipeline.ipynb`` and used by every later notebook.
     """
+    images = _as_images(images, "extract_fmaps")
     n = _check_images(images, "extract_fmaps")
     plan = _plan(model, device, amp, fold_bn, channels_last)
     cache = _Cache(cache_dir, images, model, "extract_fmaps", plan)
@@ -669,6 +688,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
     scales = tuple(float(s) for s in scales)
     if not scales or any(not (math.isfinite(s) and s > 0) for s in scales):
         raise ValueError(f"extract_descriptors: scales must be positive numbers, got {scales}")
+    images = _as_images(images, "extract_descriptors")
     n = _check_images(images, "extract_descriptors")
     plan = _plan(model, device, amp, fold_bn, channels_last)
     cache = _Cache(cache_dir, images, model, "extract_descriptors", plan)
