@@ -7,6 +7,7 @@ dirtorch: ``ResNet_RMAC.forward``, ``whiten_features``), on torchvision's ResNet
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import os
@@ -93,7 +94,9 @@ def _randomise_bn(net: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
+@functools.lru_cache(maxsize=None)
 def _features(depth=50, seed=0):
+    """torchvision's ResNet cut as cirtorch cuts it, random weights (built once per seed: tests only read it)."""
     torch.manual_seed(seed)
     tv = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     _randomise_bn(tv, seed)
