@@ -188,3 +188,12 @@ def test_start_with_a_released_network(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(book.model.features(x), feats(x))
+
+
+def test_unknown_network_name_is_a_usage_error_on_the_command_line(tmp_path, capsys):
+    data = _stand_in(tmp_path / "data", None)
+    rc = main(["reproduce", "--scale", "full", "--network", "no-such-network", "--data", str(data),
+               "--out", str(tmp_path / "r"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown released network 'no-such-network'" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "paper_networks.md").exists()
