@@ -270,7 +270,7 @@ def test_find_notebooks_default_is_the_repositorys_folder(tmp_path, monkeypatch)
     assert [p.name for p in find_notebooks()] == ["07_here.ipynb"]
 
 
-def test_reproduce_hands_notebooks_absolute_paths_and_no_progress(tmp_path, monkeypatch, capsys):
+def test_reproduce_hands_notebooks_absolute_paths_and_no_progress(tmp_path, monkeypatch, capfd):
     # The README's command uses a relative --out; the notebooks run inside the notebooks
     # folder, so every path they are handed must be absolute.
     nb_dir = tmp_path / "nbs"
@@ -302,6 +302,7 @@ def test_reproduce_hands_notebooks_absolute_paths_and_no_progress(tmp_path, monk
     assert (work / "cache" / "features").is_dir()  # the relative --cache is used from here too
     assert not (nb_dir / "results").exists()
     assert (out / "offtheshelf.md").is_file() and "00_a" in (out / "results.md").read_text()
+    assert "without encryption" not in capfd.readouterr().err  # the kernels talk over IPC, not TCP
 
 
 def test_smoke_cells_time_out_within_a_minute():

@@ -286,6 +286,23 @@ def _absolute(path) -> Path | None:
     return None if path is None or str(path).strip() == "" else Path(path).expanduser().resolve()
 
 
+def _ipc_kernel_manager():
+    """A kernel manager whose kernels talk over Unix sockets (IPC) instead of TCP on loopback.
+
+    ipykernel warns "Kernel is running over TCP without encryption" once per kernel started over
+    TCP; ``reproduce`` starts one per notebook, so the warning buried the run's own lines. IPC
+    sockets live beside the kernel's connection file in Jupyter's runtime folder and are readable
+    by this user only.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IPCKernelManager
+
+
 def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=None,
                   progress: bool = True) -> list[dict]:
     """Execute the notebooks with papermill; return the gathered metrics documents.
@@ -312,6 +329,7 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
     env = dict(RETRIEVAL_PROGRESS="0", RETRIEVAL_SCALE=scale, RETRIEVAL_DATA=data_root, RETRIEVAL_CACHE=cache,
                RETRIEVAL_RESULTS=out_dir.parent)
     env.update({k: None for k in os.environ if k in _TORCHRUN_ENV or k.startswith("TORCHELASTIC_")})
+    manager = _ipc_kernel_manager()
     with _environ(**env):
         for nb in find_notebooks(notebooks_dir, only):
             nb_out = out_dir / nb.stem
@@ -325,7 +343,7 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
                 # a per-cell limit, so that a stuck cell fails the notebook instead of hanging the run
                 pm.execute_notebook(str(nb), str(nb_out / nb.name), parameters=params, progress_bar=progress,
                                     cwd=str(nb.parent), kernel_name="python3",
-                                    execution_timeout=CELL_TIMEOUT_S[scale])
+                                    execution_timeout=CELL_TIMEOUT_S[scale], kernel_manager_class=manager)
                 doc = read_metrics(nb_out)
             except Exception as err:  # the notebook's failure is recorded; the run goes on with the next
                 doc = {"notebook": nb.stem, "failed": True, "cell": getattr(err, "exec_count", None),
