@@ -182,6 +182,19 @@ def test_cirtorch_forward_equals_the_authors(tmp_path, images, whitening):
                 np.testing.assert_allclose(net.post_whiten(X, multiscale=multi).numpy(), ref_w, rtol=1e-4, atol=1e-6)
 
 
+def test_a_released_network_is_the_librarys_retrieval_net(tmp_path, images):
+    from retrieval_lib.models.retrieval_net import RetrievalNet
+
+    feats, sd, meta = _cirtorch_ckpt(tmp_path / "net.pth", whitening=True, lw=False)
+    net = load_network(tmp_path / "net.pth")
+    assert isinstance(net, RetrievalNet) and isinstance(net.whiten, nn.Linear)
+    small = torch.nn.functional.interpolate(images[:1], size=(48, 40), mode="bilinear", align_corners=False)
+    with torch.no_grad():  # RetrievalNet's list input: images of different sizes in one call, order kept
+        got = net([images[0], small[0], images[1]])
+        torch.testing.assert_close(got, torch.cat([_cir_forward(feats, sd, images[:1]), _cir_forward(feats, sd, small),
+                                                   _cir_forward(feats, sd, images[1:])]), **TOL)
+
+
 def test_cirtorch_legacy_checkpoint_without_num_batches_tracked(tmp_path, images):
     feats, sd, _ = _cirtorch_ckpt(tmp_path / "old.pth", whitening=False, lw=False, legacy_bn=True)
     with torch.no_grad():

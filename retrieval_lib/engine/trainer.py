@@ -2,7 +2,7 @@
 
 The pieces are arguments, so one loop trains GeM, wGeM and the later heads:
 
-* a model, :class:`RetrievalNet` -- ``backbone`` (``None`` in reduced mode: the inputs are
+* a model, :class:`~retrieval_lib.models.retrieval_net.RetrievalNet` -- ``backbone`` (``None`` in reduced mode: the inputs are
   feature maps) -> ``pooling`` -> L2 -> optional ``whiten`` (an FC layer, as cirtorch's
   end-to-end whitening) -> L2, plus an optional ``classifier`` on the descriptor;
 * a source of inputs: :class:`MapSource` (feature maps extracted once, reduced mode) or
@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from retrieval_lib.layers.functional import l2n
+from retrieval_lib.models.retrieval_net import RetrievalNet
 from retrieval_lib.layers.pooling import GeM, WGeM
 
 __all__ = ["RetrievalNet", "MapSource", "ImageSource", "param_groups", "Trainer", "SCHEDULES", "RECIPES",
@@ -54,69 +54,6 @@ __all__ = ["RetrievalNet", "MapSource", "ImageSource", "param_groups", "Trainer"
 
 CHECKPOINT_FORMAT = "retrieval_lib.trainer/1"
 _CKPT = re.compile(r"^ckpt-(\d{9})\.pt$")
-
-
-# --------------------------------------------------------------------------- the model
-class RetrievalNet(nn.Module):
-    """``backbone.features`` -> ``pooling`` -> L2 -> ``whiten`` -> L2 (-> ``classifier``).
-
-    * ``backbone=None`` (reduced mode): the inputs are feature maps ``(B, C, H, W)``.
-    * ``whiten``: a module ``(B, D) -> (B, D')``, e.g. ``nn.Linear(D, D)`` (cirtorch's
-      whitening as an FC layer, learned end to end); ``None`` skips it.
-    * ``classifier``: a module on the final descriptor, e.g. ``nn.Linear(D, n_classes)``;
-      with it the model returns ``(descriptors, logits)``.
-
-    ``forward`` takes a batch tensor or a list of ``(C, h, w)`` tensors of any sizes (images
-    of equal size run together, so there is no padding); descriptors ``(B, D')`` come back
-    L2-normalised, in the order given. ``channels_last=True`` runs the backbone in that
-    memory format (set by :class:`Trainer` on CUDA).
-    """
-
-    def __init__(self, pooling: nn.Module, backbone: Optional[nn.Module] = None,
-                 whiten: Optional[nn.Module] = None, classifier: Optional[nn.Module] = None):
-        super().__init__()
-        if not isinstance(pooling, nn.Module):
-            raise TypeError("RetrievalNet: pooling must be an nn.Module (e.g. GeM() or WGeM(in_channels))")
-        if backbone is not None and not hasattr(backbone, "features"):
-            raise TypeError("RetrievalNet: backbone must have a .features(x) method (see "
-                            "retrieval_lib.models.backbones), or be None for feature-map inputs")
-        self.backbone = backbone
-        self.pooling = pooling
-        self.whiten = whiten
-        self.classifier = classifier
-        self.channels_last = False
-
-    def _run(self, x: torch.Tensor):
-        if self.backbone is not None:
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = self.backbone.features(x)  # (b, 3, h, w) -> (b, C, h', w')
-        d = l2n(self.pooling(x))  # (b, C, h, w) -> (b, D)
-        if self.whiten is not None:
-            d = l2n(self.whiten(d))
-        if self.classifier is not None:
-            return d, self.classifier(d)
-        return d
-
-    def forward(self, inputs):
-        if isinstance(inputs, torch.Tensor):
-            return self._run(inputs)
-        if len(inputs) == 0:
-            raise ValueError(f"{type(self).__name__}: no inputs")
-        groups: dict = {}
-        for pos, x in enumerate(inputs):
-            groups.setdefault(tuple(x.shape), []).append(pos)
-        parts, order = [], []
-        for positions in groups.values():
-            parts.append(self._run(torch.stack([inputs[q] for q in positions])))
-            order += positions
-        inverse = torch.empty(len(order), dtype=torch.int64)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        if isinstance(parts[0], tuple):
-            return tuple(torch.cat([p[k] for p in parts])[inverse.to(parts[0][k].device)]
-                         for k in range(len(parts[0])))
-        out = torch.cat(parts)
-        return out[inverse.to(out.device)]
 
 
 # --------------------------------------------------------------------------- inputs

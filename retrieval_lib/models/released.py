@@ -59,6 +59,7 @@ from retrieval_lib.data.download import ChecksumError, download, file_hash
 from retrieval_lib.errors import FetchError, MissingDataError, UnsafeCheckpointError, UsageError
 from retrieval_lib.layers.pooling import GeM, MAC, SPoC
 from retrieval_lib.models.paper_backbones import CIRTORCH_RESNET_INDEX, PAPER_ARCHITECTURES, paper_backbone
+from retrieval_lib.models.retrieval_net import RetrievalNet
 
 __all__ = ["ReleasedNetwork", "ReleasedNet", "released_networks", "fetch_network", "load_network",
            "safe_load", "hash_prefix", "cirtorch_msp", "whiten_lw", "whiten_pca", "network_cache"]
@@ -419,12 +420,12 @@ def _l2(x: torch.Tensor, style: str) -> torch.Tensor:
     return F.normalize(x, p=2, dim=-1)
 
 
-class ReleasedNet(nn.Module):
-    """A released network as the library's modules: ``backbone.features`` -> ``pooling`` -> head.
+class ReleasedNet(RetrievalNet):
+    """A released network as the library's own :class:`~retrieval_lib.models.retrieval_net.RetrievalNet`.
 
-    The same structure as :class:`retrieval_lib.engine.trainer.RetrievalNet` (``backbone``,
-    ``pooling``, ``whiten``), kept here because ``models`` cannot import ``engine``; the head
-    follows each code base exactly:
+    ``backbone.features`` -> ``pooling`` -> head, with ``backbone``, ``pooling`` and ``whiten`` the
+    library's modules; ``forward`` takes a batch or a list of images of any sizes as
+    ``RetrievalNet`` does. Only the head differs, to follow each code base exactly:
 
     * cirtorch (``ImageRetrievalNet.forward``): ``l2n(pool(f))``, then with the FC whitening
       ``l2n(whiten(.))``; ``l2n`` divides by ``||x|| + 1e-6``.
@@ -441,8 +442,7 @@ class ReleasedNet(nn.Module):
     def __init__(self, backbone: nn.Module, pooling: nn.Module, whiten: Optional[nn.Module] = None,
                  norm_style: str = "cirtorch", norm_before_whiten: bool = True, lw: Optional[dict] = None,
                  pca: Optional[dict] = None, info: Optional[dict] = None):
-        super().__init__()
-        self.backbone, self.pooling, self.whiten = backbone, pooling, whiten
+        super().__init__(pooling, backbone=backbone, whiten=whiten)
         self.norm_style = norm_style
         self.norm_before_whiten = bool(norm_before_whiten)
         self.lw = lw or {}  # {"retrieval-SfM-120k": {"ss": (m (D,), P (D', D)), "ms": ...}} float64 tensors
@@ -457,7 +457,10 @@ class ReleasedNet(nn.Module):
     def std(self):
         return self.backbone.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """The authors' head on one batch (``RetrievalNet.forward`` groups a list of images by size)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         d = self.pooling(self.backbone.features(x))  # (B, 3, H, W) -> (B, C, h, w) -> (B, C)
         if self.whiten is None:
             return _l2(d, self.norm_style)
