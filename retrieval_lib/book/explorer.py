@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import html
 import io
 import math
 import statistics
@@ -447,8 +448,9 @@ class Explorer:
         im = read_photo(bytes(content), name)
         digest = hashlib.sha256(bytes(content)).hexdigest()[:12]
         self.upload_dir.mkdir(parents=True, exist_ok=True)
-        path = self.upload_dir / f"{Path(name).stem[:40]}-{digest}.png"
-        duplicate = str(path) in self.uploads
+        same = [u for u in self.uploads if u.endswith(f"-{digest}.png")]
+        duplicate = bool(same)
+        path = Path(same[0]) if same else self.upload_dir / f"{Path(name).stem[:40]}-{digest}.png"
         if not path.is_file():
             im.save(path, format="PNG")
         if not duplicate:
@@ -457,8 +459,9 @@ class Explorer:
                              cache_dir=self.cache_dir, progress=False, num_workers=0, fold_bn=False)
         self.query = Query(name, maps[0], None, str(path))
         if duplicate:
-            self.messages.append(("info", f"'{name}' was uploaded before (the same file): it is the query again "
-                                          "and is kept once in your uploads"))
+            first = Path(same[0]).name.rsplit("-", 1)[0]
+            self.messages.append(("info", f"'{name}' is the same file as '{first}', uploaded before: it is the query "
+                                          "again and is kept once in your uploads"))
         return self.query
 
     def uploads_collection(self) -> Collection:
@@ -728,8 +731,6 @@ class _Page:
     # -- messages and timing
     def say(self, text: str, kind: str = "info") -> None:
         self.ex.messages.append((kind, text))
-        import html
-
         self.message.value = (f"<div class='explorer-{kind}' style='{_KIND_STYLE[kind]};padding:4px 8px;"
                               f"border-radius:4px'>{html.escape(text)}</div>") if text else ""
 
@@ -891,8 +892,6 @@ class _Page:
         self._act(what, self._on_setting)
 
     def redraw_rows(self) -> None:
-        import html
-
         ex = self.ex
         compare = self.view.value == "compare two"
         methods = [self.a.value, self.b.value] if compare else ex.methods()
@@ -933,8 +932,6 @@ class _Page:
             self.why_text.value = f"<span class='explorer-compare'>{html.escape(summary)}</span>"
 
     def open_why(self, slot: int, pos: int) -> None:
-        import html
-
         method, row = self.shown[slot]
         fig, text = show_why(self.ex, method, row.indices[pos], row.scores[pos])
         self.why_img.value = _png(fig)
@@ -1024,7 +1021,9 @@ def try_bad_inputs(ex: Explorer, folder, photo: Optional[str] = None) -> list:
     def last_message(case, action):
         n = len(ex.messages)
         action()
-        said.append((case, *ex.messages[-1]) if len(ex.messages) > n else (case, "none", ""))
+        kind, text = ex.messages[-1] if len(ex.messages) > n else ("none", "")
+        shown = bool(text) and html.escape(text) in page.message.value
+        said.append((case, kind if shown else f"{kind}, not shown", text))
 
     for case, path in (("folder that does not exist", root / "nowhere"), ("empty folder", root / "empty"),
                        ("folder of one photo", root / "one"), ("duplicate files", root / "dupes")):
