@@ -479,3 +479,17 @@ def test_released_network_rows_come_first_when_the_run_has_them(fake_run, tmp_pa
     nets = nets[: nets.index("</table>")]
     assert "paper (%)" in nets and "64.7" in nets and "+0.0" in nets and "-1.2" in nets
     assert nets.index("roxford5k") < nets.index("rparis6k") and "no: stand-in data (12 images)" in nets
+
+
+def test_an_equation_that_cannot_convert_is_shown_as_source_and_reported(tmp_path, capsys):
+    from retrieval_lib.__main__ import main
+
+    run = tmp_path / "run"
+    _write(run, "00_odd", _executed([new_markdown_cell("# 00 · Odd\n\nA macro nobody knows: $a + \\foo{b}$."),
+                                     new_code_cell("x = 1")]))
+    site = build_site(run, tmp_path / "site")
+    assert [tex for tex, _ in site["pages"][0]["math_failures"]] == ["a + \\foo{b}"]
+    page = (tmp_path / "site" / "00_odd.html").read_text()
+    assert '<code class="rl-tex-error" title="not converted">a + \\foo{b}</code>' in page
+    assert main(["site", "--from", str(run), "--out", str(tmp_path / "cli")]) == 0
+    assert "00_odd: an equation is shown as its source" in capsys.readouterr().out
