@@ -380,6 +380,8 @@ def test_setup_cells_are_folded_and_no_machine_path_is_shown(built, fake_run, tm
         assert f'id="cell-id={cell_id}"' in details
     assert f'id="cell-id={fake_run["first_content"]}"' not in details and "<details open" not in page
     assert "Colab install" in details and "imports" in details and "parameters" in details
+    summary = details[: details.index("</summary>")]
+    assert 'This run: <code>SCALE = &quot;smoke&quot;; OUT_DIR = &quot;run/notebooks/00_alpha&quot;' in summary
     copy = (out / "ipynb" / "00_alpha.ipynb").read_text()
     for text in (page, copy, site["index"].read_text()):
         assert str(tmp_path) not in text and DATA_DIR not in text

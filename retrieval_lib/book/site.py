@@ -454,7 +454,12 @@ def render_notebook(nb, title: str, nav: str = "", exporter=None, math_failures:
             kind = _plumbing_kind(nb["cells"][i])
             if kind not in kinds:
                 kinds.append(kind)
-        body = _fold(body, nb, setup, "Setup code (" + ", ".join(kinds) + "): click to show")
+        passed = [line.strip() for i in setup if "injected-parameters" in nb["cells"][i].get("metadata", {}).get("tags", [])
+                  for line in _source(nb["cells"][i]).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        summary = "Setup code (" + ", ".join(kinds) + "): click to show"
+        if passed:
+            summary += ". This run: <code>" + html.escape("; ".join(passed)) + "</code>"
+        body = _fold(body, nb, setup, summary)
     body, failures = put_math_back(body, table)
     if math_failures is not None:
         math_failures.extend(failures)
