@@ -48,6 +48,10 @@ def _run_arguments(p: argparse.ArgumentParser, out_default: str, out_help: str) 
                    help="data root holding real171/ (full scale: roxford5k/) "
                         "(default: $RETRIEVAL_DATA, else the offline default)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
+    p.add_argument("--backbone", default=None, metavar="NAME",
+                   help="the off-the-shelf table's backbone instead of the scale's: a library backbone "
+                        "(efficientnet_lite0, resnet101, ...) or the papers' ImageNet weights converted from Caffe "
+                        "(imagenet-caffe-resnet101, downloaded once and checked) or such a .pth file")
     p.add_argument("--notebooks", default="all",
                    help="'all', 'none', or a comma list of notebook numbers such as 00,03")
     p.add_argument("--notebooks-dir", default=None, help="where the NN_*.ipynb notebooks are")

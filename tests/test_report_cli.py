@@ -366,3 +366,42 @@ def test_notebook_kernels_never_inherit_torchruns_process_group(tmp_path, monkey
     docs = run_notebooks("smoke", tmp_path / "out", nb_dir, progress=False)
     assert docs[0]["extra"] == {k: None for k in torchrun_env}
     assert all(os.environ[k] == v for k, v in torchrun_env.items())  # this process keeps its own
+
+
+def test_offtheshelf_table_with_the_papers_imagenet_features(tmp_path, monkeypatch, capsys):
+    """--backbone: cirtorch's ImageNet (Caffe) features file runs the off-the-shelf table instead of the scale's."""
+    import torch
+    import torchvision
+    from torch import nn
+
+    from retrieval_lib.book.reproduce import table_backbone
+    from retrieval_lib.engine.extract import extract_descriptors
+    from retrieval_lib.layers.pooling import GeM
+    from retrieval_lib.search.nearest import rank_database
+
+    monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
+    torch.manual_seed(0)
+    cut = nn.Sequential(*list(torchvision.models.resnet50(weights=None).children())[:-2])  # cirtorch's features
+    path = tmp_path / "imagenet-caffe-resnet50-features-0000000.pth"
+    torch.save(cut.state_dict(), path)
+    out = tmp_path / "res"
+    assert main(["reproduce", "--scale", "smoke", "--notebooks", "none", "--backbone", str(path), "--out", str(out),
+                 "--quiet"]) == 0
+    res = json.loads((out / "offtheshelf.json").read_text())
+    assert res["backbone"] == str(path) and res["weights"] == f"file:{path}"
+    assert str(path) in (out / "offtheshelf.md").read_text()
+    # the table's GeM is GeM of that file's maps, extracted as the table does
+    book_db = benchmark_for_scale("smoke").database
+    X = extract_descriptors(table_backbone(str(path)), book_db, GeM(p=3.0, learn_p=False), image_size=224,
+                            progress=False)
+    assert benchmark_for_scale("smoke").evaluate(rank_database(X, X))["mAP"] == pytest.approx(
+        res["rows"]["GeM (p=3)"]["mAP"], abs=1e-6)
+    capsys.readouterr()
+    # names that are not off-the-shelf backbones are refused before anything is written
+    assert main(["reproduce", "--scale", "smoke", "--notebooks", "none", "--backbone", "resnet7", "--out",
+                 str(tmp_path / "r2")]) == 2
+    assert main(["reproduce", "--scale", "smoke", "--notebooks", "none", "--backbone", "rSfM120k-tl-resnet101-gem-w",
+                 "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "imagenet-caffe-resnet101" in err and "--network rSfM120k-tl-resnet101-gem-w" in err
+    assert not (tmp_path / "r2").exists()

@@ -23,12 +23,20 @@ from pathlib import Path
 
 from retrieval_lib.book.config import benchmark_for_scale, scale_config
 from retrieval_lib.book.paper_networks import main_paper_networks
-from retrieval_lib.errors import MissingDataError, NotebooksFailed, UsageError
 from retrieval_lib.book.report import OFF_THE_SHELF as OFF_THE_SHELF_TRAINING
 from retrieval_lib.book.report import markdown_table, measured, read_metrics, results_table
+from retrieval_lib.engine.device import get_device
+from retrieval_lib.engine.distributed import dist_env, extract_sharded, process_group, rank_device
+from retrieval_lib.engine.extract import extract_descriptors
+from retrieval_lib.errors import MissingDataError, NotebooksFailed, UsageError
+from retrieval_lib.layers.pooling import GeM, MAC, RMAC, SPoC
+from retrieval_lib.models.backbones import BACKBONES, load_backbone
+from retrieval_lib.models.released import load_network, released_networks
+from retrieval_lib.search.nearest import rank_database
 
 __all__ = ["offtheshelf", "offtheshelf_table", "offtheshelf_measured", "gather_results", "run_notebooks",
-           "find_notebooks", "select_notebooks", "check_data_root", "merge_results", "write_results",
+           "find_notebooks", "select_notebooks", "check_data_root", "check_table_backbone", "table_backbone",
+           "merge_results", "write_results",
            "OFF_THE_SHELF", "CELL_TIMEOUT_S"]
 
 OFF_THE_SHELF = ("MAC", "SPoC", "GeM (p=3)", "R-MAC (L=3)")
@@ -42,13 +50,50 @@ _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 def _poolings():
-    from retrieval_lib.layers.pooling import GeM, MAC, RMAC, SPoC
-
     return {"MAC": MAC(), "SPoC": SPoC(), "GeM (p=3)": GeM(p=3.0, learn_p=False), "R-MAC (L=3)": RMAC(L=3)}
 
 
+def check_table_backbone(name: str) -> str:
+    """``"library"`` or ``"released"``: what ``--backbone name`` names, checked without loading anything."""
+    if name in BACKBONES:
+        return "library"
+    entries = released_networks()
+    is_file = str(name).endswith((".pth", ".pt")) or os.sep in str(name)
+    if name not in entries and not is_file:
+        features = sorted(k for k, e in entries.items() if e.format == "cirtorch-features")
+        raise UsageError(f"--backbone {name!r} is neither a library backbone ({', '.join(sorted(BACKBONES))}) nor "
+                         f"one of the papers' off-the-shelf networks ({', '.join(features)}) nor a .pth file")
+    if name in entries and entries[name].format != "cirtorch-features":
+        raise UsageError(f"--backbone {name!r} is a fine-tuned network, not off the shelf; measure it with "
+                         f"`reproduce --scale full --network {name}`")
+    if is_file and not Path(name).expanduser().is_file():
+        raise MissingDataError(f"--backbone {name}: no such file")
+    return "released"
+
+
+def table_backbone(name: str):
+    """The backbone of the off-the-shelf table: a library backbone (``BACKBONES``) by name, or the
+    papers' off-the-shelf ImageNet weights, a released *features* network (``imagenet-caffe-resnet101``:
+    cirtorch's conversion from Caffe, downloaded once and checked) or such a file.
+
+    Raises :class:`~retrieval_lib.errors.UsageError` for a name that is neither, and for a released
+    network that was fine-tuned (its table would not be "off the shelf": measure it with ``--network``).
+    """
+    if check_table_backbone(name) == "library":
+        return load_backbone(name)
+    entries = released_networks()
+    net = load_network(name)
+    if net.info["format"] != "cirtorch-features":
+        raise UsageError(f"--backbone {name}: a {net.info['format']} network, not an ImageNet features file; "
+                         "measure it with --network")
+    backbone = net.backbone
+    backbone.weights = f"{name} (cirtorch's ImageNet weights converted from Caffe)" if name in entries \
+        else backbone.weights
+    return backbone
+
+
 def offtheshelf(scale="cpu", data_root=None, device="auto", cache_dir=None,
-                progress: bool = True, benchmark=None) -> dict:
+                progress: bool = True, benchmark=None, backbone=None) -> dict:
     """Run the off-the-shelf comparison; return ``{"rows": {pooling: metrics}, ...}``.
 
     ``scale``: a scale name or a :class:`~retrieval_lib.book.config.ScaleConfig`.
@@ -61,19 +106,13 @@ def offtheshelf(scale="cpu", data_root=None, device="auto", cache_dir=None,
     on its own GPU (:func:`~retrieval_lib.engine.distributed.extract_sharded`, shares written
     under ``cache_dir``); process 0 gathers them and returns the result, the others return ``None``.
     """
-    from retrieval_lib.models.backbones import load_backbone
-    from retrieval_lib.engine.device import get_device
-    from retrieval_lib.engine.distributed import dist_env, extract_sharded, rank_device
-    from retrieval_lib.engine.extract import extract_descriptors
-    from retrieval_lib.search.nearest import rank_database
-
-    cfg = scale_config(scale)
+    cfg = scale_config(scale) if backbone is None else scale_config(scale, backbone=str(backbone))
     env = dist_env()
     sharded = env["world_size"] > 1
     dev = rank_device(env["local_rank"]) if sharded and device == "auto" else get_device(device)
     if benchmark is None:
         benchmark = benchmark_for_scale(cfg, data_root)
-    model = load_backbone(cfg.backbone).to(dev).eval()
+    model = table_backbone(cfg.backbone).to(dev).eval()
     t0 = time.perf_counter()
     common = dict(scales=cfg.scales, image_size=cfg.image_size, device=dev, batch_size=cfg.batch_size,
                   cache_dir=cache_dir, progress=progress)
@@ -407,6 +446,9 @@ def main_reproduce(args) -> int:
     """
     # every argument is checked before anything is written to --out
     only = select_notebooks(args.notebooks, args.notebooks_dir)
+    backbone = getattr(args, "backbone", None)
+    if backbone is not None:
+        check_table_backbone(backbone)
     if args.data is not None:
         data = check_data_root(args.scale, args.data)
     else:
@@ -418,18 +460,16 @@ def main_reproduce(args) -> int:
     cache = _absolute(args.cache or os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval_lib")
     if getattr(args, "network", None):  # released networks in their authors' setting: book.paper_networks
         return main_paper_networks(args, out, data, cache)
-    from retrieval_lib.engine.distributed import dist_env, process_group
-
     with _environ(RETRIEVAL_DATA=data, RETRIEVAL_CACHE=cache, RETRIEVAL_SCALE=args.scale):
         if dist_env()["world_size"] > 1:  # torchrun: the extraction is shared; process 0 goes on alone
             with process_group():
                 res = offtheshelf(args.scale, data_root=data, device=args.device, cache_dir=cache / "features",
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, backbone=backbone)
             if res is None:
                 return 0
         else:
             res = offtheshelf(args.scale, data_root=data, device=args.device, cache_dir=cache / "features",
-                              progress=not args.quiet)
+                              progress=not args.quiet, backbone=backbone)
         table = offtheshelf_table(res)
         (out / "offtheshelf.md").write_text(table + "\n")
         (out / "offtheshelf.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
