@@ -197,3 +197,21 @@ def test_unknown_network_name_is_a_usage_error_on_the_command_line(tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and "unknown released network 'no-such-network'" in err and "Traceback" not in err
     assert not (tmp_path / "r" / "paper_networks.md").exists()
+
+
+def test_a_learned_notebooks_released_section_on_a_stand_in_tree(tmp_path, data_root):
+    # 08 at full shows the authors' GeM network with and without its Lw; here a tiny checkpoint stands in
+    ckpt = tmp_path / "retrievalSfM120k-resnet101-gem-b80fb85.pth"
+    _cirtorch_ckpt(ckpt, whitening=False, lw=True)
+    assert set(pn.RELEASED_FOR) == {"05_wgem", "08_whitening"}
+    assert all(name in released_networks() for name in pn.RELEASED_FOR.values())
+    text, result = pn.released_section("08_whitening", tmp_path / "empty", device="cpu", network=str(ckpt),
+                                       progress=False)
+    assert result is None and "download roxford5k --data" in text  # nothing there: says what to fetch
+    data = _stand_in(tmp_path / "data", data_root)
+    text, result = pn.released_section("08_whitening", data, device="cpu", network=str(ckpt), progress=False)
+    assert set(result["datasets"]) == {"roxford5k", "rparis6k"}
+    assert "without" in text and "with the whitening" in text and "| roxford5k | Medium |" in text
+    d = result["datasets"]["roxford5k"]
+    shown = f"| roxford5k | Medium | {100 * d['metrics']['mAP/medium']:.1f} | {100 * d['metrics_whitened']['mAP/medium']:.1f} |"
+    assert shown in text and "paper" in text

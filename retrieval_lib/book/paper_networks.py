@@ -293,6 +293,56 @@ def paper_table(results: Sequence[dict]) -> str:
                                            "same setting"], rows)
 
 
+RELEASED_FOR = {
+    "05_wgem": "rSfM120k-tl-resnet101-gem-w",
+    "08_whitening": "retrievalSfM120k-resnet101-gem",
+}
+"""The released network a learned notebook shows at ``full`` scale, so a GPU user sees the trained result
+without training it: 05 (learned pooling heads) the GeM network fine-tuned end to end on rSfM-120k with
+its learned FC whitening -- wGeM itself was not released; 08 (whitening) the GeM network whose
+post-processing whitening ``Lw`` was learned on rSfM-120k's matching pairs, measured with and without it."""
+
+
+def released_section(notebook: str, data_root=None, device="auto", network=None, network_root=None,
+                     progress: bool = True) -> tuple[str, Optional[dict]]:
+    """Markdown (and the :func:`evaluate_network` result, or ``None``) for a learned notebook's
+    "the authors' trained network" section at ``full`` scale.
+
+    ``network`` defaults to :data:`RELEASED_FOR` of the notebook. The data sets present under the
+    data root (roxford5k, rparis6k) are measured in the authors' setting; when neither is there the
+    markdown says what to download and nothing runs. The network is downloaded once into the cache
+    (checked against the hash in its file name).
+    """
+    name = network or RELEASED_FOR[notebook]
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    present = []
+    for ds in DATASETS:
+        try:
+            RevisitedDataset(ds, root, min_size=0, max_aspect=float("inf"))
+            present.append(ds)
+        except FileNotFoundError:
+            pass
+    where = f" --data {root}" if root is not None else " --data DIR"
+    if not present:
+        return (f"The authors' trained network `{name}` is measured on revisited Oxford and Paris; neither is under "
+                f"the data root. Fetch them with `python -m retrieval_lib download roxford5k{where}` (and rparis6k), "
+                "then rerun this cell.", None)
+    result = evaluate_network(name, root, datasets=present, device=device, network_root=network_root,
+                              progress=progress)
+    text = [f"**The authors' trained network** `{Path(str(name)).name}`, measured here in their setting on "
+            f"{', '.join(present)}:", "", paper_table([result])]
+    if any(d["metrics_whitened"] is not None for d in result["datasets"].values()):
+        rows = [[ds, prot.capitalize(), f"{100 * d['metrics'][f'mAP/{prot}']:.1f}",
+                 f"{100 * d['metrics_whitened'][f'mAP/{prot}']:.1f}"]
+                for ds, d in result["datasets"].items() for prot in PROTOCOLS if d["metrics_whitened"] is not None]
+        text += ["", "The same descriptors before and after the network's post-processing whitening (mAP, %):", "",
+                 markdown_table(["data set", "protocol", "without", "with the whitening"], rows)]
+    missing = [ds for ds in DATASETS if ds not in present]
+    if missing:
+        text += ["", f"Not measured: {', '.join(missing)} (`python -m retrieval_lib download {missing[0]}{where}`)."]
+    return "\n".join(text), result
+
+
 def reproduce_networks(networks: Sequence[str], out, data_root=None, device="auto", network_root=None,
                        progress: bool = True) -> list[dict]:
     """:func:`evaluate_network` for each network, then ``out/paper_networks.md`` and ``.json``."""
