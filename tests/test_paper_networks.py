@@ -215,3 +215,21 @@ def test_a_learned_notebooks_released_section_on_a_stand_in_tree(tmp_path, data_
     d = result["datasets"]["roxford5k"]
     shown = f"| roxford5k | Medium | {100 * d['metrics']['mAP/medium']:.1f} | {100 * d['metrics_whitened']['mAP/medium']:.1f} |"
     assert shown in text and "paper" in text
+
+
+def test_reproduce_in_notebook_fetches_only_what_is_missing(tmp_path, data_root, monkeypatch):
+    ckpt = tmp_path / "rSfM120k-tl-resnet101-gem-w-a155e54.pth"
+    _cirtorch_ckpt(ckpt, whitening=True, lw=False)
+    data = _stand_in(tmp_path / "data", data_root)
+    fetched = []
+    monkeypatch.setattr(pn, "fetch_item", lambda name, root, progress=True: fetched.append(name))
+    results = pn.reproduce_in_notebook(str(ckpt), data, tmp_path / "out", device="cpu", progress=False)
+    assert fetched == [] and (tmp_path / "out" / "paper_networks.json").is_file()  # both sets there: no download
+    assert set(results[0]["datasets"]) == {"roxford5k", "rparis6k"}
+    import shutil
+    shutil.rmtree(data / "rparis6k" / "jpg")  # images gone: that set is fetched (here: recorded), then measured
+    with pytest.raises(MissingDataError):  # the stand-in fetch puts nothing there, so the measurement says so
+        pn.reproduce_in_notebook(str(ckpt), data, tmp_path / "out2", device="cpu", progress=False)
+    assert fetched == ["rparis6k"]
+    with pytest.raises(UsageError, match="data root"):
+        pn.reproduce_in_notebook(str(ckpt), None, tmp_path / "out3")

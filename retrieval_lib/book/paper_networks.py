@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from retrieval_lib.book.downloads import DATA_ITEMS, fetch_item
 from retrieval_lib.book.report import markdown_table
 from retrieval_lib.data.datasets import GND_SHA256, RevisitedDataset, data_root as default_data_root
 from retrieval_lib.data.download import file_hash
@@ -354,6 +355,22 @@ def reproduce_networks(networks: Sequence[str], out, data_root=None, device="aut
     doc = [{**r, "rows": paper_rows(r)} for r in results]
     (out / "paper_networks.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return results
+
+
+def reproduce_in_notebook(network: str, data_root, out, device="auto", network_root=None,
+                          progress: bool = True) -> list[dict]:
+    """A notebook's (Colab's) one-call reproduction: fetch revisited Oxford and Paris under ``data_root``
+    when they are not there yet (``python -m retrieval_lib download``'s code, checked), then
+    :func:`reproduce_networks` for ``network`` into ``out`` (``paper_networks.md`` / ``.json``)."""
+    if data_root is None:
+        raise UsageError("reproduce_in_notebook needs a data root to download revisited Oxford/Paris into "
+                         "(DATA_ROOT, e.g. /content/data in Colab)")
+    root = Path(data_root).expanduser()
+    for ds in DATASETS:
+        if DATA_ITEMS[ds].present(root) != "yes":
+            fetch_item(ds, root, progress=progress)
+    return reproduce_networks([network], out, data_root=root, device=device, network_root=network_root,
+                              progress=progress)
 
 
 def main_paper_networks(args, out: Path, data, cache: Path) -> int:
