@@ -140,3 +140,18 @@ def test_a_cached_run_says_so_instead_of_a_throughput(tmp_path, monkeypatch, cap
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "descriptors from the cache (0 images extracted)" in res.stdout and "images/s" not in res.stdout
+
+
+def test_an_unsafe_checkpoint_is_refused_in_one_line(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": Evil(), "meta": {}}, f)
+    (tmp_path / "data").mkdir()
+    res = _cli("reproduce", "--scale", "full", "--network", "evil.pth", "--data", "data", "--out", "r", cwd=tmp_path)
+    _one_line_error(res, 5, "evil.pth")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "r").exists()

@@ -347,10 +347,10 @@ def released_section(notebook: str, data_root=None, device="auto", network=None,
 def reproduce_networks(networks: Sequence[str], out, data_root=None, device="auto", network_root=None,
                        progress: bool = True) -> list[dict]:
     """:func:`evaluate_network` for each network, then ``out/paper_networks.md`` and ``.json``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     results = [evaluate_network(n, data_root, device=device, network_root=network_root, progress=progress)
                for n in networks]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused network or missing data writes nothing
     (out / "paper_networks.md").write_text(paper_table(results) + "\n")
     doc = [{**r, "rows": paper_rows(r)} for r in results]
     (out / "paper_networks.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")

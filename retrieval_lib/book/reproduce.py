@@ -449,6 +449,10 @@ def main_reproduce(args) -> int:
     backbone = getattr(args, "backbone", None)
     if backbone is not None:
         check_table_backbone(backbone)
+    cache = _absolute(args.cache or os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval_lib")
+    if getattr(args, "network", None):  # released networks in their authors' setting: book.paper_networks
+        data = _absolute(args.data if args.data is not None else os.environ.get("RETRIEVAL_DATA"))
+        return main_paper_networks(args, _absolute(args.out), data, cache)  # writes only once all are measured
     if args.data is not None:
         data = check_data_root(args.scale, args.data)
     else:
@@ -457,9 +461,6 @@ def main_reproduce(args) -> int:
         benchmark_for_scale(args.scale, data)  # full scale: its data set must be there before we start
     out = _absolute(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = _absolute(args.cache or os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval_lib")
-    if getattr(args, "network", None):  # released networks in their authors' setting: book.paper_networks
-        return main_paper_networks(args, out, data, cache)
     with _environ(RETRIEVAL_DATA=data, RETRIEVAL_CACHE=cache, RETRIEVAL_SCALE=args.scale):
         if dist_env()["world_size"] > 1:  # torchrun: the extraction is shared; process 0 goes on alone
             with process_group():
