@@ -305,3 +305,16 @@ def test_a_failing_redraw_is_a_message_not_a_traceback(explorer, monkeypatch):
 def test_static_figure_of_the_rows(explorer):
     fig = show_rows(explorer)
     assert len(fig.axes) == 4 * (explorer.k + 1) and "top 4 per descriptor" in fig._suptitle.get_text()
+
+
+def test_a_clone_tries_things_without_touching_the_page_on_screen(explorer, tmp_path):
+    ex = explorer
+    ex.app()
+    shown = (ex._ui.message.value, ex._ui.readout.value, ex.query.index, ex.collection_label)
+    probe = ex.clone()
+    assert probe.fmap(0) is ex.fmap(0)  # the maps are shared, not copied
+    try_bad_inputs(probe, tmp_path / "bad")
+    measure_redraws(probe, repeats=1)
+    probe.add_upload("mine.jpg", open(ex.collection.paths[1], "rb").read())
+    assert (ex._ui.message.value, ex._ui.readout.value, ex.query.index, ex.collection_label) == shown
+    assert ex.uploads == [] and ex.p == 3.0 and ex.timings[-1][0] == "page"

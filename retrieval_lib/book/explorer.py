@@ -326,6 +326,17 @@ class Explorer:
         kw.setdefault("progress", book.progress)
         return cls(book.model, book.cfg.image_size, sources, cache_dir=book.cache_dir, **kw)
 
+    def clone(self) -> "Explorer":
+        """Another explorer on the same collection, maps and thumbnails (shared, never copied), with its own
+        query, settings, uploads, messages and page: for trying things (:func:`try_bad_inputs`,
+        :func:`measure_redraws`) without touching the page a user has in front of them."""
+        twin = Explorer(self.model, self.image_size, self.sources, self.cache_dir, self.upload_dir, self.progress,
+                        self.heads, self.k, self.p, self.L)
+        twin.collection, twin.collection_label, twin.query = self.collection, self.collection_label, self.query
+        twin.uploads = list(self.uploads)
+        twin._stacks, twin._fmaps, twin._thumbs, twin._desc = self._stacks, self._fmaps, self._thumbs, dict(self._desc)
+        return twin
+
     def source_names(self) -> list:
         return list(self.sources)
 
@@ -685,7 +696,7 @@ class _Page:
             label = W.HTML(layout=W.Layout(width="130px"))
             cells = []
             for pos in range(KMAX):
-                img = W.Image(format="jpeg", layout=W.Layout(width="112px", height="auto"))
+                img = W.Image(format="jpeg", layout=W.Layout(width="112px", height="96px", object_fit="contain"))
                 cap = W.HTML()
                 why = W.Button(description="why", tooltip="why this result matched", layout=W.Layout(width="112px"))
                 why.add_class("explorer-why")
@@ -856,7 +867,8 @@ class _Page:
             b.add_class("explorer-thumb")
             b.on_click(lambda _b, i=i: self._act("click thumbnail", lambda: self.pick(i)))
             self.thumb_buttons.append(b)
-            items.append(W.VBox([W.Image(value=ex.thumbnail(i), format="jpeg", layout=W.Layout(width="100px")), b]))
+            items.append(W.VBox([W.Image(value=ex.thumbnail(i), format="jpeg",
+                                         layout=W.Layout(width="100px", height="84px", object_fit="contain")), b]))
         for old in self.thumbs.children:
             old.close()
         self.thumbs.children = items
@@ -942,13 +954,12 @@ class _Page:
 def measure_redraws(ex: Explorer, repeats: int = 3) -> dict:
     """Drive the page's controls as a user would and return the median seconds of each kind of redraw.
 
-    Builds the page when :meth:`Explorer.app` has not. Keys: ``click_thumbnail``, ``p_slider``,
+    Builds a new page (:meth:`Explorer.app`; use :meth:`Explorer.clone` to leave the one on screen alone). Keys: ``click_thumbnail``, ``p_slider``,
     ``L_slider``, ``k_slider``, ``compare``, ``why_mac``, ``why_gem``, ``why_rmac`` (median of
     ``repeats`` redraws each; every slider move goes to a value not seen before, so it re-pools
     every kept map). A redraw that failed is missing from the dict.
     """
-    if ex._ui is None:
-        ex.app()
+    ex.app()  # a fresh page, on the explorer's collection
     page = ex._ui
     n = len(ex.collection)
     times: dict = {}
