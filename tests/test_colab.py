@@ -135,7 +135,8 @@ def _run_cell_in(shell, code: str, success: bool = True):
     shell.events.trigger("post_run_cell", types.SimpleNamespace(success=success))
 
 
-@pytest.mark.parametrize("scale, fetched", [("cpu", "real171"), ("smoke", "real171"), ("full", "roxford5k")])
+@pytest.mark.parametrize("scale, fetched", [("cpu", ["real171"]), ("smoke", ["real171"]),
+                                           ("full", ["roxford5k", "real171"])])  # full: 05-08's split too
 def test_the_parameters_cell_decides_what_is_downloaded(scale, fetched, monkeypatch):
     got = _fake_downloads(monkeypatch)
     monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
@@ -144,9 +145,10 @@ def test_the_parameters_cell_decides_what_is_downloaded(scale, fetched, monkeypa
     _run_cell_in(shell, "import os")                            # the imports cell: no SCALE yet
     assert got == []                                            # nothing before the parameters cell
     _run_cell_in(shell, f'SCALE = {scale!r}\nDATA_ROOT = os.environ.get("RETRIEVAL_DATA")')
-    assert got == [(fetched, colab.COLAB_DATA_ROOT)]
+    assert got == [(name, colab.COLAB_DATA_ROOT) for name in fetched]
     _run_cell_in(shell, 'SCALE = "full"')                       # later cells: the callback is gone
-    assert got == [(fetched, colab.COLAB_DATA_ROOT)] and shell.events.callbacks["post_run_cell"] == []
+    assert got == [(name, colab.COLAB_DATA_ROOT) for name in fetched]
+    assert shell.events.callbacks["post_run_cell"] == []
 
 
 def test_the_cell_s_data_root_wins_and_a_failed_cell_waits(monkeypatch, tmp_path):
@@ -202,7 +204,7 @@ def test_without_ipython_the_default_scale_is_fetched_at_once(monkeypatch, tmp_p
     monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert colab.colab_setup(root=str(tmp_path)) == os.environ["RETRIEVAL_DATA"] == str(tmp_path)
-    assert got == [("roxford5k", str(tmp_path))]
+    assert got == [("roxford5k", str(tmp_path)), ("real171", str(tmp_path))]
     assert colab.fetch_for_scale("cpu", str(tmp_path)) == "real171" and got[-1] == ("real171", str(tmp_path))
 
 
