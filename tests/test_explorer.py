@@ -276,7 +276,9 @@ def test_the_page_clicks_slides_explains_and_compares(explorer):
     assert "share" in page.why_text.value and page.slots[2][0].layout.display == "none"
     assert [w for w, _ in ex.timings][-5:] == ["click thumbnail", "p slider", "k slider", "why overlay", "view"]
     assert not any(kind == "error" for kind, _ in ex.messages)
+    page = ex._ui
     times = measure_redraws(ex, repeats=1)
+    assert ex._ui is page and page.root.comm is not None  # its own page was closed, not this one
     assert set(times) == {"click_thumbnail", "p_slider", "L_slider", "k_slider", "compare", "why_mac", "why_gem",
                           "why_rmac"} and all(v > 0 for v in times.values())
 
@@ -288,8 +290,9 @@ def test_the_page_says_every_bad_input(explorer, tmp_path):
                                             "duplicate files", "not an image", "unreadable photo", "huge photo"]
     assert [kind for _, kind, _ in said] == ["error"] * 3 + ["info"] + ["error"] * 3  # each shown in the page
     assert all(text for _, _, text in said)
-    assert ex.collection_label == "tiny"  # back on the collection it was on
-    ex._ui.thumb_buttons[1].click()  # and the page still answers
+    assert ex.collection_label == "tiny" and ex._ui is None  # back on its collection; its page closed
+    ex.app()
+    ex._ui.thumb_buttons[1].click()  # and a page still answers
     assert ex.query.index == 1 and "explorer-error" not in ex._ui.message.value
 
 
@@ -318,3 +321,20 @@ def test_a_clone_tries_things_without_touching_the_page_on_screen(explorer, tmp_
     probe.add_upload("mine.jpg", open(ex.collection.paths[1], "rb").read())
     assert (ex._ui.message.value, ex._ui.readout.value, ex.query.index, ex.collection_label) == shown
     assert ex.uploads == [] and ex.p == 3.0 and ex.timings[-1][0] == "page"
+
+
+def test_the_fast_gem_and_rmac_equal_the_pooling_modules(explorer):
+    """GeM summed over the cells above eps only, R-MAC from the kept region MACs of L = 5: the same descriptors."""
+    from retrieval_lib.layers.pooling import RMAC, GeM
+
+    ex = explorer
+    maps = [ex.fmap(i) for i in range(len(ex.collection))]
+    assert sum(int((f == 0).sum()) for f in maps) > 0  # the shortcut has zeros to skip
+    for p in (1.0, 2.5, 8.0, 16.0):
+        ex.p = p
+        want = torch.cat([l2n(GeM(p=p, learn_p=False, dtype=torch.float64)(f[None].double()).float()) for f in maps])
+        assert torch.allclose(ex.descriptors("GeM"), want, atol=1e-5), p
+    for L in range(1, 6):
+        ex.L = L
+        want = torch.cat([l2n(RMAC(L=L)(f[None])) for f in maps])
+        assert torch.allclose(ex.descriptors("R-MAC"), want, atol=1e-6), L

@@ -65,7 +65,7 @@ from retrieval_lib.data.images import MAX_ASPECT, ImageError, ImageList, load_im
 from retrieval_lib.engine.extract import extract_fmaps, resize_longer_side
 from retrieval_lib.errors import UsageError
 from retrieval_lib.layers.contributions import rmac_contributions
-from retrieval_lib.layers.functional import l2n
+from retrieval_lib.layers.functional import l2n, mac, region_mac, rmac_regions
 from retrieval_lib.layers.pooling import MAC, RMAC, GeM, SPoC
 from retrieval_lib.search.topk import TopK, compare_rows, top_k_rows
 
@@ -80,6 +80,7 @@ MAX_PIXELS = 80_000_000
 STORE_SIDE = 1024
 """Uploaded photos are stored with their longer side at most this many pixels."""
 THUMB_SIDE = 128
+L_MAX = 5  # the largest L of the page's slider
 SMALL = 16  # collections up to this size are extracted in the kernel's process, unfolded
 BASE_METHODS = ("MAC", "SPoC", "GeM", "R-MAC")
 
@@ -303,6 +304,7 @@ class Explorer:
         self._stacks: list = []  # (indices, (n, C, h, w) maps) per map size
         self._fmaps: list = []
         self._desc: dict = {}
+        self._prep: dict = {}
         self._thumbs: dict = {}
         self._ui = None
 
@@ -334,7 +336,8 @@ class Explorer:
                         self.heads, self.k, self.p, self.L)
         twin.collection, twin.collection_label, twin.query = self.collection, self.collection_label, self.query
         twin.uploads = list(self.uploads)
-        twin._stacks, twin._fmaps, twin._thumbs, twin._desc = self._stacks, self._fmaps, self._thumbs, dict(self._desc)
+        twin._stacks, twin._fmaps, twin._thumbs, twin._prep = self._stacks, self._fmaps, self._thumbs, self._prep
+        twin._desc = dict(self._desc)
         return twin
 
     def source_names(self) -> list:
@@ -386,6 +389,7 @@ class Explorer:
             for j, i in enumerate(idx.tolist()):
                 self._fmaps[i] = X[j]  # a view into the stack
         self._desc = {}
+        self._prep = {}  # per stack: what makes a new p or L fast (see descriptors)
 
     def fmap(self, i: int) -> torch.Tensor:
         """Feature map ``(C, h, w)`` of collection photo ``i`` (kept, never extracted again)."""
@@ -419,18 +423,45 @@ class Explorer:
     @torch.no_grad()
     def descriptors(self, method: str) -> torch.Tensor:
         """``(N, D)`` L2-normalised descriptors of the collection under ``method`` at the current
-        ``p`` / ``L``, pooled from the kept maps once and then kept."""
+        ``p`` / ``L``, pooled from the kept maps once and then kept.
+
+        Two shortcuts keep a slider move fast, both exact: GeM sums ``x^p`` over the cells at or
+        above ``eps`` only (after a ReLU most of the map is 0, which adds ``eps^p`` per cell),
+        and R-MAC keeps the unit region MACs of ``L = 5``, whose first regions are those of every
+        smaller ``L`` (:func:`~retrieval_lib.book.regional.region_levels`), so a new ``L`` only sums.
+        """
         key = self._key(method)
         if key not in self._desc:
-            pool = self.pooling(method)
             out = None
-            for idx, X in self._stacks:
-                d = l2n(pool(X).float())
+            for k, (idx, X) in enumerate(self._stacks):
+                d = l2n(self._pool_stack(method, k, X).float())
                 if out is None:
                     out = d.new_zeros(len(self._fmaps), d.shape[1])
                 out[idx] = d
             self._desc[key] = out
         return self._desc[key]
+
+    def _pool_stack(self, method: str, k: int, X: torch.Tensor) -> torch.Tensor:
+        """Descriptors ``(n, D)`` (not normalised) of stack ``k`` of the kept maps."""
+        if method == "GeM":
+            if ("gem", k) not in self._prep:
+                eps = 1e-6  # GeM's
+                flat = X.reshape(-1, X.shape[-2] * X.shape[-1])  # (n C, h w)
+                big = flat >= eps
+                rows = big.nonzero()[:, 0]
+                self._prep[("gem", k)] = (flat[big].double(), rows, (~big).sum(1).double(), flat.shape[1], eps)
+            vals, rows, n_small, cells, eps = self._prep[("gem", k)]
+            total = torch.zeros(len(n_small), dtype=torch.float64).index_add_(0, rows, vals.pow(self.p))
+            total += n_small * eps ** self.p  # the cells below eps, clamped to eps as GeM does
+            return (total / cells).pow(1.0 / self.p).reshape(X.shape[0], X.shape[1])
+        if method == "R-MAC" and self.L <= L_MAX:
+            h, w = X.shape[-2:]
+            if ("rmac", k) not in self._prep:
+                self._prep[("rmac", k)] = (l2n(region_mac(X, rmac_regions(h, w, L_MAX))), l2n(mac(X)))
+            units, whole = self._prep[("rmac", k)]  # (n, R, C), (n, C)
+            n_regions = rmac_regions(h, w, self.L).shape[0]  # the first regions of L_MAX's
+            return l2n(units[:, :n_regions].sum(dim=1) + whole)
+        return self.pooling(method)(X).float()
 
     @torch.no_grad()
     def query_descriptor(self, method: str) -> torch.Tensor:
@@ -515,6 +546,17 @@ class Explorer:
         if path not in self._thumbs:
             self._thumbs[path] = _thumbnail(path)
         return self._thumbs[path]
+
+    def close_page(self) -> None:
+        """Close every widget of the page (:meth:`app`); a page on screen then stops answering."""
+        def close(w):
+            for child in getattr(w, "children", ()):
+                close(child)
+            w.close()
+
+        if self._ui is not None:
+            close(self._ui.root)
+            self._ui = None
 
     def record(self, what: str, seconds: float) -> None:
         self.timings.append((what, float(seconds)))
@@ -684,7 +726,7 @@ class _Page:
                              continuous_update=False, style=wide)
         self.p = W.FloatLogSlider(value=ex.p, base=2, min=0, max=4, step=0.25, description="p (GeM exponent)",
                                   continuous_update=False, readout_format=".2f", style=wide)
-        self.L = W.IntSlider(value=ex.L, min=1, max=5, description="L (R-MAC scale levels)", continuous_update=False,
+        self.L = W.IntSlider(value=ex.L, min=1, max=L_MAX, description="L (R-MAC scale levels)", continuous_update=False,
                              style=wide)
         self.view = W.ToggleButtons(options=["every descriptor", "compare two"], description="view (rows shown)",
                                     style=wide)
@@ -761,12 +803,14 @@ class _Page:
             except Exception as err:  # a bug, but the page stays usable and says what happened
                 failed = f"{what} failed: {type(err).__name__}: {err}"
         if failed is not None:
-            self.progress_out.clear_output()
+            if self.progress_out.outputs:
+                self.progress_out.clear_output()
             self.say(failed, "error")
             return None
         dt = time.perf_counter() - t0
         self.ex.record(what, dt)
-        self.progress_out.clear_output()
+        if self.progress_out.outputs:  # (clear_output outside a kernel would print to the terminal)
+            self.progress_out.clear_output()
         if len(self.ex.messages) > n_msgs and not self.message.value:
             kind, text = self.ex.messages[-1]
             self.say(text, kind)
@@ -954,12 +998,14 @@ class _Page:
 def measure_redraws(ex: Explorer, repeats: int = 3) -> dict:
     """Drive the page's controls as a user would and return the median seconds of each kind of redraw.
 
-    Builds a new page (:meth:`Explorer.app`; use :meth:`Explorer.clone` to leave the one on screen alone). Keys: ``click_thumbnail``, ``p_slider``,
+    Drives a page of its own (closed at the end); the explorer's query and settings change, so pass
+    :meth:`Explorer.clone` to leave a page on screen as it is. Keys: ``click_thumbnail``, ``p_slider``,
     ``L_slider``, ``k_slider``, ``compare``, ``why_mac``, ``why_gem``, ``why_rmac`` (median of
     ``repeats`` redraws each; every slider move goes to a value not seen before, so it re-pools
     every kept map). A redraw that failed is missing from the dict.
     """
-    ex.app()  # a fresh page, on the explorer's collection
+    on_screen = ex._ui
+    ex.app()  # a page of its own, on the explorer's collection, closed at the end
     page = ex._ui
     n = len(ex.collection)
     times: dict = {}
@@ -988,6 +1034,8 @@ def measure_redraws(ex: Explorer, repeats: int = 3) -> dict:
     for m in ex.methods()[1:repeats]:
         timed("compare", lambda m=m: setattr(page.b, "value", m))
     page.view.value = "every descriptor"
+    ex.close_page()
+    ex._ui = on_screen
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -1009,12 +1057,14 @@ def try_bad_inputs(ex: Explorer, folder, photo: Optional[str] = None) -> list:
     Under ``folder`` (created) it writes: an empty folder, a folder of one photo, a folder with
     duplicate files, and it names a folder that does not exist (typed into the folder box, then
     "load folder"); it uploads a text file, a truncated JPEG and a huge photo (:func:`huge_png`)
-    through the upload control. ``photo`` (default: the collection's first) is the photo copied
+    through the upload control of a page of its own (closed at the end; the explorer's collection
+    and query change meanwhile, so pass :meth:`Explorer.clone` to leave a page on screen as it is).
+    ``photo`` (default: the collection's first) is the photo copied
     into the folders. ``kind`` is ``"error"`` (refused) or ``"info"`` (used, with a note). The
     collection in use before is chosen again at the end.
     """
-    if ex._ui is None:
-        ex.app()
+    on_screen = ex._ui
+    ex.app()  # a page of its own, closed at the end
     page = ex._ui
     root = Path(folder)
     photo = Path(photo or ex.collection.paths[0])
@@ -1048,4 +1098,6 @@ def try_bad_inputs(ex: Explorer, folder, photo: Optional[str] = None) -> list:
         last_message(case, lambda item=item: setattr(page.upload, "value", (item,)))
     if page.collection.value != before_label:
         page.collection.value = before_label
+    ex.close_page()
+    ex._ui = on_screen
     return said
