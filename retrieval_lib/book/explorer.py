@@ -148,12 +148,13 @@ def _thumbnail(path: str, side: int = THUMB_SIDE) -> bytes:
     return buf.getvalue()
 
 
-def _png(fig, dpi: int = 72) -> bytes:
-    """A matplotlib figure as PNG bytes; the figure is closed (never shown by the inline backend later)."""
+def _jpeg(fig, dpi: int = 72) -> bytes:
+    """A matplotlib figure as JPEG bytes (photos: smaller and faster than PNG); the figure is closed,
+    so the inline backend never shows it later."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="jpeg", dpi=dpi, pil_kwargs={"quality": 88})
     plt.close(fig)
     return buf.getvalue()
 
@@ -305,7 +306,8 @@ class Explorer:
         self._fmaps: list = []
         self._desc: dict = {}
         self._prep: dict = {}
-        self._thumbs: dict = {}
+        self._thumbs: dict = {}  # thumbnails by path, network-size images by ("net", path, size)
+        self._net_order: list = []
         self._ui = None
 
     # -- building
@@ -337,7 +339,7 @@ class Explorer:
         twin.collection, twin.collection_label, twin.query = self.collection, self.collection_label, self.query
         twin.uploads = list(self.uploads)
         twin._stacks, twin._fmaps, twin._thumbs, twin._prep = self._stacks, self._fmaps, self._thumbs, self._prep
-        twin._desc = dict(self._desc)
+        twin._desc, twin._net_order = dict(self._desc), self._net_order
         return twin
 
     def source_names(self) -> list:
@@ -529,8 +531,14 @@ class Explorer:
         return bool(col.labels[i] == col.labels[self.query.index])
 
     def network_image(self, path: str) -> Image.Image:
-        """The photo as the network sees it (longer side ``image_size``)."""
-        return resize_longer_side(load_image(path), self.image_size)
+        """The photo as the network sees it (longer side ``image_size``); the last few are kept."""
+        key = ("net", path, self.image_size)
+        if key not in self._thumbs:
+            if len(self._net_order) >= 16:
+                self._thumbs.pop(self._net_order.pop(0), None)
+            self._thumbs[key] = resize_longer_side(load_image(path), self.image_size)
+            self._net_order.append(key)
+        return self._thumbs[key]
 
     def why(self, method: str, rank: int):
         """Why result ``rank`` (0 = first) of ``method`` matched: ``(figure, readout)``. See :func:`show_why`."""
@@ -749,7 +757,7 @@ class _Page:
             self.slots.append((box, label, cells))
         self.shown: list = []  # (method, TopK) of the rows on the page
         self.why_title = W.HTML()
-        self.why_img = W.Image(format="png", layout=W.Layout(max_width="900px"))
+        self.why_img = W.Image(format="jpeg", layout=W.Layout(max_width="900px"))
         self.why_text = W.HTML()
         self.progress_out = W.Output()
         for w, cls in ((self.message, "explorer-message"), (self.readout, "explorer-readout"),
@@ -990,7 +998,7 @@ class _Page:
     def open_why(self, slot: int, pos: int) -> None:
         method, row = self.shown[slot]
         fig, text = show_why(self.ex, method, row.indices[pos], row.scores[pos])
-        self.why_img.value = _png(fig)
+        self.why_img.value = _jpeg(fig)
         self.why_title.value = f"<h4>why result #{pos + 1} of {html.escape(row.label)} matched</h4>"
         self.why_text.value = f"<span class='explorer-why-text'>{html.escape(text)}</span>"
 
