@@ -41,22 +41,15 @@ def test_unknown_notebook_is_refused_and_the_notebooks_are_listed(tmp_path):
     assert "03_gem" in line and not (tmp_path / "r").exists()
 
 
-def test_missing_data_folder_is_refused(tmp_path):
-    res = _cli("reproduce", "--scale", "cpu", "--notebooks", "none", "--data", "/nonexistent", "--out", "r",
-               cwd=tmp_path)
-    _one_line_error(res, 3, "/nonexistent", "download real171 --data /nonexistent")
-    assert not (tmp_path / "r").exists()
-
-
-def test_data_folder_without_what_the_scale_needs_is_refused(tmp_path):
+@pytest.mark.parametrize("scale, data, needles", [
+    ("cpu", "/nonexistent", ["/nonexistent", "download real171 --data /nonexistent"]),  # no such folder
+    ("smoke", "empty", ["real171/manifest.json", "download real171 --data empty"]),     # not what smoke measures
+    ("full", "empty", ["roxford5k", "download roxford5k"]),                             # not what full measures
+])
+def test_a_data_folder_without_what_the_scale_needs_is_refused(tmp_path, scale, data, needles):
     (tmp_path / "empty").mkdir()
-    res = _cli("reproduce", "--scale", "smoke", "--notebooks", "none", "--data", "empty", "--out", "r",
-               cwd=tmp_path)
-    _one_line_error(res, 3, "real171/manifest.json", "download real171 --data empty")
-    assert not (tmp_path / "r").exists()
-    res = _cli("reproduce", "--scale", "full", "--notebooks", "none", "--data", "empty", "--out", "r",
-               cwd=tmp_path)
-    _one_line_error(res, 3, "roxford5k", "download roxford5k")
+    res = _cli("reproduce", "--scale", scale, "--notebooks", "none", "--data", data, "--out", "r", cwd=tmp_path)
+    _one_line_error(res, 3, *needles)
     assert not (tmp_path / "r").exists()
 
 

@@ -17,18 +17,9 @@ from retrieval_lib.book import downloads
 from retrieval_lib.data import real171 as r171
 from retrieval_lib.data.download import ArchiveError
 from retrieval_lib.models.released import released_networks
-from test_real171_download import SOURCES, _route, _table
+from test_real171_download import SOURCES, _route, _table, server  # noqa: F401 (the local mirror fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def server():
-    srv = serve({_route(path): Route(data) for path, data, _ in SOURCES.values()})
-    srv.mirror = srv.url("")
-    yield srv
-    srv.shutdown()
-    srv.server_close()
 
 
 @pytest.fixture
