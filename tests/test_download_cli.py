@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from _http import Route, serve
 from retrieval_lib import __main__ as cli
 from retrieval_lib.book import downloads
 from retrieval_lib.data import real171 as r171
