@@ -30,8 +30,10 @@ from retrieval_lib.data.images import ImageList
 from retrieval_lib.search.evaluate import compute_map, evaluate_revisited
 from retrieval_lib.search.nearest import knn, rank_database
 from retrieval_lib.search.compress import Float16Codec, PCACodec, PQCodec, compressed_pair
+from retrieval_lib.search.compare import holm, paired_comparison, sign_test
 from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps
 from retrieval_lib.book.session import start
+from retrieval_lib.book.verdict import multiplicity_note, verdict
 
 __version__ = "0.1.0"
 
@@ -47,5 +49,6 @@ __all__ = [
     "ImageList",
     "compute_map", "evaluate_revisited", "knn", "rank_database",
     "Float16Codec", "PCACodec", "PQCodec", "compressed_pair",
+    "paired_comparison", "sign_test", "holm", "verdict", "multiplicity_note",
     "extract_descriptors", "extract_fmaps", "start",
 ]

@@ -75,3 +75,72 @@ def test_signed_never_prints_a_nonzero_gap_as_zero():
     assert signed(-2.1e-4) == "-2.1e-04" and signed(3e-6) == "+3.0e-06"
     cmp = paired_comparison(np.array([0.5, 0.5002, 0.4]), np.array([0.5, 0.5, 0.4]), n_boot=20)
     assert "+6.7e-05" in verdict("A", "B", cmp)
+
+
+def _loop_group_bootstrap(d, groups, n_boot, seed, level):
+    """Plain reference: draw groups one at a time, pool their queries, average."""
+    labels = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(labels), size=(n_boot, len(labels)))
+    means = []
+    for row in idx:
+        pooled = [d[q] for j in row for q in range(len(d)) if groups[q] == labels[j]]
+        means.append(sum(pooled) / len(pooled))
+    return np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+
+
+def test_group_bootstrap_matches_a_loop_and_is_wider_when_queries_share_groups():
+    from retrieval_lib.search.compare import paired_comparison
+
+    rng = np.random.default_rng(5)
+    a, b = rng.random(12), rng.random(12)
+    groups = np.array(["g1", "g1", "g2", "g3", "g3", "g3", "g4", "g5", "g5", "g6", "g6", "g6"])
+    cmp = paired_comparison(a, b, n_boot=200, seed=3, level=0.9, groups=groups)
+    assert cmp["ci"] == pytest.approx(tuple(_loop_group_bootstrap(a - b, groups, 200, 3, 0.9)), abs=1e-12)
+    assert (cmp["resampled"], cmp["n_groups"], cmp["n"]) == ("groups", 6, 12)
+    # each image pair gives two mirror queries with the same difference: resampling queries one by one
+    # treats 40 queries as independent, resampling the 20 pairs does not -- the interval widens by ~sqrt(2)
+    d = rng.normal(0.02, 0.1, 20)
+    pa, pb = np.repeat(d, 2), np.zeros(40)
+    pairs = np.repeat(np.arange(20), 2)
+    by_query = paired_comparison(pa, pb, n_boot=4000)
+    by_pair = paired_comparison(pa, pb, n_boot=4000, groups=pairs)
+    ratio = (by_pair["ci"][1] - by_pair["ci"][0]) / (by_query["ci"][1] - by_query["ci"][0])
+    assert 1.25 < ratio < 1.6 and by_pair["delta"] == by_query["delta"]
+    with pytest.raises(ValueError, match="one label per query"):
+        paired_comparison(a, b, groups=groups[:5])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        paired_comparison(a, b, groups=np.zeros(12))
+
+
+def test_sign_test_and_holm_by_hand():
+    from retrieval_lib.search.compare import holm, sign_test
+
+    assert sign_test(3, 0) == pytest.approx(0.25) and sign_test(0, 3) == pytest.approx(0.25)
+    assert sign_test(0, 0) == 1.0 and sign_test(5, 5) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)
+    assert sign_test(4, 1) == pytest.approx(2 * (1 + 5) / 32)  # P(X <= 1), X ~ Bin(5, 1/2), doubled
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_verdict_never_claims_what_the_data_cannot_show():
+    from retrieval_lib.book.verdict import multiplicity_note
+
+    base = np.linspace(0.1, 0.9, 30)
+    same = paired_comparison(base, base.copy())
+    assert same["identical"] and not same["significant"]
+    text = verdict("A", "B", same)
+    assert "identical mAP on every one of the 30 queries" in text and "noise" not in text and "reverse" not in text
+    # three queries gain, none lose: no resample can reverse it, and three queries are too few for a sign test
+    one_sided = base.copy()
+    one_sided[:3] += 0.2
+    cmp = paired_comparison(one_sided, base)
+    assert not cmp["significant"] and cmp["ci"][0] == pytest.approx(0.0, abs=1e-12) and cmp["sign_p"] == 0.25
+    text = verdict("A", "B", cmp)
+    assert "favours **A**" in text and "no resample can reverse" in text and "p = 0.25" in text
+    assert "could reverse" not in text and "too few" in text
+    # an interval endpoint that is 0 up to rounding (a -4.6e-18 "loss") is 0, not "beyond the noise"
+    rounding = paired_comparison(base + np.r_[0.3, np.zeros(29)], base + np.r_[0, 4.6e-18, np.zeros(28)])
+    assert not rounding["significant"] and rounding["losses"] == 0
+    assert "12 comparisons at once" in multiplicity_note(12) and "0.6 of 12" in multiplicity_note(12)
