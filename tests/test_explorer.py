@@ -338,3 +338,20 @@ def test_the_fast_gem_and_rmac_equal_the_pooling_modules(explorer):
         ex.L = L
         want = torch.cat([l2n(RMAC(L=L)(f[None])) for f in maps])
         assert torch.allclose(ex.descriptors("R-MAC"), want, atol=1e-6), L
+
+
+def test_a_learned_head_is_one_more_row(explorer):
+    from retrieval_lib.layers.pooling import GeM
+
+    ex = explorer
+    ex.heads = {"GeM p=2 (a stand-in head)": GeM(p=2.0, learn_p=False)}
+    rows = ex.rows()
+    assert [r.label for r in rows][-1] == "GeM p=2 (a stand-in head)" and len(rows) == 5
+    X = torch.cat([l2n(GeM(p=2.0, learn_p=False)(ex.fmap(i)[None])) for i in range(len(ex.collection))])
+    s = X @ X[ex.query.index]
+    s[ex.query.index] = -1
+    assert list(rows[-1].indices) == torch.argsort(s, descending=True)[:ex.k].tolist()
+    with pytest.raises(ExplorerInputError, match="no explanation is drawn for 'GeM p=2"):
+        ex.why("GeM p=2 (a stand-in head)", 0)
+    ex.app()
+    assert ex._ui.slots[4][2][0][2].layout.display == "none"  # no "why" button under a head's results

@@ -42,7 +42,6 @@ import datetime
 import hashlib
 import html
 import io
-import math
 import statistics
 import struct
 import sys
@@ -59,8 +58,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrieval_lib.book.explain import cell_centers, conv_chain, implicit_correspondences, receptive_field
 from retrieval_lib.book.sweeps import gem_contributions
-from retrieval_lib.book.viz import draw_boxes, fmap_to_image_box, overlay, show_correspondences, to_numpy_image
+from retrieval_lib.book.viz import (draw_boxes, fmap_to_image_box, overlay, show_correspondences, show_two_rankings,
+                                   to_numpy_image)
 from retrieval_lib.data.datasets import IMAGE_EXTENSIONS, GroupDataset, cache_root, offline_default, real171
+from retrieval_lib.data.datasets import data_root as default_data_root
 from retrieval_lib.data.images import MAX_ASPECT, ImageError, ImageList, load_image
 from retrieval_lib.engine.extract import extract_fmaps, resize_longer_side
 from retrieval_lib.errors import UsageError
@@ -319,12 +320,10 @@ class Explorer:
         data root (``data_root``, else ``RETRIEVAL_DATA``) holds it (a whole real171 even at
         smoke scale: it is extracted only when chosen).
         """
-        from retrieval_lib.data.datasets import data_root as env_root
-
         sources = {f"this run's images ({book.benchmark.name})": lambda: collection_from_benchmark(book.benchmark)}
         if book.benchmark.name != "offline_default":
             sources["offline default (synthetic views)"] = lambda: collection_from_benchmark(offline_default())
-        root = Path(data_root).expanduser() if data_root else env_root()
+        root = Path(data_root).expanduser() if data_root else default_data_root()
         if root is not None and (root / "real171" / "manifest.json").is_file() and book.benchmark.name != "real171":
             sources["real171 (171 real photos)"] = lambda: collection_from_benchmark(real171(root))
         kw.setdefault("progress", book.progress)
@@ -603,8 +602,6 @@ def _rf(model, image_hw, fmap_hw):
 
 def show_rows(ex: Explorer, rows=None, title: Optional[str] = None):
     """The query, then one row of its top-k per descriptor, frames green/red when the collection has groups."""
-    from retrieval_lib.book.viz import show_two_rankings
-
     rows = ex.rows() if rows is None else rows
     q = ex.network_image(ex.query.path)
     spec = []
