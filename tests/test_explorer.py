@@ -355,3 +355,18 @@ def test_a_learned_head_is_one_more_row(explorer):
         ex.why("GeM p=2 (a stand-in head)", 0)
     ex.app()
     assert ex._ui.slots[4][2][0][2].layout.display == "none"  # no "why" button under a head's results
+
+
+def test_why_a_wgem_or_darac_head_matched(explorer):
+    from retrieval_lib.layers.aggregation import DARAC
+    from retrieval_lib.layers.pooling import GeM, WGeM
+
+    ex = explorer
+    ex.heads = {"wGeM (05)": WGeM(8, p=3.0), "DARAC (06)": DARAC(4, seed=0), "GeM p=2": GeM(p=2.0, learn_p=False)}
+    assert [ex.explains(m) for m in ex.methods()] == [True] * 6 + [False]
+    fig, text = ex.why("wGeM (05)", 0)
+    n_cells = ex.query.fmap.shape[-1] * ex.query.fmap.shape[-2]
+    assert f"(a uniform mask would give {5 / n_cells:.0%})" in text and len(fig.axes) == 4  # untrained: uniform
+    assert f"the query and {5 / n_cells:.0%} on the result" in text
+    fig, text = ex.why("DARAC (06)", 0)
+    assert "region slots are weighted from 1.00 to 1.00 (untrained: all 1)" in text

@@ -24,7 +24,8 @@ What the page holds:
   from (:func:`retrieval_lib.book.explain.implicit_correspondences`, 01's figure), SPoC's and
   GeM's per-cell share of the pooled value (:func:`retrieval_lib.book.sweeps.gem_contributions`,
   03), R-MAC's region contributions, which add up to the score
-  (:func:`retrieval_lib.layers.contributions.rmac_contributions`, 04).
+  (:func:`retrieval_lib.layers.contributions.rmac_contributions`, 04), a wGeM head's learned mask
+  (05) and a DARAC head's region-slot weights (06).
 
 Speed: a collection's feature maps are extracted once (progress bar, on-disk cache keyed on
 the files, :func:`~retrieval_lib.engine.extract.extract_fmaps`) and kept stacked by map size;
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from retrieval_lib.book.darac import show_region_weights
 from retrieval_lib.book.explain import cell_centers, conv_chain, implicit_correspondences, receptive_field
 from retrieval_lib.book.sweeps import gem_contributions
 from retrieval_lib.book.viz import (draw_boxes, fmap_to_image_box, overlay, show_correspondences, show_two_rankings,
@@ -539,6 +541,11 @@ class Explorer:
             self._net_order.append(key)
         return self._thumbs[key]
 
+    def explains(self, method: str) -> bool:
+        """Whether :func:`show_why` draws something for ``method`` (the four base descriptors, a wGeM or a DARAC head)."""
+        head = self.heads.get(method)
+        return method in BASE_METHODS or any(callable(getattr(head, a, None)) for a in ("attention", "vector_weights"))
+
     def why(self, method: str, rank: int):
         """Why result ``rank`` (0 = first) of ``method`` matched: ``(figure, readout)``. See :func:`show_why`."""
         row = self.rows([method])[0]
@@ -688,7 +695,32 @@ def show_why(ex: Explorer, method: str, j: int, score: float):
         text = (f"R-MAC (L = {ex.L}): the {len(c)} region contributions (the whole map included) sum to "
                 f"{float(c.sum()):.4f} = the score {score:.4f}; the largest, region {order[0]}, gives {float(c[order[0]]):.4f}")
         return fig, text
-    raise ExplorerInputError(f"no explanation is drawn for {method!r}: the why overlays cover {list(BASE_METHODS)}")
+    head = ex.heads.get(method)
+    if callable(getattr(head, "attention", None)):  # a wGeM head (05): its learned mask on both photos
+        with torch.no_grad():
+            masks = [head.attention(f[None].to(next(head.parameters()).device))[0, 0].cpu() for f in (fq, fx)]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        tops = []
+        for ax, img, m, who in ((axes[0], q_img, masks[0], f"query {qname}"), (axes[1], x_img, masks[1], f"result {xname}")):
+            tops.append(float(m.flatten().topk(min(5, m.numel())).values.sum()))
+            h = overlay(ax, img, m, alpha=0.55, title=f"{who}: the 5 top cells hold {tops[-1]:.0%}")
+            fig.colorbar(h, ax=ax, fraction=0.035, pad=0.02, label="mask weight")
+        fig.suptitle(f"{method}, s = {score:.3f}: its learned spatial mask on both photos")
+        fig.tight_layout()
+        text = (f"{method}: s = {score:.3f}; its learned mask gives the 5 heaviest cells {tops[0]:.0%} of the weight on the "
+                f"query and {tops[1]:.0%} on the result (a uniform mask would give {5 / masks[0].numel():.0%})")
+        return fig, text
+    if callable(getattr(head, "vector_weights", None)):  # a DARAC head (06): the weight of each region slot
+        weights = head.vector_weights().detach().cpu().numpy()
+        fig = show_region_weights(weights, hw=tuple(fx.shape[-2:]),
+                                  title=f"{method}, s = {score:.3f}: the learned weight of each region slot")
+        top = int(weights.argmax())
+        text = (f"{method}: s = {score:.3f}; its {len(weights)} region slots are weighted from {weights.min():.2f} to "
+                f"{weights.max():.2f} (untrained: all 1), the heaviest is the {'average' if top < len(weights) // 2 else 'max'} "
+                f"vector of slot {top % (len(weights) // 2)}")
+        return fig, text
+    raise ExplorerInputError(f"no explanation is drawn for {method!r}: the why overlays cover {list(BASE_METHODS)}, "
+                             "wGeM heads (their mask) and DARAC heads (their slot weights)")
 
 
 # ---------------------------------------------------------------------------------- the page
@@ -972,7 +1004,7 @@ class _Page:
                     img.layout.display = cap.layout.display = why.layout.display = "none"
                     continue
                 img.layout.display = cap.layout.display = ""
-                why.layout.display = "" if method in BASE_METHODS else "none"
+                why.layout.display = "" if ex.explains(method) else "none"
                 i = row.indices[pos]
                 img.value = ex.thumbnail(i)
                 ok = ex.correct(i)
