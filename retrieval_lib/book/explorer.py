@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import html
+import importlib
 import io
 import statistics
 import struct
@@ -582,10 +583,8 @@ class Explorer:
         Chooses the first collection of :meth:`source_names` when none is in use yet.
         """
         if "google.colab" in sys.modules:  # Colab draws third-party widgets only with its custom manager
-            try:
-                from google.colab import output
-
-                output.enable_custom_widget_manager()
+            try:  # by name: google.colab exists only inside Colab
+                importlib.import_module("google.colab.output").enable_custom_widget_manager()
             except (ImportError, AttributeError):
                 pass
         if self.collection is None:
