@@ -495,3 +495,31 @@ def test_an_equation_that_cannot_convert_is_shown_as_source_and_reported(tmp_pat
     assert '<code class="rl-tex-error" title="not converted">a + \\foo{b}</code>' in page
     assert main(["site", "--from", str(run), "--out", str(tmp_path / "cli")]) == 0
     assert "00_odd: an equation is shown as its source" in capsys.readouterr().out
+
+
+def test_a_page_of_widgets_is_walked_through_its_boxes():
+    """10_explorer's app: nested boxes, display-only models and a grid of numbered thumbnail buttons."""
+    from retrieval_lib.book.site import _controls
+
+    def m(name, **state):
+        return {"model_name": name, "state": state}
+
+    state = {
+        "app": m("VBoxModel", children=["IPY_MODEL_top", "IPY_MODEL_t0", "IPY_MODEL_t1", "IPY_MODEL_t2", "IPY_MODEL_out"]),
+        "top": m("HBoxModel", children=["IPY_MODEL_dd", "IPY_MODEL_note", "IPY_MODEL_k"]),
+        "dd": m("DropdownModel", description="collection", _options_labels=["a", "b"], index=1),
+        "note": m("HTMLModel", value="<b>hi</b>"),
+        "k": m("IntSliderModel", description="k (results per row)", min=1, max=8, value=4),
+        **{f"t{i}": m("VBoxModel", children=[f"IPY_MODEL_img{i}", f"IPY_MODEL_b{i}"]) for i in range(3)},
+        **{f"img{i}": m("ImageModel") for i in range(3)},
+        **{f"b{i}": m("ButtonModel", description=f"#{i}") for i in range(3)},
+        "out": m("OutputModel"),
+        "lay": m("LayoutModel"),
+    }
+    got = _controls("app", state)
+    assert got == [{"kind": "Dropdown", "description": "collection", "options": ["a", "b"], "value": "b"},
+                   {"kind": "IntSlider", "description": "k (results per row)", "min": 1, "max": 8, "value": 4},
+                   {"kind": "Button", "description": "3 buttons (#0 … #2)"}]
+    # a live_figure: a VBox of sliders and an Output, as before
+    state["lf"] = m("VBoxModel", children=["IPY_MODEL_k", "IPY_MODEL_out"])
+    assert _controls("lf", state) == [got[1]]

@@ -157,34 +157,79 @@ def _fmt_value(v) -> str:
     return str(v)
 
 
-def _controls(model_id: str, state: dict) -> list[dict]:
-    """The controls inside the widget ``model_id`` (a ``VBox`` of sliders + an ``Output``), from the saved state."""
-    model = state.get(model_id)
-    if model is None:
+_CONTAINERS = ("Box", "HBox", "VBox", "GridBox", "Tab", "Accordion", "Stack")
+_DISPLAY_ONLY = ("HTML", "HTMLMath", "Label", "Image", "Output", "Valid", "Audio", "Video")
+
+
+def _control(cs: dict, kind: str) -> dict:
+    ctl = {"kind": kind, "description": cs.get("description", "")}
+    if "_options_labels" in cs:
+        ctl["options"] = list(cs["_options_labels"])
+        idx = cs.get("index")
+        if isinstance(idx, int) and 0 <= idx < len(ctl["options"]):
+            ctl["value"] = ctl["options"][idx]
+    else:
+        for key in ("min", "max", "value", "base"):
+            if key in cs:
+                ctl[key] = cs[key]
+    return ctl
+
+
+def _controls(model_id: str, state: dict, _seen=None) -> list[dict]:
+    """The controls inside the widget ``model_id``, from the saved state.
+
+    A ``VBox`` of sliders + an ``Output`` (``viz.live_figure``) gives its sliders; a whole page of
+    widgets (``10_explorer``'s app) is walked through its boxes, display-only models (HTML, images,
+    outputs) are left out, a row of three or more buttons (or buttons that differ only by a number,
+    such as thumbnails ``#0`` … ``#39``) becomes one entry naming them, and a control that appears
+    twice is listed once.
+    """
+    seen = set() if _seen is None else _seen
+    if model_id in seen or model_id not in state:
         return []
+    seen.add(model_id)
+    model = state[model_id]
+    name = model.get("model_name", "")
     st = model.get("state", {})
+    if not name.endswith("Model") or name.endswith(("LayoutModel", "StyleModel")):
+        return []
+    kind = name[: -len("Model")]
+    if kind in _DISPLAY_ONLY:
+        return []
     children = [c.split("IPY_MODEL_", 1)[-1] for c in st.get("children", [])]
-    if not children:
-        children = [model_id]
+    if kind not in _CONTAINERS and not children:
+        return [_control(st, kind)]
+    buttons = [c for c in children if state.get(c, {}).get("model_name") == "ButtonModel"]
     out = []
+    if len(buttons) >= 3:
+        labels = [state[c].get("state", {}).get("description", "") for c in buttons]
+        shown = ", ".join(labels[:3]) + (", …" if len(labels) > 3 else "")
+        out.append({"kind": "Button", "description": f"{len(buttons)} buttons ({shown})"})
+        seen.update(buttons)
     for cid in children:
-        child = state.get(cid, {})
-        cs = child.get("state", {})
-        name = child.get("model_name", "")
-        if name == "OutputModel" or not name.endswith("Model") or name.endswith(("LayoutModel", "StyleModel")):
+        for ctl in _controls(cid, state, seen):
+            if ctl not in out:
+                out.append(ctl)
+    return out if _seen is not None else _collapse_numbered_buttons(out)
+
+
+def _collapse_numbered_buttons(controls: list[dict]) -> list[dict]:
+    """Buttons that differ only by a number (a grid of thumbnails ``#0``, ``#1``, ...) as one entry."""
+    shapes: dict = {}
+    for c in controls:
+        if c["kind"] == "Button" and re.search(r"\d", c["description"]):
+            shapes.setdefault(re.sub(r"\d+", "N", c["description"]), []).append(c["description"])
+    many = {shape: labels for shape, labels in shapes.items() if len(labels) >= 3}
+    out, done = [], set()
+    for c in controls:
+        shape = re.sub(r"\d+", "N", c["description"]) if c["kind"] == "Button" else None
+        if shape in many:
+            if shape not in done:
+                labels = many[shape]
+                out.append({"kind": "Button", "description": f"{len(labels)} buttons ({labels[0]} … {labels[-1]})"})
+                done.add(shape)
             continue
-        kind = name[: -len("Model")]
-        ctl = {"kind": kind, "description": cs.get("description", "")}
-        if "_options_labels" in cs:
-            ctl["options"] = list(cs["_options_labels"])
-            idx = cs.get("index")
-            if isinstance(idx, int) and 0 <= idx < len(ctl["options"]):
-                ctl["value"] = ctl["options"][idx]
-        else:
-            for key in ("min", "max", "value", "base"):
-                if key in cs:
-                    ctl[key] = cs[key]
-        out.append(ctl)
+        out.append(c)
     return out
 
 
