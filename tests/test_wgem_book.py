@@ -277,6 +277,15 @@ def test_train_with_validation_keeps_the_best_epoch():
     assert float(layer.p.detach()) == pytest.approx(rec["p"][best], abs=1e-12)
     assert np.isnan(rec["loss"][0]) and all(np.isfinite(rec["loss"][1:]))
     assert np.mean(rec["history"]["loss"][:2]) == pytest.approx(rec["loss"][1])
+    # every epoch's head is kept: the kept one is the returned head, and each gives its recorded validation mAP
+    assert len(rec["states"]) == 5
+    assert all(torch.equal(rec["states"][best][k], v) for k, v in layer.state_dict().items())
+    for e, state in enumerate(rec["states"]):
+        head = WGeM(6, p=3.0)
+        head.load_state_dict(state)
+        got = map_on_subset(pool_fmaps(val_maps, head), val_labels, np.ones(len(val_labels), bool))
+        assert got == pytest.approx(rec["val_mAP"][e], abs=1e-12)
+    assert not torch.equal(rec["states"][0]["conv.weight"], rec["states"][-1]["conv.weight"])  # the mask moved
 
 
 def test_train_with_validation_keeps_the_untrained_head_when_nothing_beats_it():

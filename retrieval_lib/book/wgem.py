@@ -376,7 +376,8 @@ def train_with_validation(pooling, source, miner, objective, val_fmaps, val_labe
 
     Returns ``(pooling, record)``: ``record`` holds per epoch (0 = before training)
     ``"epoch"``, ``"val_mAP"``, ``"p"`` (the exponent in use, ``max(p, p_min)``), ``"loss"``
-    (mean training loss of the epoch; NaN at 0) and each name of ``measure``, plus
+    (mean training loss of the epoch; NaN at 0), ``"states"`` (the head's state dict on the CPU,
+    so a figure can show the head of any epoch) and each name of ``measure``, plus
     ``"kept_epoch"``, ``"steps_per_epoch"`` and ``"history"`` (the trainer's per-step loss
     and rate).
     """
@@ -413,10 +414,11 @@ def train_with_validation(pooling, source, miner, objective, val_fmaps, val_labe
             with torch.no_grad():
                 for name, value in measure(pooling).items():
                     record.setdefault(name, []).append(float(value))
+        record["states"].append({k: t.detach().cpu().clone() for k, t in pooling.state_dict().items()})
         return v
 
     per_epoch = miner.batches_per_epoch()
-    record = {"epoch": [], "val_mAP": [], "p": [], "loss": [], "steps_per_epoch": per_epoch}
+    record = {"epoch": [], "val_mAP": [], "p": [], "loss": [], "states": [], "steps_per_epoch": per_epoch}
     best = {"mAP": note(0, float("nan")), "epoch": 0, "state": copy.deepcopy(pooling.state_dict())}
 
     def on_step(trainer, step, loss):
