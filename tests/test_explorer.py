@@ -17,6 +17,8 @@ from _fakes import TinyBackbone, write_groups
 from retrieval_lib.book.explorer import (MAX_PIXELS, Collection, Explorer, ExplorerInputError, collection_from_folder,
                                          huge_png, measure_redraws, read_photo, show_rows, try_bad_inputs)
 from retrieval_lib.book.sweeps import gem_contributions
+from retrieval_lib.data.images import load_image
+from retrieval_lib.engine.extract import resize_longer_side
 from retrieval_lib.errors import UsageError
 from retrieval_lib.layers.contributions import rmac_contributions
 from retrieval_lib.layers.functional import gem, l2n, mac, rmac, spoc
@@ -370,3 +372,31 @@ def test_why_a_wgem_or_darac_head_matched(explorer):
     assert f"the query and {5 / n_cells:.0%} on the result" in text
     fig, text = ex.why("DARAC (06)", 0)
     assert "region slots are weighted from 1.00 to 1.00 (untrained: all 1)" in text
+
+
+def test_a_released_network_is_one_more_row(explorer, tmp_path):
+    """A whole network (here a tiny checkpoint in cirtorch's layout, loaded as a released one) ranks with its own
+    backbone: each photo resized to the explorer's input size and normalised with the network's mean/std."""
+    from retrieval_lib.models.released import load_network
+    from test_released import _cirtorch_ckpt
+
+    _cirtorch_ckpt(tmp_path / "net.pth", whitening=True, lw=False)
+    net = load_network(tmp_path / "net.pth")
+    ex = explorer
+    ex.networks = {"released (stand-in)": net}
+    rows = ex.rows()
+    assert [r.label for r in rows][-1] == "released (stand-in)" and len(rows) == 5
+    mean, std = torch.tensor(net.mean).view(1, 3, 1, 1), torch.tensor(net.std).view(1, 3, 1, 1)
+    X = []
+    for path in ex.collection.paths:  # the plain reference, one photo at a time
+        im = resize_longer_side(load_image(path), ex.image_size)
+        x = torch.tensor(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)[None] / 255
+        with torch.no_grad():
+            X.append(l2n(net((x - mean) / std)))
+    X = torch.cat(X)
+    torch.testing.assert_close(ex.descriptors("released (stand-in)"), X)
+    s = X @ X[ex.query.index]
+    s[ex.query.index] = -1
+    assert list(rows[-1].indices) == torch.argsort(s, descending=True)[:ex.k].tolist()
+    assert not ex.explains("released (stand-in)")
+    assert "released (stand-in)" in ex.clone().methods()

@@ -57,6 +57,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from retrieval_lib.book.darac import show_region_weights
 from retrieval_lib.book.explain import cell_centers, conv_chain, implicit_correspondences, receptive_field
@@ -286,12 +287,16 @@ class Explorer:
         upload_dir: where uploaded photos are stored (default ``<RETRIEVAL_CACHE>/explorer_uploads``).
         heads: ``{label: pooling}`` more descriptors, e.g. a trained wGeM of 05 (a module or
             function ``(B, C, h, w) -> (B, D)``), one more row each.
+        networks: ``{label: network}`` whole networks with their own backbone, e.g. a released one
+            (``load_network("rSfM120k-tl-resnet101-gem-w")``): images ``(1, 3, H, W)`` normalised with
+            the network's ``mean``/``std`` -> ``(1, D)`` descriptors; one more row each, its
+            descriptors computed once per collection (no "why": its maps are not this backbone's).
         k, p, L: results per row, GeM exponent, R-MAC levels at the start.
     """
 
     def __init__(self, model, image_size: int = 512, sources: Optional[Mapping[str, Callable]] = None,
                  cache_dir=None, upload_dir=None, progress: bool = True, heads: Optional[Mapping] = None,
-                 k: int = 5, p: float = 3.0, L: int = 3):
+                 k: int = 5, p: float = 3.0, L: int = 3, networks: Optional[Mapping] = None):
         self.model = model
         self.image_size = int(image_size)
         self.sources = dict(sources or {})
@@ -299,6 +304,7 @@ class Explorer:
         self.upload_dir = Path(upload_dir) if upload_dir is not None else cache_root() / "explorer_uploads"
         self.progress = bool(progress)
         self.heads = dict(heads or {})
+        self.networks = dict(networks or {})
         self.k, self.p, self.L = int(k), float(p), int(L)
         self.collection: Optional[Collection] = None
         self.collection_label: Optional[str] = None  # its name in the page's list
@@ -337,7 +343,7 @@ class Explorer:
         query, settings, uploads, messages and page: for trying things (:func:`try_bad_inputs`,
         :func:`measure_redraws`) without touching the page a user has in front of them."""
         twin = Explorer(self.model, self.image_size, self.sources, self.cache_dir, self.upload_dir, self.progress,
-                        self.heads, self.k, self.p, self.L)
+                        self.heads, self.k, self.p, self.L, self.networks)
         twin.collection, twin.collection_label, twin.query = self.collection, self.collection_label, self.query
         twin.uploads = list(self.uploads)
         twin._stacks, twin._fmaps, twin._thumbs, twin._prep = self._stacks, self._fmaps, self._thumbs, self._prep
@@ -401,8 +407,8 @@ class Explorer:
 
     # -- descriptors
     def methods(self) -> list:
-        """The row labels: MAC, SPoC, GeM, R-MAC, then the heads."""
-        return list(BASE_METHODS) + list(self.heads)
+        """The row labels: MAC, SPoC, GeM, R-MAC, then the heads, then the whole networks."""
+        return list(BASE_METHODS) + list(self.heads) + list(self.networks)
 
     def label(self, method: str) -> str:
         """A row's label with its setting: ``"GeM (p=3.00)"``, ``"R-MAC (L=3)"``."""
@@ -435,6 +441,10 @@ class Explorer:
         smaller ``L`` (:func:`~retrieval_lib.book.regional.region_levels`), so a new ``L`` only sums.
         """
         key = self._key(method)
+        if key not in self._desc and method in self.networks:
+            paths = self.collection.paths
+            it = tqdm(paths, desc=method, disable=not self.progress, leave=False)
+            self._desc[key] = torch.cat([self.network_descriptor(method, path) for path in it])
         if key not in self._desc:
             out = None
             for k, (idx, X) in enumerate(self._stacks):
@@ -472,7 +482,21 @@ class Explorer:
         """``(D,)`` the query's descriptor under ``method`` (the kept row for a collection photo)."""
         if self.query.index is not None:
             return self.descriptors(method)[self.query.index]
+        if method in self.networks:
+            return self.network_descriptor(method, self.query.path)[0]
         return l2n(self.pooling(method)(self.query.fmap[None]).float())[0]
+
+    @torch.no_grad()
+    def network_descriptor(self, method: str, path) -> torch.Tensor:
+        """``(1, D)`` the descriptor of the photo at ``path`` by the whole network ``method``: the photo
+        resized to the explorer's input size (longer side), normalised with the network's mean/std."""
+        net = self.networks[method]
+        x = torch.from_numpy(np.asarray(resize_longer_side(load_image(path), self.image_size), dtype=np.float32))
+        x = x.permute(2, 0, 1)[None] / 255.0  # (1, 3, H, W) in [0, 1]
+        mean = torch.tensor(net.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(net.std, dtype=torch.float32).view(1, 3, 1, 1)
+        device = next(net.parameters()).device
+        return l2n(net(((x - mean) / std).to(device)).float()).cpu()
 
     # -- the query
     def set_query(self, index: int) -> Query:
