@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from retrieval_lib.book.downloads import DATA_ITEMS, fetch_item
 from retrieval_lib.book.report import markdown_table
-from retrieval_lib.data.datasets import GND_SHA256, RevisitedDataset, data_root as default_data_root
+from retrieval_lib.data.datasets import GND_SHA256, RevisitedDataset, find_gnd
+from retrieval_lib.data.datasets import data_root as default_data_root
 from retrieval_lib.data.download import file_hash
 from retrieval_lib.engine.device import get_device
 from retrieval_lib.errors import MissingDataError, UsageError
@@ -135,10 +136,11 @@ def _descriptors(net, paths, boxes, image_size, scales, msp, device, progress, d
 
 
 def _gnd_is_real(name: str, root: Path) -> bool:
-    for p in (root / name / f"gnd_{name}.pkl", root / "revisited_gnd" / f"gnd_{name}.pkl"):
-        if p.is_file():
-            return file_hash(p) == GND_SHA256[name]
-    return False
+    """Whether the ground truth the library reads (:func:`find_gnd`) is the released file (its sha256)."""
+    try:
+        return file_hash(find_gnd(name, root)) == GND_SHA256[name]
+    except FileNotFoundError:
+        return False
 
 
 def _entry_for(name_or_path) -> tuple[Optional[ReleasedNetwork], Optional[bool]]:
@@ -316,13 +318,7 @@ def released_section(notebook: str, data_root=None, device="auto", network=None,
     """
     name = network or RELEASED_FOR[notebook]
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
-    present = []
-    for ds in DATASETS:
-        try:
-            RevisitedDataset(ds, root, min_size=0, max_aspect=float("inf"))
-            present.append(ds)
-        except FileNotFoundError:
-            pass
+    present = [ds for ds in DATASETS if root is not None and DATA_ITEMS[ds].present(root) == "yes"]
     where = f" --data {root}" if root is not None else " --data DIR"
     if not present:
         return (f"The authors' trained network `{name}` is measured on revisited Oxford and Paris; neither is under "
