@@ -10,7 +10,9 @@ from torch import nn
 
 from retrieval_lib.engine.mining import TupleMiner
 from retrieval_lib.engine.objectives import TupleLoss
-from retrieval_lib.engine.trainer import MapSource, RetrievalNet, Trainer
+from retrieval_lib.engine.sources import MapSource
+from retrieval_lib.engine.trainer import Trainer
+from retrieval_lib.models.retrieval_net import RetrievalNet
 from retrieval_lib.layers.pooling import WGeM
 
 C = 8
@@ -45,7 +47,7 @@ def build(fmaps, labels, checkpoint_dir=None, epochs=3, checkpoint_every=2, batc
     """3 batches of 2 tuples (q, p, n1, n2) per epoch, Adam, cirtorch's exponential schedule."""
     miner = TupleMiner(labels, n_neg=2, n_queries=n_queries, pool_size=len(labels), batch_size=batch_size)
     settings = dict(optimizer="adam", lr=0.01, weight_decay=1e-4, schedule="exponential", device="cpu", seed=0,
-                    config={"problem": "tiny"}, progress=False)
+                    user_config={"problem": "tiny"}, progress=False)
     settings.update(kw)
     return Trainer(model(dtype), TupleLoss("contrastive", margin=0.7), miner, MapSource(fmaps, labels),
                    epochs=epochs, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, **settings)

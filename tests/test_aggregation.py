@@ -7,7 +7,7 @@ DARAC, a hand-built PCA whitening, and the layout rule on landscape, portrait an
 import pytest
 import torch
 
-from retrieval_lib.engine.trainer import RetrievalNet
+from retrieval_lib.models.retrieval_net import RetrievalNet
 from retrieval_lib.layers.aggregation import (DARAC, N_DARAC_REGIONS, TrainableRMAC, darac_regions, darac_slots,
                                               darac_vectors)
 from retrieval_lib.layers.functional import l2n, rmac, rmac_regions
@@ -305,7 +305,7 @@ def test_fixed_poolings_are_the_named_poolings():
 
 
 def test_rank_loss_objective():
-    from retrieval_lib.book.darac import RankLoss
+    from retrieval_lib.engine.objectives import RankLoss
     from retrieval_lib.layers.losses import nra_like_loss, smooth_ap_loss
 
     X = l2n(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))

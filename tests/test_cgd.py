@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from retrieval_lib.book.cgd import (BranchBatchHardLoss, CGDNet, CropSource, StepSchedule, build_head, cgd_objective,
-                                    compare, comparison_table, summarize, train_and_score,
-                                    cgd_trainer, describe, describe_images, heldout_scores, pool_branches,
-                                    remap_labels, take_branches, train_head)
-from retrieval_lib.engine.objectives import ClassificationLoss
-from retrieval_lib.engine.trainer import MapSource
+from retrieval_lib.book.cgd import (compare, comparison_table, describe, heldout_scores, pool_branches, summarize,
+                                    take_branches, train_and_score, train_head)
+from retrieval_lib.engine.objectives import BranchBatchHardLoss, ClassificationLoss, cgd_objective
+from retrieval_lib.engine.optim import SCHEDULES, StepSchedule
+from retrieval_lib.engine.recipes import RECIPES, CGD_RECIPE, cgd_trainer, describe_images, remap_labels
+from retrieval_lib.engine.sources import CropSource, MapSource
+from retrieval_lib.models.cgd_net import CGDNet, build_head
 from retrieval_lib.layers.cgd import CGD, CGD_CONFIGS, parse_config, unit
 from retrieval_lib.models.backbones import resnet50_cgd
 

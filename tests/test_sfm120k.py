@@ -135,7 +135,7 @@ def test_no_data_root(monkeypatch):
 def test_the_gem_recipe_trains_end_to_end_on_the_stand_in(tmp_path):
     from test_trainer import TinyBackbone
 
-    from retrieval_lib.engine.trainer import RECIPES, paper_trainer
+    from retrieval_lib.engine.recipes import RECIPES, paper_trainer
     from retrieval_lib.layers.pooling import GeM
 
     db, archive, _ = _stand_in()
@@ -149,8 +149,8 @@ def test_the_gem_recipe_trains_end_to_end_on_the_stand_in(tmp_path):
     trainer = paper_trainer("gem", bb, GeM(p=3.0), data, checkpoint_dir=tmp_path / "ckpt", epochs=1,
                             n_queries=4, pool_size=12, n_neg=2, batch_size=2, image_size=40, lr=1e-3,
                             device="cpu", progress=False, workers=1)
-    assert trainer.lr == 1e-3 and trainer.miner.n_neg == 2 and trainer.objective.margin == RECIPES["gem"]["margin"]
-    assert trainer.schedule_name == "exponential" and trainer.optimizer_spec == "adam"
+    assert trainer.settings.lr == 1e-3 and trainer.miner.n_neg == 2 and trainer.objective.margin == RECIPES["gem"]["margin"]
+    assert trainer.settings.schedule_name == "exponential" and trainer.settings.optimizer == "adam"
     before = bb.conv.weight.detach().clone()
     hist = trainer.fit()
     assert len(hist["loss"]) == 2 and all(math.isfinite(v) for v in hist["loss"])

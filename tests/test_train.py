@@ -14,7 +14,7 @@ from retrieval_lib.layers.pooling import GeM, MAC
 from retrieval_lib.engine.mining import mine_pairs, split_groups
 from retrieval_lib.engine.extract import pool_fmaps
 from retrieval_lib.engine.train import fit_pooling, pool_fmaps_with_grad
-from retrieval_lib.layers.functional import gem_grads
+from retrieval_lib.layers.grads import gem_grads
 from retrieval_lib.layers.losses import contrastive_loss
 
 

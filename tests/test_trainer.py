@@ -23,8 +23,12 @@ from _train_problem import C, build, model, problem  # noqa: E402
 from retrieval_lib.data.datasets import GroupDataset  # noqa: E402
 from retrieval_lib.engine.mining import PKMiner, TupleMiner  # noqa: E402
 from retrieval_lib.engine.objectives import BatchHardLoss, ClassificationLoss, CombinedLoss, TupleLoss  # noqa: E402
-from retrieval_lib.engine.trainer import (ImageSource, MapSource, RetrievalNet, Trainer, latest_checkpoint,  # noqa: E402
-                                          load_checkpoint, param_groups, reduced_source)
+from retrieval_lib.engine.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from retrieval_lib.engine.optim import param_groups  # noqa: E402
+from retrieval_lib.engine.recipes import reduced_source  # noqa: E402
+from retrieval_lib.engine.sources import ImageSource, MapSource  # noqa: E402
+from retrieval_lib.engine.trainer import Trainer, TrainerConfig, shard_batch  # noqa: E402
+from retrieval_lib.models.retrieval_net import RetrievalNet  # noqa: E402
 from retrieval_lib.layers import functional  # noqa: E402
 from retrieval_lib.layers.losses import contrastive_loss  # noqa: E402
 from retrieval_lib.layers.pooling import GeM, WGeM  # noqa: E402
@@ -234,7 +238,7 @@ def test_optimizer_factory_and_sgd():
 
     fmaps, labels = problem()
     trainer = build(fmaps, labels, epochs=1)
-    trainer.optimizer_spec = functools.partial(torch.optim.SGD, momentum=0.5)
+    trainer.settings.optimizer = functools.partial(torch.optim.SGD, momentum=0.5)
     before = _clone(trainer.model.state_dict())
     trainer.fit()
     assert not _same_state(before, trainer.model.state_dict())
@@ -261,7 +265,7 @@ def test_resume_refuses_other_settings(tmp_path):
     fmaps, labels = problem()
     build(fmaps, labels, checkpoint_dir=tmp_path, epochs=1).fit()
     other = build(fmaps, labels, checkpoint_dir=tmp_path, epochs=2)
-    other.lr = 0.02
+    other.settings.lr = 0.02
     with pytest.raises(ValueError, match=r"other settings \(trainer.lr: 0.01 -> 0.02\)"):
         other.fit()
 
@@ -379,11 +383,9 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_global_batch
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused():
-    from retrieval_lib.engine.trainer import _shard
-
     with pytest.raises(ValueError, match="multiple of 2"):
-        _shard({"images": torch.zeros(5, 4, dtype=torch.int64)}, 0, 2)
-    half = _shard({"images": torch.arange(8).view(4, 2), "labels": torch.arange(4)}, 1, 2)
+        shard_batch({"images": torch.zeros(5, 4, dtype=torch.int64)}, 0, 2)
+    half = shard_batch({"images": torch.arange(8).view(4, 2), "labels": torch.arange(4)}, 1, 2)
     assert half["images"].tolist() == [[4, 5], [6, 7]] and half["labels"].tolist() == [2, 3]
 
 

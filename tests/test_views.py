@@ -1,4 +1,4 @@
-"""retrieval_lib.engine.views: augmented views and composites, seeded, cached as files."""
+"""retrieval_lib.data.views: augmented views and composites, seeded, cached as files."""
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from retrieval_lib.data.datasets import GroupDataset
-from retrieval_lib.engine.views import augment, composite, make_views
+from retrieval_lib.data.views import augment, composite, make_views
 
 
 def _groups(folder, groups=3, per=2):

@@ -1,4 +1,5 @@
-"""retrieval_lib.book.wgem: wGeM's derivatives by hand, mask mass in a box, composites, validated training."""
+"""wGeM's pieces for notebook 05: its derivatives by hand (layers.grads), mask mass in a box and
+composites (data.composites), a mask selection (data.splits.take), validated training (engine.validation)."""
 import copy
 from pathlib import Path
 
@@ -7,14 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval_lib.book.wgem import (box_area_share, cell_coverage, localisation_composites, mask_mass_in_box,
-                                     object_composites, take,
-                                     train_with_validation, wgem_backward, wgem_grads)
+from retrieval_lib.data.composites import (box_area_share, cell_coverage, localisation_composites, mask_mass_in_box,
+                                           object_composites)
 from retrieval_lib.data.datasets import GroupDataset
+from retrieval_lib.data.splits import split_groups, take
+from retrieval_lib.engine.extract import pool_fmaps
 from retrieval_lib.engine.mining import TupleMiner
 from retrieval_lib.engine.objectives import TupleLoss
-from retrieval_lib.engine.trainer import MapSource
-from retrieval_lib.layers.functional import gem_grads, wgem
+from retrieval_lib.engine.sources import MapSource
+from retrieval_lib.engine.validation import train_with_validation
+from retrieval_lib.book.sweeps import map_on_subset
+from retrieval_lib.layers.functional import wgem
+from retrieval_lib.layers.grads import gem_grads, wgem_backward, wgem_grads
 from retrieval_lib.layers.pooling import GeM, WGeM
 
 
@@ -221,8 +226,6 @@ def test_localisation_composites_share_no_object_and_no_background(tmp_path):
 
 
 def test_localisation_composites_without_an_objects_subset_use_half_the_groups(tmp_path):
-    from retrieval_lib.engine.mining import split_groups
-
     ds = _groups(tmp_path / "obj", groups=6, per=2)
     is_object = split_groups(ds.labels, 0.5, 0)
     train, held = localisation_composites(ds, held_frac=0.34, per_object=1, seed=0, max_side=100,
@@ -269,9 +272,6 @@ def test_train_with_validation_keeps_the_best_epoch():
     best = rec["kept_epoch"]
     assert rec["val_mAP"][best] == max(rec["val_mAP"]) and rec["val_mAP"].index(max(rec["val_mAP"])) == best
     # the returned head is the best epoch's: its validation mAP and p are the recorded ones
-    from retrieval_lib.book.sweeps import map_on_subset
-    from retrieval_lib.engine.extract import pool_fmaps
-
     X = pool_fmaps(val_maps, layer)
     assert map_on_subset(X, val_labels, np.ones(len(val_labels), bool)) == pytest.approx(rec["val_mAP"][best], abs=1e-12)
     assert float(layer.p.detach()) == pytest.approx(rec["p"][best], abs=1e-12)

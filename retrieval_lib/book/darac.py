@@ -2,9 +2,9 @@
 
 The heads live in :mod:`retrieval_lib.layers.aggregation` (:class:`~retrieval_lib.layers.aggregation.DARAC`,
 :class:`~retrieval_lib.layers.aggregation.TrainableRMAC`), the rank losses in
-:mod:`retrieval_lib.layers.losses` (``smooth_ap_loss``, ``nra_like_loss``). Here:
+:mod:`retrieval_lib.layers.losses` (``smooth_ap_loss``, ``nra_like_loss``), trained as
+:class:`~retrieval_lib.engine.objectives.RankLoss`. Here:
 
-* :class:`RankLoss` -- Smooth-AP or the NRA-like loss as a training objective on P x K batches;
 * :func:`fixed_poolings` -- global / regional x average / max / average+max, the six
   off-the-shelf poolings of DARAC's input-size study, each a DARAC with fixed vector weights;
 * :func:`layout_checks` -- on real maps: untrained DARAC = the plain sum of its 42 vectors,
@@ -23,38 +23,9 @@ import torch
 
 from retrieval_lib.layers.aggregation import DARAC, N_DARAC_REGIONS, darac_regions, darac_slots, darac_vectors
 from retrieval_lib.layers.functional import l2n, rmac, rmac_regions
-from retrieval_lib.layers.losses import nra_like_loss, smooth_ap_loss
 
-__all__ = ["RankLoss", "fixed_poolings", "grid_class", "layout_checks", "mean_contributions", "show_region_weights",
+__all__ = ["fixed_poolings", "grid_class", "layout_checks", "mean_contributions", "show_region_weights",
            "show_contributions", "show_size_study", "show_heldout", "SIZE_STUDY"]
-
-_LOSSES = {"smoothap": smooth_ap_loss, "nra": nra_like_loss}
-
-
-class RankLoss:
-    """A rank loss of a P x K batch (``batch["labels"]``) as a training objective.
-
-    ``"smoothap"``: :func:`~retrieval_lib.layers.losses.smooth_ap_loss`; ``"nra"``:
-    :func:`~retrieval_lib.layers.losses.nra_like_loss` (our loss after NRA's description).
-    Keyword arguments go to the loss (``tau``, ``gamma``). Batches come from
-    :class:`~retrieval_lib.engine.mining.PKMiner`.
-    """
-
-    def __init__(self, name: str, **kwargs):
-        if name not in _LOSSES:
-            raise ValueError(f"RankLoss: unknown loss {name!r}; choose one of {sorted(_LOSSES)}")
-        self.name, self.kwargs = name, dict(kwargs)
-
-    def __call__(self, outputs, batch) -> torch.Tensor:
-        D = outputs[0] if isinstance(outputs, (tuple, list)) else outputs  # (P K, D)
-        return _LOSSES[self.name](D, batch["labels"].to(D.device), **self.kwargs)
-
-    def config(self) -> dict:
-        return {"objective": "rank", "loss": self.name, **self.kwargs}
-
-    def __repr__(self) -> str:
-        return f"RankLoss({self.name!r}, " + ", ".join(f"{k}={v}" for k, v in self.kwargs.items()) + ")"
-
 
 #: the six poolings of the input-size study: (regions, pooling) -> label
 SIZE_STUDY = {("global", "avg"): "global average", ("global", "max"): "global max",

@@ -51,7 +51,7 @@ def training_descriptors(model, dataset, poolings: dict, n_views: int, image_siz
     the views' JPEGs go (default under :func:`~retrieval_lib.data.datasets.cache_root`).
     """
     from retrieval_lib.engine.extract import extract_fmaps, pool_fmaps
-    from retrieval_lib.engine.views import make_views
+    from retrieval_lib.data.views import make_views
 
     views = make_views(dataset, n_views=n_views, n_composites=0, seed=seed, max_side=image_size,
                        cache_dir=views_dir, progress=progress)

@@ -1,7 +1,7 @@
 """What a training run learns from: honest splits by group, pairs, tuples and class-balanced batches.
 
-* :func:`split_groups`, :func:`mine_pairs` -- a split by group and mined hard negatives
-  (taught in ``notebooks/03_gem.ipynb``).
+* :func:`mine_pairs` -- mined hard negatives (taught in ``notebooks/03_gem.ipynb``, with
+  :func:`~retrieval_lib.data.splits.split_groups`, a split by group, importable from here too).
 * :func:`honest_split` -- real171's training groups (UKBench56, landmarks23, plus the
   offline default photos) and its evaluated groups (WxBS, EVD), disjoint by construction.
 * :func:`positive_pairs`, :func:`hardest_negatives`, :class:`TupleMiner` -- cirtorch's
@@ -23,29 +23,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from retrieval_lib.data.datasets import GroupDataset, data_root, offline_default, real171
+from retrieval_lib.data.splits import split_groups, take
+
 __all__ = ["split_groups", "mine_pairs", "honest_split", "Split", "positive_pairs", "hardest_negatives",
            "TupleMiner", "PKMiner", "TRAIN_SUBSETS", "EVAL_SUBSETS", "OFFLINE_TRAIN_PHOTOS"]
-
-
-def split_groups(labels, frac: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Split images by group: ``(N,)`` bool, True for images of the training groups.
-
-    The groups (distinct labels) are shuffled with ``seed`` and the first
-    ``round(frac * n_groups)`` become training groups; every image of a group falls on the
-    same side, so no object is seen in training and testing. Raises ``ValueError`` unless
-    both sides get at least one group.
-    """
-    lab = np.asarray(labels)
-    if lab.ndim != 1 or lab.size == 0:
-        raise ValueError(f"split_groups: labels must be a non-empty 1-D array, got shape {lab.shape}")
-    groups = np.unique(lab)
-    n_train = int(round(frac * len(groups)))
-    if not 0 < n_train < len(groups):
-        raise ValueError(f"split_groups: frac={frac} puts {n_train} of {len(groups)} groups in training; "
-                         "both sides need at least one group (use 0 < frac < 1 and more groups)")
-    rng = np.random.default_rng(seed)
-    train_groups = rng.permutation(groups)[:n_train]
-    return np.isin(lab, train_groups)
 
 
 def mine_pairs(X: torch.Tensor, labels, n_neg: int = 5, mask=None):
@@ -121,20 +103,7 @@ def _group_of(ds) -> list:
     return [ds.group_names[k] for k in ds.labels.tolist()]
 
 
-def _take(ds, keep, name: str):
-    """The images ``keep`` (bool mask) of a GroupDataset, as a new GroupDataset."""
-    from retrieval_lib.data.datasets import GroupDataset
-
-    idx = np.flatnonzero(np.asarray(keep))
-    groups = _group_of(ds)
-    subsets = None if ds.subsets is None else ds.subsets[idx].tolist()
-    return GroupDataset([ds.database.paths[i] for i in idx], [groups[i] for i in idx], subsets=subsets,
-                        name=name, **ds._opts)
-
-
 def _concat(parts, name: str):
-    from retrieval_lib.data.datasets import GroupDataset
-
     paths, groups, subsets = [], [], []
     for ds in parts:
         paths += list(ds.database.paths)
@@ -176,8 +145,6 @@ def honest_split(root=None, with_offline: bool = True, offline_cache=None) -> Sp
     (:func:`retrieval_lib.engine.views.make_views`). Raises ``RuntimeError`` if the two
     sides ever shared a group name or an image file (a broken manifest).
     """
-    from retrieval_lib.data.datasets import data_root, offline_default, real171
-
     r = Path(root).expanduser() if root is not None else data_root()
     if r is not None and (r / "real171" / "manifest.json").is_file():
         test = real171(r, subsets=list(EVAL_SUBSETS))
@@ -191,8 +158,8 @@ def honest_split(root=None, with_offline: bool = True, offline_cache=None) -> Sp
     else:
         offline = offline_default(offline_cache)
         is_train = _offline_split(offline)
-        train = _take(offline, is_train, "offline_default-train")
-        test = _take(offline, ~is_train, "offline_default-eval")
+        train = take(offline, is_train, "offline_default-train")
+        test = take(offline, ~is_train, "offline_default-eval")
         source = "offline_default"
     shared = set(train.group_names) & set(test.group_names)
     files = {str(Path(p).resolve()) for p in train.database.paths} & \

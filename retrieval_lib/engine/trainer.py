@@ -2,288 +2,155 @@
 
 The pieces are arguments, so one loop trains GeM, wGeM and the later heads:
 
-* a model, :class:`~retrieval_lib.models.retrieval_net.RetrievalNet` -- ``backbone`` (``None`` in reduced mode: the inputs are
-  feature maps) -> ``pooling`` -> L2 -> optional ``whiten`` (an FC layer, as cirtorch's
-  end-to-end whitening) -> L2, plus an optional ``classifier`` on the descriptor;
-* a source of inputs: :class:`MapSource` (feature maps extracted once, reduced mode) or
-  :class:`ImageSource` (decoded images, full mode);
+* a model, :class:`~retrieval_lib.models.retrieval_net.RetrievalNet` -- ``backbone`` (``None`` in reduced
+  mode: the inputs are feature maps) -> ``pooling`` -> L2 -> optional ``whiten`` (an FC layer,
+  as cirtorch's end-to-end whitening) -> L2, plus an optional ``classifier`` on the descriptor;
+* a source of inputs (:mod:`retrieval_lib.engine.sources`): feature maps extracted once
+  (reduced mode), decoded images or random crops (full mode);
 * a miner (:mod:`retrieval_lib.engine.mining`) that plans each epoch's batches, re-mining
   with the current model when it needs to;
 * an objective (:mod:`retrieval_lib.engine.objectives`) that turns a batch's descriptors
   into a loss;
-* an optimizer (a name or a factory) over parameter groups (:func:`param_groups`: GeM's and
-  wGeM's ``p`` at 10x the base learning rate and no weight decay, as cirtorch trains ``p``)
-  and a schedule (:data:`SCHEDULES`).
+* the settings, a :class:`TrainerConfig`: an optimizer (a name or a factory) over parameter
+  groups and a schedule (:mod:`retrieval_lib.engine.optim`), epochs, device, checkpoints.
 
 :class:`Trainer` adds a progress bar with the running loss, checkpoints written atomically
-with their configuration, resume from the newest readable checkpoint (a file cut short
-while being written is skipped), a stop with a message naming the step when the loss is
-NaN or infinite, AMP and channels_last on CUDA, and DistributedDataParallel when started by
-``torchrun --nproc_per_node=N`` (each process takes an equal share of every batch; the
-result equals one process with the whole batch). Taught in ``notebooks/05_wgem.ipynb``.
-
-Reduced (CPU) mode: :func:`reduced_source` makes augmented views of the training images
-(:func:`retrieval_lib.engine.views.make_views`), extracts their maps once through the
-extraction cache and returns a :class:`MapSource`. Full (GPU) mode: :func:`paper_trainer`
-wires a backbone and a pooling to rSfM-120k (:mod:`retrieval_lib.data.sfm120k`) with
-cirtorch's mining and the papers' settings (:data:`RECIPES`).
+with their configuration (:mod:`retrieval_lib.engine.checkpoint`), resume from the newest
+readable checkpoint (a file cut short while being written is skipped), a stop with a message
+naming the step when the loss is NaN or infinite, AMP and channels_last on CUDA, and
+DistributedDataParallel when started by ``torchrun --nproc_per_node=N`` (each process takes
+an equal share of every batch; the result equals one process with the whole batch; the
+process group is opened by :func:`retrieval_lib.engine.distributed.init_process_group`).
+Ready-made setups (the papers' recipes, the reduced CPU mode) are in
+:mod:`retrieval_lib.engine.recipes`; early stopping on a validation mAP in
+:mod:`retrieval_lib.engine.validation`. Taught in ``notebooks/05_wgem.ipynb``.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import json
+import dataclasses
 import math
 import os
-import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from retrieval_lib.models.retrieval_net import RetrievalNet
-from retrieval_lib.layers.pooling import GeM, WGeM
+from retrieval_lib.engine.checkpoint import (CHECKPOINT_FORMAT, clear_unfinished, config_diff, jsonable,
+                                             latest_checkpoint, load_checkpoint, write_checkpoint)
+from retrieval_lib.engine.distributed import close_process_group, dist_env, init_process_group
+from retrieval_lib.engine.optim import OPTIMIZERS, SCHEDULES, param_groups
 
-__all__ = ["RetrievalNet", "MapSource", "ImageSource", "param_groups", "Trainer", "SCHEDULES", "RECIPES",
-           "latest_checkpoint", "load_checkpoint", "reduced_source", "paper_trainer", "CHECKPOINT_FORMAT"]
-
-CHECKPOINT_FORMAT = "retrieval_lib.trainer/1"
-_CKPT = re.compile(r"^ckpt-(\d{9})\.pt$")
+__all__ = ["TrainerConfig", "Trainer", "shard_batch"]
 
 
-# --------------------------------------------------------------------------- inputs
-class MapSource:
-    """Reduced-mode inputs: feature maps computed once, a list of ``(C, h, w)`` tensors.
+def _positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Trainer: {name} must be an integer >= 1, got {value!r}")
 
-    ``labels`` (optional, ``(N,)``) are kept for the miner. ``load(indices)`` returns the maps.
+
+def _result(default=None, **kw):
+    """A setting that decides the run's numbers: recorded by ``config()``, checked on resume."""
+    return dataclasses.field(default=default, metadata={"result": True}, **kw)
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """The settings of a :class:`Trainer`, checked once here.
+
+    Args:
+        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` (momentum 0.9), or a factory
+            ``groups -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, momentum=0.9)``).
+        lr, weight_decay, p_lr_mult: see :func:`~retrieval_lib.engine.optim.param_groups`.
+        schedule: a name in :data:`~retrieval_lib.engine.optim.SCHEDULES` or
+            ``f(step, epoch, total_steps) -> factor`` of the base rates.
+        seed: seeds the miner's generator (queries, pools, P x K draws).
+        freeze_batchnorm: keep BatchNorm layers in eval mode while training (cirtorch does).
+        epochs: epochs to train in all (a resumed run continues up to this number).
+        device: where to train; default CUDA (this process's GPU under torchrun) when present, else CPU.
+        amp, channels_last: default on for CUDA, off elsewhere (AMP: bfloat16 where supported,
+            else float16 with gradient scaling).
+        checkpoint_dir: where ``ckpt-<step>.pt`` files go (``None``: no checkpoints, no resume).
+        checkpoint_every: write a checkpoint every this many steps, and after the last step.
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        user_config: your own settings (JSON-able) stored in every checkpoint and checked on resume.
+        describe_batch: images per forward when the miner describes its pool (no gradient).
+        find_unused_parameters: passed to DistributedDataParallel (a model with parameters the
+            objective does not use, e.g. a classifier under a ranking loss alone).
+        progress: show a progress bar with the running mean loss of the epoch.
+
+    The fields marked as deciding the result (optimizer to freeze_batchnorm) make the
+    ``"trainer"`` part of :meth:`Trainer.config`; :meth:`record` gives it.
     """
 
-    kind = "maps"
+    optimizer: Union[str, Callable] = _result("adam")
+    lr: float = _result(1e-3)
+    weight_decay: float = _result(0.0)
+    p_lr_mult: float = _result(10.0)
+    schedule: Union[str, Callable] = _result("constant")
+    seed: int = _result(0)
+    freeze_batchnorm: bool = _result(True)
+    epochs: int = 1
+    device: Any = None
+    amp: Optional[bool] = None
+    channels_last: Optional[bool] = None
+    checkpoint_dir: Any = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    user_config: Optional[dict] = None
+    describe_batch: int = 32
+    find_unused_parameters: bool = False
+    progress: bool = True
 
-    def __init__(self, fmaps: Sequence[torch.Tensor], labels=None):
-        if len(fmaps) == 0 or any(f is None for f in fmaps):
-            raise ValueError("MapSource: every image needs a feature map (no empty list, no None: "
-                             "drop unreadable images before training)")
-        self.fmaps = list(fmaps)
-        self.labels = None if labels is None else np.asarray(labels)
-        if self.labels is not None and len(self.labels) != len(self.fmaps):
-            raise ValueError(f"MapSource: {len(self.labels)} labels for {len(self.fmaps)} maps")
+    def __post_init__(self):
+        _positive_int(self.epochs, "epochs")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"Trainer: lr must be a positive number, got {self.lr!r}")
+        _positive_int(self.checkpoint_every, "checkpoint_every")
+        _positive_int(self.keep_checkpoints, "keep_checkpoints")
+        if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Trainer: unknown optimizer {self.optimizer!r}; use one of {sorted(OPTIMIZERS)} "
+                             "or pass a factory groups -> torch.optim.Optimizer")
+        if not (isinstance(self.optimizer, str) or callable(self.optimizer)):
+            raise TypeError("Trainer: optimizer must be a name or a callable groups -> Optimizer")
+        if isinstance(self.schedule, str) and self.schedule not in SCHEDULES:
+            raise ValueError(f"Trainer: unknown schedule {self.schedule!r}; use one of {sorted(SCHEDULES)} or "
+                             "pass f(step, epoch, total_steps) -> factor")
+        self.lr, self.seed = float(self.lr), int(self.seed)
+        self.freeze_batchnorm, self.describe_batch = bool(self.freeze_batchnorm), int(self.describe_batch)
+        self.find_unused_parameters, self.progress = bool(self.find_unused_parameters), bool(self.progress)
+        self.checkpoint_dir = None if self.checkpoint_dir is None else Path(self.checkpoint_dir)
+        self.user_config = {} if self.user_config is None else jsonable(self.user_config)
 
-    def __len__(self) -> int:
-        return len(self.fmaps)
+    @property
+    def schedule_fn(self) -> Callable:
+        """The schedule as a function ``(step, epoch, total_steps) -> factor``."""
+        return SCHEDULES[self.schedule] if isinstance(self.schedule, str) else self.schedule
 
-    def load(self, indices) -> list:
-        return [self.fmaps[i] for i in torch.as_tensor(indices).tolist()]
+    @property
+    def schedule_name(self) -> str:
+        s = self.schedule
+        return s if isinstance(s, str) else getattr(s, "__qualname__", repr(s))
 
-    def config(self) -> dict:
-        return {"kind": self.kind, "n": len(self), "channels": int(self.fmaps[0].shape[0])}
+    @property
+    def optimizer_name(self) -> str:
+        o = self.optimizer
+        if callable(o) and hasattr(o, "__qualname__"):
+            return o.__qualname__
+        return o if isinstance(o, str) else repr(o)
 
-
-class ImageSource:
-    """Full-mode inputs: images decoded, resized (longer side ``image_size``, bicubic, as in
-    extraction), scaled to ``[0, 1]`` and normalised with ``mean``/``std`` (the backbone's).
-
-    ``load(indices)`` decodes with ``workers`` threads; returns ``(3, h, w)`` float tensors.
-    """
-
-    kind = "images"
-
-    def __init__(self, images, image_size: int, mean, std, labels=None, workers: int = 4):
-        self.images = images
-        self.image_size = int(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.labels = None if labels is None else np.asarray(labels)
-        self.workers = max(1, int(workers))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def _one(self, i: int) -> torch.Tensor:
-        from retrieval_lib.engine.extract import resize_longer_side
-
-        img = self.images[i]
-        if img is None:
-            raise ValueError(f"ImageSource: image {i} could not be read; drop it from the training set")
-        arr = np.asarray(resize_longer_side(img, self.image_size), dtype=np.uint8)  # (h, w, 3)
-        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255.0)
-        return (x - self.mean) / self.std
-
-    def load(self, indices) -> list:
-        idx = torch.as_tensor(indices).tolist()
-        if self.workers == 1 or len(idx) == 1:
-            return [self._one(i) for i in idx]
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(self._one, idx))
-
-    def config(self) -> dict:
-        return {"kind": self.kind, "n": len(self), "image_size": self.image_size}
-
-
-# --------------------------------------------------------------------------- optimisation
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, p_lr_mult: float = 10.0) -> list:
-    """Parameter groups as cirtorch trains them.
-
-    * ``"p"``: the exponents ``p`` of every :class:`GeM` and :class:`WGeM` layer, at
-      ``lr * p_lr_mult`` and no weight decay (cirtorch: ``lr * 10``, ``weight_decay=0``).
-    * ``"weights"``: every other trainable parameter (backbone, wGeM's attention conv,
-      whitening, classifier) at ``lr`` and ``weight_decay``.
-
-    Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped.
-    Each group carries ``base_lr``, the rate the schedule scales.
-    """
-    p_ids = {id(m.p) for m in model.modules() if isinstance(m, (GeM, WGeM)) and isinstance(m.p, nn.Parameter)}
-    ps = [q for q in model.parameters() if q.requires_grad and id(q) in p_ids]
-    rest = [q for q in model.parameters() if q.requires_grad and id(q) not in p_ids]
-    groups = [
-        {"params": rest, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": "weights"},
-        {"params": ps, "lr": lr * p_lr_mult, "base_lr": lr * p_lr_mult, "weight_decay": 0.0, "name": "p"},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise ValueError("param_groups: the model has no trainable parameter (a learnable GeM p, "
-                         "wGeM's conv, a whitening layer or an unfrozen backbone)")
-    return groups
-
-
-_OPTIMIZERS = {
-    "adam": lambda groups: torch.optim.Adam(groups),
-    "adamw": lambda groups: torch.optim.AdamW(groups),
-    "sgd": lambda groups: torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9),  # cirtorch's momentum
-}
-
-
-def _constant(step: int, epoch: int, total: int) -> float:
-    return 1.0
-
-
-def _exponential(step: int, epoch: int, total: int) -> float:
-    return math.exp(-0.01 * epoch)
-
-
-def _cosine(step: int, epoch: int, total: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
-
-
-SCHEDULES = {
-    "constant": _constant,
-    # cirtorch: ExponentialLR(gamma=exp(-0.01)) stepped once per epoch
-    "exponential": _exponential,
-    # half a cosine over the whole run, per step
-    "cosine": _cosine,
-}
-
-
-# --------------------------------------------------------------------------- checkpoints
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _save_atomic(payload: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``:
-    ``path`` is either absent or complete, never half written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _checkpoints(folder: Path) -> list:
-    """``(step, path)`` of the checkpoint files in ``folder``, newest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by :class:`Trainer` (tensors and plain data only: no code runs).
-
-    Raises ``ValueError`` when the file is cut short, corrupt, or not a trainer checkpoint.
-    """
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: never trust it
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it was "
-                         "probably cut short while being written") from err
-    need = {"format", "step", "epoch", "next_batch", "plan", "model", "optimizer", "config", "history"}
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT or not need <= set(obj):
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    return obj
-
-
-def latest_checkpoint(folder) -> Optional[Path]:
-    """The newest checkpoint in ``folder`` that reads completely, or ``None``.
-
-    Newer files that cannot be read (cut short while being written, corrupt) are skipped
-    with a warning naming them.
-    """
-    for _, path in _checkpoints(Path(folder)):
-        try:
-            load_checkpoint(path)
-        except ValueError as err:
-            warnings.warn(f"skipping a checkpoint: {err}", stacklevel=2)
-            continue
-        return path
-    return None
-
-
-def _diff(old, new, prefix: str = "") -> list:
-    """Readable differences between two JSON-like values."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
+    def record(self) -> dict:
+        """The settings that decide the result, by name (optimizer and schedule by their names)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("result")}
+        out.update(optimizer=self.optimizer_name, schedule=self.schedule_name)
         return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=repr))
-
-
-# --------------------------------------------------------------------------- distributed
-def _dist_state():
-    """``(rank, world_size, local_rank)``; initialises the process group from torchrun's
-    environment (``WORLD_SIZE`` > 1) when nobody has yet. Returns whether it did."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if not dist.is_available():
-            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend)
-        return dist.get_rank(), dist.get_world_size(), local, True
-    return 0, 1, 0, False
-
-
-def _shard(batch: dict, rank: int, world: int) -> dict:
+def shard_batch(batch: dict, rank: int, world: int) -> dict:
+    """This process's equal share of every tensor of ``batch`` (its rows ``rank * n .. (rank + 1) * n``)."""
     rows = int(batch["images"].shape[0])
     if world == 1:
         return batch
@@ -305,33 +172,22 @@ def _index(outputs, inv: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- the trainer
+
+# --------------------------------------------------------------------------- the trainer
 class Trainer:
-    """Train ``model`` on ``source`` with ``miner``'s batches, ``objective`` and ``optimizer``.
+    """Train ``model`` on ``source`` with ``miner``'s batches, ``objective`` and the settings.
+
+    ``Trainer(model, objective, miner, source, settings)`` with a :class:`TrainerConfig`, or
+    with its fields as keywords: ``Trainer(model, objective, miner, source, lr=1e-4, epochs=5)``
+    (keywords given with ``settings`` replace those fields of it).
 
     Args:
-        model: an ``nn.Module`` mapping a list of inputs to descriptors (:class:`RetrievalNet`).
+        model: an ``nn.Module`` mapping a list of inputs to descriptors (``RetrievalNet``).
         objective: ``objective(outputs, batch) -> scalar`` (:mod:`~retrieval_lib.engine.objectives`).
-        miner: plans each epoch (:class:`~retrieval_lib.engine.mining.TupleMiner`, :class:`PKMiner`).
-        source: :class:`MapSource` or :class:`ImageSource` (``load(indices) -> list of tensors``).
-        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` (momentum 0.9), or a factory
-            ``groups -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, momentum=0.9)``).
-        lr, weight_decay, p_lr_mult: see :func:`param_groups`.
-        schedule: a name in :data:`SCHEDULES` or ``f(step, epoch, total_steps) -> factor`` of the base rates.
-        epochs: epochs to train in all (a resumed run continues up to this number).
-        device: where to train; default CUDA (this process's GPU under torchrun) when present, else CPU.
-        amp, channels_last: default on for CUDA, off elsewhere (AMP: bfloat16 where supported,
-            else float16 with gradient scaling).
-        checkpoint_dir: where ``ckpt-<step>.pt`` files go (``None``: no checkpoints, no resume).
-        checkpoint_every: write a checkpoint every this many steps, and after the last step.
-        keep_checkpoints: how many of the newest checkpoints to keep.
-        seed: seeds the miner's generator (queries, pools, P x K draws).
-        config: your own settings (JSON-able) stored in every checkpoint and checked on resume.
-        freeze_batchnorm: keep BatchNorm layers in eval mode while training (cirtorch does).
-        describe_batch: images per forward when the miner describes its pool (no gradient).
-        find_unused_parameters: passed to DistributedDataParallel (a model with parameters the
-            objective does not use, e.g. a classifier under a ranking loss alone).
+        miner: plans each epoch (:class:`~retrieval_lib.engine.mining.TupleMiner`, ``PKMiner``).
+        source: a source of :mod:`~retrieval_lib.engine.sources` (``load(indices) -> list of tensors``).
+        settings: a :class:`TrainerConfig` (default: its defaults, with ``overrides``).
         on_step: ``f(trainer, step, loss)`` called after every step (after its checkpoint).
-        progress: show a progress bar with the running mean loss of the epoch.
 
     ``fit()`` returns the history ``{"loss", "lr", "epoch"}`` (one entry per step; the loss is
     the whole batch's, averaged over processes; ``lr`` is the base group's rate) and leaves the
@@ -340,42 +196,15 @@ class Trainer:
     resuming with other values is refused -- except ``epochs``, which may grow to train on.
     """
 
-    def __init__(self, model: nn.Module, objective: Callable, miner, source, optimizer="adam",
-                 lr: float = 1e-3, weight_decay: float = 0.0, p_lr_mult: float = 10.0,
-                 schedule="constant", epochs: int = 1, device=None, amp: Optional[bool] = None,
-                 channels_last: Optional[bool] = None, checkpoint_dir=None, checkpoint_every: int = 50,
-                 keep_checkpoints: int = 2, seed: int = 0, config: Optional[dict] = None,
-                 freeze_batchnorm: bool = True, describe_batch: int = 32,
-                 find_unused_parameters: bool = False, on_step: Optional[Callable] = None,
-                 progress: bool = True):
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"Trainer: epochs must be an integer >= 1, got {epochs!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"Trainer: lr must be a positive number, got {lr!r}")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"Trainer: checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
-        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
-            raise ValueError(f"Trainer: keep_checkpoints must be an integer >= 1, got {keep_checkpoints!r}")
-        if isinstance(optimizer, str) and optimizer not in _OPTIMIZERS:
-            raise ValueError(f"Trainer: unknown optimizer {optimizer!r}; use one of {sorted(_OPTIMIZERS)} "
-                             "or pass a factory groups -> torch.optim.Optimizer")
-        if not (isinstance(optimizer, str) or callable(optimizer)):
-            raise TypeError("Trainer: optimizer must be a name or a callable groups -> Optimizer")
-        if isinstance(schedule, str) and schedule not in SCHEDULES:
-            raise ValueError(f"Trainer: unknown schedule {schedule!r}; use one of {sorted(SCHEDULES)} or "
-                             "pass f(step, epoch, total_steps) -> factor")
+    def __init__(self, model: nn.Module, objective: Callable, miner, source,
+                 settings: Optional[TrainerConfig] = None, on_step: Optional[Callable] = None, **overrides):
+        if settings is None:
+            settings = TrainerConfig(**overrides)
+        elif overrides:
+            settings = dataclasses.replace(settings, **overrides)
+        self.settings = settings
         self.model, self.objective, self.miner, self.source = model, objective, miner, source
-        self.optimizer_spec, self.lr, self.weight_decay, self.p_lr_mult = optimizer, float(lr), weight_decay, p_lr_mult
-        self.schedule = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
-        self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "__qualname__", repr(schedule))
-        self.epochs, self.seed = epochs, int(seed)
-        self.device_spec, self.amp_spec, self.channels_last_spec = device, amp, channels_last
-        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-        self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
-        self.user_config = {} if config is None else _jsonable(config)
-        self.freeze_batchnorm, self.describe_batch = bool(freeze_batchnorm), int(describe_batch)
-        self.find_unused_parameters = bool(find_unused_parameters)
-        self.on_step, self.progress = on_step, bool(progress)
+        self.on_step = on_step
         self.step = 0
         self.epoch = 0
         self.history = {"loss": [], "lr": [], "epoch": []}
@@ -386,47 +215,43 @@ class Trainer:
 
     # -- settings
     def _resolve_device(self, local_rank: int) -> torch.device:
-        if self.device_spec is not None:
-            return torch.device(self.device_spec)
+        if self.settings.device is not None:
+            return torch.device(self.settings.device)
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
 
     def config(self) -> dict:
         """Everything that decides the run's result; stored in each checkpoint, compared on resume."""
-        opt = self.optimizer_spec if isinstance(self.optimizer_spec, str) else repr(self.optimizer_spec)
-        if callable(self.optimizer_spec) and hasattr(self.optimizer_spec, "__qualname__"):
-            opt = self.optimizer_spec.__qualname__
         obj = self.objective.config() if hasattr(self.objective, "config") else repr(self.objective)
         miner = self.miner.config() if hasattr(self.miner, "config") else repr(self.miner)
         source = self.source.config() if hasattr(self.source, "config") else type(self.source).__name__
         model = {k: list(v.shape) for k, v in self.model.state_dict().items()}
-        return _jsonable({
-            "trainer": {"optimizer": opt, "lr": self.lr, "weight_decay": self.weight_decay,
-                        "p_lr_mult": self.p_lr_mult, "schedule": self.schedule_name, "seed": self.seed,
-                        "world_size": self.world_size, "freeze_batchnorm": self.freeze_batchnorm},
-            "objective": obj, "miner": miner, "source": source, "model": model, "user": self.user_config,
+        return jsonable({
+            "trainer": {**self.settings.record(), "world_size": self.world_size},
+            "objective": obj, "miner": miner, "source": source, "model": model, "user": self.settings.user_config,
         })
 
     # -- pieces
     def _make_optimizer(self):
-        groups = param_groups(self.model, self.lr, self.weight_decay, self.p_lr_mult)
-        if isinstance(self.optimizer_spec, str):
-            return _OPTIMIZERS[self.optimizer_spec](groups)
-        opt = self.optimizer_spec(groups)
+        s = self.settings
+        groups = param_groups(self.model, s.lr, s.weight_decay, s.p_lr_mult)
+        if isinstance(s.optimizer, str):
+            return OPTIMIZERS[s.optimizer](groups)
+        opt = s.optimizer(groups)
         for g in opt.param_groups:
             g.setdefault("base_lr", g["lr"])
         return opt
 
     def _set_lr(self, opt, epoch: int, total: int) -> float:
-        factor = float(self.schedule(self.step, epoch, total))
+        factor = float(self.settings.schedule_fn(self.step, epoch, total))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         return opt.param_groups[0]["lr"]
 
     def _train_mode(self) -> None:
         self.model.train()
-        if self.freeze_batchnorm:
+        if self.settings.freeze_batchnorm:
             for m in self.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
@@ -441,7 +266,7 @@ class Trainer:
         self.model.eval()
         out = []
         with torch.no_grad(), self._autocast():
-            for chunk in idx.split(self.describe_batch):
+            for chunk in idx.split(self.settings.describe_batch):
                 d = self.model([x.to(self.device) for x in self.source.load(chunk)])
                 d = d[0] if isinstance(d, tuple) else d
                 out.append(d.float() if d.dtype in (torch.float16, torch.bfloat16) else d)
@@ -459,22 +284,17 @@ class Trainer:
         }
         if self.device.type == "cuda":
             payload["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        _save_atomic(payload, self.checkpoint_dir / f"ckpt-{self.step:09d}.pt")
-        for _, old in _checkpoints(self.checkpoint_dir)[self.keep_checkpoints:]:
-            old.unlink(missing_ok=True)
+        write_checkpoint(payload, self.settings.checkpoint_dir, self.step, self.settings.keep_checkpoints)
 
     def _find_resume(self) -> Optional[Path]:
         """Rank 0 picks the checkpoint (and clears unfinished temporary files); all ranks agree."""
-        path = None
-        if self.rank == 0 and self.checkpoint_dir is not None and self.checkpoint_dir.is_dir():
-            stale = [p for p in self.checkpoint_dir.iterdir() if p.name.startswith(".ckpt-") and p.suffix == ".tmp"]
-            for p in stale:
-                p.unlink(missing_ok=True)
+        path, folder = None, self.settings.checkpoint_dir
+        if self.rank == 0 and folder is not None and folder.is_dir():
+            stale = clear_unfinished(folder)
             if stale:
-                warnings.warn(f"removed {len(stale)} unfinished checkpoint file(s) in {self.checkpoint_dir} "
+                warnings.warn(f"removed {stale} unfinished checkpoint file(s) in {folder} "
                               "(a run stopped while writing one)", stacklevel=3)
-            path = latest_checkpoint(self.checkpoint_dir)
+            path = latest_checkpoint(folder)
         if self.world_size > 1:
             box = [None if path is None else str(path)]
             dist.broadcast_object_list(box, src=0)
@@ -483,7 +303,7 @@ class Trainer:
 
     def _restore(self, path: Path, opt, scaler, generator):
         ck = load_checkpoint(path)
-        diffs = _diff(ck["config"], self.config())
+        diffs = config_diff(ck["config"], self.config())
         if diffs:
             raise ValueError(f"checkpoint {path} was written by a run with other settings ("
                              + "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
@@ -508,17 +328,19 @@ class Trainer:
         Raises ``FloatingPointError`` naming the step when the loss is NaN or infinite (the
         step is not applied; the last checkpoint stays the one to resume from).
         """
-        self.rank, self.world_size, local_rank, owns_group = _dist_state()
+        owns_group = init_process_group()
+        env = dist_env()
+        self.rank, self.world_size = env["rank"], env["world_size"]
         try:
-            return self._fit(resume, local_rank)
+            return self._fit(resume, env["local_rank"])
         finally:
-            if owns_group and dist.is_initialized():
-                dist.destroy_process_group()
+            if owns_group:
+                close_process_group()
 
     def _settle_device(self, local_rank: int) -> None:
         self.device = self._resolve_device(local_rank)
         cuda = self.device.type == "cuda"
-        self.amp = cuda if self.amp_spec is None else bool(self.amp_spec)
+        self.amp = cuda if self.settings.amp is None else bool(self.settings.amp)
         self.amp_dtype = torch.bfloat16
         if cuda and not torch.cuda.is_bf16_supported():
             self.amp_dtype = torch.float16  # older GPUs: float16 with gradient scaling
@@ -526,16 +348,17 @@ class Trainer:
     def _fit(self, resume: bool, local_rank: int) -> dict:
         self._settle_device(local_rank)
         cuda = self.device.type == "cuda"
-        channels_last = cuda if self.channels_last_spec is None else bool(self.channels_last_spec)
+        s = self.settings
+        channels_last = cuda if s.channels_last is None else bool(s.channels_last)
         self.model.to(self.device)
         if channels_last and getattr(self.model, "backbone", None) is not None:
             self.model.backbone.to(memory_format=torch.channels_last)
             self.model.channels_last = True
         opt = self.optimizer = self._make_optimizer()
         scaler = torch.amp.GradScaler("cuda") if (self.amp and cuda and self.amp_dtype == torch.float16) else None
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(s.seed)
         plan, next_batch = None, 0
-        if resume and self.checkpoint_dir is not None:
+        if resume and s.checkpoint_dir is not None:
             path = self._find_resume()
             if path is not None:
                 plan, next_batch = self._restore(path, opt, scaler, generator)
@@ -543,13 +366,13 @@ class Trainer:
         if self.world_size > 1:
             net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if cuda else None,
-                find_unused_parameters=self.find_unused_parameters)
+                find_unused_parameters=s.find_unused_parameters)
         per_epoch = self.miner.batches_per_epoch()
-        total = self.epochs * per_epoch
+        total = s.epochs * per_epoch
         bar = tqdm(total=total, initial=min(self.step, total), desc="train", unit="step",
-                   disable=not self.progress or self.rank != 0)
+                   disable=not s.progress or self.rank != 0)
         try:
-            while self.epoch < self.epochs:
+            while self.epoch < s.epochs:
                 if plan is None:
                     plan = self.miner.plan(self.describe if self.miner.needs_descriptors else None, generator)
                     next_batch = 0
@@ -560,8 +383,8 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(epoch=self.epoch + 1, loss=f"{sum(running) / len(running):.4f}")
                     last = b + 1 == len(plan)
-                    if self.checkpoint_dir is not None and (
-                            self.step % self.checkpoint_every == 0 or (last and self.epoch + 1 == self.epochs)):
+                    if s.checkpoint_dir is not None and (
+                            self.step % s.checkpoint_every == 0 or (last and self.epoch + 1 == s.epochs)):
                         self._checkpoint(opt, scaler, generator, b + 1, plan, last)
                     if self.on_step is not None:
                         self.on_step(self, self.step, loss_value)
@@ -584,7 +407,7 @@ class Trainer:
             dist.barrier()
 
     def _step(self, net, opt, scaler, plan, b: int, total: int) -> float:
-        batch = _shard(plan[b], self.rank, self.world_size)
+        batch = shard_batch(plan[b], self.rank, self.world_size)
         lr = self._set_lr(opt, self.epoch, total)
         self._train_mode()
         uniq, inv = torch.unique(batch["images"], return_inverse=True)
@@ -602,7 +425,7 @@ class Trainer:
                 f"the loss is {value} at step {self.step + 1} (epoch {self.epoch + 1}, batch {b + 1} of "
                 f"{len(plan)}); training stopped before applying that step. Lower the learning rate "
                 f"(now {lr:.3g}), look for NaN/inf in the inputs, or resume from the last checkpoint"
-                + (f" in {self.checkpoint_dir}" if self.checkpoint_dir is not None else ""))
+                + (f" in {self.settings.checkpoint_dir}" if self.settings.checkpoint_dir is not None else ""))
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -616,67 +439,3 @@ class Trainer:
         self.history["lr"].append(lr)
         self.history["epoch"].append(self.epoch)
         return value
-
-
-# --------------------------------------------------------------------------- ready-made setups
-def reduced_source(backbone, dataset, n_views: int = 4, n_composites: int = 1, image_size: int = 512,
-                   seed: int = 0, cache_dir=None, device=None, batch_size: int = 8, progress: bool = True):
-    """Reduced-mode inputs: the feature maps of ``dataset``'s images, their augmented views
-    and composites (:func:`~retrieval_lib.engine.views.make_views`), extracted once with the
-    frozen ``backbone`` through the extraction cache (``<cache_dir>/features``;
-    ``cache_dir`` defaults to :func:`~retrieval_lib.data.datasets.cache_root`).
-
-    Returns ``(source, views)``: a :class:`MapSource` whose ``labels`` are the groups, and
-    the :class:`~retrieval_lib.engine.views.ViewSet`. Pass training images only
-    (``honest_split(...).train``).
-    """
-    from retrieval_lib.data.datasets import cache_root
-    from retrieval_lib.engine.extract import extract_fmaps
-    from retrieval_lib.engine.views import make_views
-
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    views = make_views(dataset, n_views=n_views, n_composites=n_composites, seed=seed,
-                       max_side=max(64, image_size), cache_dir=root, progress=progress)
-    fmaps = extract_fmaps(backbone, views.images(), image_size=image_size, device=device,
-                          batch_size=batch_size, cache_dir=root / "features", progress=progress)
-    return MapSource(fmaps, labels=views.labels), views
-
-
-# The papers' fine-tuning settings. GeM: cirtorch's README command for ResNet-101 GeM
-# (Radenović et al., TPAMI 2018): contrastive loss, margin 0.85, Adam at 5e-7, 5 negatives,
-# 2000 queries and a pool of 22000 per epoch, batches of 5 tuples, 362 px images, the
-# learning rate times exp(-0.01) per epoch; weight decay 1e-6 and 100 epochs are
-# cirtorch's train.py defaults. wGeM: the same recipe (our choice; the wGeM paper's
-# optimiser settings are not restated here).
-RECIPES = {
-    "gem": dict(loss="contrastive", margin=0.85, optimizer="adam", lr=5e-7, weight_decay=1e-6, p_lr_mult=10.0,
-                n_neg=5, n_queries=2000, pool_size=22000, batch_size=5, image_size=362,
-                schedule="exponential", epochs=100),
-}
-RECIPES["wgem"] = dict(RECIPES["gem"])
-
-
-def paper_trainer(recipe: str, backbone, pooling: nn.Module, data, whiten: Optional[nn.Module] = None,
-                  checkpoint_dir=None, workers: int = 4, **overrides) -> Trainer:
-    """Full-mode training as in the papers: ``backbone`` + ``pooling`` fine-tuned end to end
-    on ``data`` (an :class:`~retrieval_lib.data.sfm120k.SfM120k`: rSfM-120k's query/positive
-    pairs and clusters) with cirtorch's mining and the settings of :data:`RECIPES[recipe]`;
-    keyword arguments override any of them (``epochs=2``, ``image_size=128``, ``device=...``,
-    or any :class:`Trainer` argument). Call ``.fit()`` on the result.
-    """
-    from retrieval_lib.engine.mining import TupleMiner
-    from retrieval_lib.engine.objectives import TupleLoss
-
-    if recipe not in RECIPES:
-        raise ValueError(f"paper_trainer: unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-    s = {**RECIPES[recipe], **overrides}
-    miner = TupleMiner(data.labels, n_neg=s.pop("n_neg"), n_queries=s.pop("n_queries"),
-                       pool_size=s.pop("pool_size"), batch_size=s.pop("batch_size"),
-                       queries=data.queries, positives=data.positives)
-    objective = TupleLoss(s.pop("loss"), margin=s.pop("margin"))
-    source = ImageSource(data.images, s.pop("image_size"), backbone.mean, backbone.std, labels=data.labels,
-                         workers=workers)
-    model = RetrievalNet(pooling, backbone=backbone, whiten=whiten)
-    config = {"recipe": recipe, "data": getattr(data, "name", type(data).__name__)}
-    return Trainer(model, objective, miner, source, checkpoint_dir=checkpoint_dir,
-                   config={**config, **s.pop("config", {})}, **s)

@@ -14,7 +14,8 @@ Functions, their source and the notebook that teaches them:
 * ``l2n`` -- ``00_pipeline``
 * ``mac`` -- Tolias, Sicre & Jégou, ICLR 2016; Razavian et al. 2016 -- ``01_mac``
 * ``spoc`` -- Babenko & Lempitsky, ICCV 2015 -- ``02_spoc``
-* ``gem`` -- Radenović, Tolias & Chum, TPAMI 2018 -- ``03_gem``
+* ``gem`` -- Radenović, Tolias & Chum, TPAMI 2018 -- ``03_gem`` (its closed-form gradients:
+  :mod:`retrieval_lib.layers.grads`)
 * ``rmac_regions``, ``region_mac``, ``rmac`` -- Tolias, Sicre & Jégou, ICLR 2016 -- ``04_rmac``
 * ``wgem`` -- Wu et al., ICIP 2018 -- ``05_wgem``
 * ``multiscale_mean`` -- Radenović, Tolias & Chum, TPAMI 2018 (cirtorch) -- ``04_rmac``
@@ -39,7 +40,6 @@ __all__ = [
     "mac",
     "spoc",
     "gem",
-    "gem_grads",
     "wgem",
     "multiscale_mean",
     "rmac_regions",
@@ -164,43 +164,6 @@ def gem(x: torch.Tensor, p: Union[float, torch.Tensor] = 3.0, eps: float = 1e-6)
     _check_eps(eps, "gem")
     _check_p(p, x.shape[1], "gem")
     return _power_mean(x, p, eps)
-
-
-def gem_grads(x: torch.Tensor, p: Union[float, torch.Tensor], eps: float = 1e-6):
-    """Closed-form derivatives of GeM ``f_k = (1/N sum_i x_ik^p_k)^(1/p_k)`` (``N = H W``).
-
-    With ``x`` clamped to ``>= eps`` as in :func:`gem` and ``M_k = 1/N sum_i x_ik^p``::
-
-        d f_k / d x_ik = 1/N * f_k^(1 - p) * x_ik^(p - 1)      (0 where x_ik <= eps: the clamp)
-        d f_k / d p_k  = f_k * ( -log(M_k) / p^2 + sum_i x_ik^p log x_ik / (p sum_i x_ik^p) )
-
-    Shapes: ``x (B, C, H, W)``, ``p`` a float or a tensor ``(1,)``/``(C,)``; returns
-    ``(dfdx (B, C, H, W), dfdp (B, C))`` where ``dfdp[b, k]`` is the derivative of
-    ``f[b, k]`` w.r.t. its own exponent (for one shared ``p`` the gradient of a loss sums
-    over ``b`` and ``k``). Use float64 to compare with autograd to ~1e-12.
-
-    Source: GeM, Radenović, Tolias & Chum, TPAMI 2018 (they give both derivatives to
-    make ``p`` learnable by back-propagation). Taught in ``notebooks/03_gem.ipynb``.
-    """
-    _check_fmap(x, "gem_grads")
-    _check_eps(eps, "gem_grads")
-    _check_p(p, x.shape[1], "gem_grads")
-    if isinstance(p, torch.Tensor):
-        p = p.detach().to(dtype=x.dtype, device=x.device).reshape(-1)  # (1,) or (C,)
-    else:
-        p = torch.full((1,), float(p), dtype=x.dtype, device=x.device)
-    N = x.shape[-2] * x.shape[-1]
-    pc = p.reshape(1, -1, 1, 1)  # broadcast over (B, C, H, W)
-    xc = x.clamp(min=eps)
-    xp = xc.pow(pc)  # (B, C, H, W)
-    S = xp.sum(dim=(-2, -1))  # (B, C)
-    M = S / N
-    pk = p.reshape(1, -1)  # (1, 1) or (1, C)
-    f = M.pow(1.0 / pk)  # (B, C)
-    dfdx = f.pow(1.0 - pk)[..., None, None] * xc.pow(pc - 1.0) / N
-    dfdx = torch.where(x > eps, dfdx, torch.zeros_like(dfdx))  # the clamp passes no gradient
-    dfdp = f * (-M.log() / pk**2 + (xp * xc.log()).sum(dim=(-2, -1)) / (pk * S))
-    return dfdx, dfdp
 
 
 def _check_weights(weights: torch.Tensor, x: torch.Tensor, fn: str) -> None:

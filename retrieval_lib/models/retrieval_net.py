@@ -46,12 +46,17 @@ class RetrievalNet(nn.Module):
         self.classifier = classifier
         self.channels_last = False
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature maps ``(b, C, h', w')`` of images ``(b, 3, h, w)``; the inputs
+        themselves when there is no backbone (reduced mode: they are feature maps)."""
+        if self.backbone is None:
+            return x
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone.features(x)
+
     def _run(self, x: torch.Tensor):
-        if self.backbone is not None:
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = self.backbone.features(x)  # (b, 3, h, w) -> (b, C, h', w')
-        d = l2n(self.pooling(x))  # (b, C, h, w) -> (b, D)
+        d = l2n(self.pooling(self.forward_features(x)))  # (b, C, h, w) -> (b, D)
         if self.whiten is not None:
             d = l2n(self.whiten(d))
         if self.classifier is not None:

@@ -2,7 +2,8 @@
 
 Reduced (CPU) training keeps the backbone frozen: the feature maps of the training images
 and of several augmented views of each are extracted once (through the extraction cache
-of :func:`retrieval_lib.engine.extract.extract_fmaps`) and only the head learns on them.
+of :func:`retrieval_lib.engine.extract.extract_fmaps`) and only the head learns on them
+(:func:`retrieval_lib.engine.recipes.reduced_source`).
 The views are files, so the cache can fingerprint them like any other image:
 
 * a *view* of an image: a random crop (35-100 % of its area, aspect 3:4 to 4:3), a
@@ -14,7 +15,9 @@ The views are files, so the cache can fingerprint them like any other image:
   learned attention mask looks.
 
 Everything comes from the training side of :func:`retrieval_lib.engine.mining.honest_split`,
-so no evaluated image leaks into training. Taught in ``notebooks/05_wgem.ipynb``.
+so no evaluated image leaks into training. Generated files are written once under a
+fingerprint of their sources and settings (:func:`files_fingerprint`, :func:`build_once`, which
+the composites of :mod:`retrieval_lib.data.composites` share). Taught in ``notebooks/05_wgem.ipynb``.
 """
 from __future__ import annotations
 
@@ -25,11 +28,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+from PIL import ImageEnhance, ImageOps
+from tqdm.auto import tqdm
 
-__all__ = ["ViewSet", "make_views", "augment", "composite", "VIEWS_VERSION"]
+from retrieval_lib.data.datasets import cache_root
+from retrieval_lib.data.images import ImageList, load_image
+
+__all__ = ["ViewSet", "make_views", "augment", "composite", "files_fingerprint", "build_once", "VIEWS_VERSION"]
 
 VIEWS_VERSION = 2  # 2: the rows record the pasted box of each composite
 KINDS = ("original", "view", "composite")
@@ -37,9 +45,7 @@ KINDS = ("original", "view", "composite")
 
 def augment(img, rng: np.random.Generator, max_side: int = 512):
     """One augmented view of PIL image ``img``: crop, flip, colour, scale (see the module doc)."""
-    from PIL import ImageEnhance, ImageOps
-
-    from retrieval_lib.engine.extract import resize_longer_side
+    from retrieval_lib.engine.extract import resize_longer_side  # until it moves to data.images
 
     W, H = img.size
     area = rng.uniform(0.35, 1.0) * W * H
@@ -64,7 +70,7 @@ def composite(fg, bg, rng: np.random.Generator, max_side: int = 512, return_box:
     Returns the composite, or with ``return_box`` ``(composite, box)``: ``box`` is the pasted
     piece's ``(x0, y0, x1, y1)`` in the composite's pixels (``x1``, ``y1`` exclusive).
     """
-    from retrieval_lib.engine.extract import resize_longer_side
+    from retrieval_lib.engine.extract import resize_longer_side  # until it moves to data.images
 
     bg = resize_longer_side(bg, max(64, int(round(rng.uniform(0.7, 1.0) * max_side)))).copy()
     W, H = fg.size
@@ -109,8 +115,6 @@ class ViewSet:
 
     def images(self):
         """An :class:`~retrieval_lib.data.images.ImageList` of every image, for extraction."""
-        from retrieval_lib.data.images import ImageList
-
         return ImageList(self.paths, name="training views")
 
     def summary(self) -> str:
@@ -118,7 +122,9 @@ class ViewSet:
         return f"{len(self)} training images in {len(np.unique(self.labels))} groups ({counts})"
 
 
-def _fingerprint(paths, params: dict) -> str:
+def files_fingerprint(paths, params: dict) -> str:
+    """16 hex digits naming ``params`` (JSON) and the files ``paths`` as they are now (path,
+    size, modification time): a changed file or setting gives another name."""
     h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
     for p in paths:
         st = os.stat(p)
@@ -126,12 +132,33 @@ def _fingerprint(paths, params: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def build_once(final: Path, index_name: str, build: Callable[[Path], dict], prefix: str = ".build-") -> Path:
+    """Make the folder ``final`` once: ``build(tmp)`` writes its files into a temporary folder
+    beside it and returns the index (JSON-able), written as ``index_name``; the folder is then
+    renamed to ``final``. A folder without its index (an interrupted build) is rebuilt; when a
+    concurrent build wins the rename, its folder is kept. Returns the index file's path."""
+    final = Path(final)
+    index = final / index_name
+    if index.is_file():
+        return index
+    if final.exists():
+        shutil.rmtree(final)  # no index: an incomplete folder
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        (tmp / index_name).write_text(json.dumps(build(tmp)))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not index.is_file():  # not a concurrent build that won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return index
+
+
 def _build(folder: Path, paths, labels, n_views, n_composites, seed, max_side, progress) -> list:
     """Write the JPEGs into ``folder``; return the rows ``[file, label, source, kind, box or None]``."""
-    from tqdm.auto import tqdm
-
-    from retrieval_lib.data.images import load_image
-
     rows = []
     n = len(paths)
     for i in tqdm(range(n), desc="augmented views", unit="img", disable=not progress):
@@ -164,8 +191,6 @@ def make_views(dataset, n_views: int = 4, n_composites: int = 1, seed: int = 0, 
     folder is built under a temporary name and renamed when complete. The same ``seed``
     gives the same pixels. Pass only training images (``honest_split(...).train``).
     """
-    from retrieval_lib.data.datasets import cache_root
-
     for name, v in (("n_views", n_views), ("n_composites", n_composites)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"make_views: {name} must be an integer >= 0, got {v!r}")
@@ -181,23 +206,12 @@ def make_views(dataset, n_views: int = 4, n_composites: int = 1, seed: int = 0, 
     params = {"v": VIEWS_VERSION, "n_views": n_views, "n_composites": n_composites, "seed": seed,
               "max_side": max_side}
     parent = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / f"views_v{VIEWS_VERSION}"
-    final = parent / _fingerprint(paths, params)
-    index = final / "views.json"
-    if not index.is_file():
-        if final.exists():
-            shutil.rmtree(final)  # no index: an incomplete folder
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".views-", dir=parent))
-        try:
-            rows = _build(tmp, paths, labels, n_views, n_composites, seed, max_side, progress)
-            (tmp / "views.json").write_text(json.dumps({"params": params, "rows": rows}))
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not index.is_file():  # not a concurrent build that won
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    final = parent / files_fingerprint(paths, params)
+
+    def build(tmp: Path) -> dict:
+        return {"params": params, "rows": _build(tmp, paths, labels, n_views, n_composites, seed, max_side, progress)}
+
+    index = build_once(final, "views.json", build, prefix=".views-")
     rows = json.loads(index.read_text())["rows"]
     return ViewSet(
         paths=orig.paths + [str(final / r[0]) for r in rows],
