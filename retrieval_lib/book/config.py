@@ -24,6 +24,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+import torch
+
+from retrieval_lib.data.datasets import REVISITED, RevisitedDataset, default_benchmark
 from retrieval_lib.errors import MissingDataError
 
 __all__ = ["ScaleConfig", "SCALES", "scale_config", "default_scale", "default_progress", "benchmark_for_scale"]
@@ -73,8 +76,6 @@ def default_scale() -> str:
     value = os.environ.get("RETRIEVAL_SCALE", "").strip()
     if value:
         return value
-    import torch
-
     return "full" if torch.cuda.is_available() else "cpu"
 
 
@@ -113,8 +114,6 @@ def benchmark_for_scale(cfg: ScaleConfig | str | None = None, data_root=None):
     A revisited name (``full`` scale: ``roxford5k``): that data set under the data root;
     when its images are absent, ``FileNotFoundError`` says how to download them.
     """
-    from retrieval_lib.data.datasets import REVISITED, RevisitedDataset, default_benchmark
-
     cfg = scale_config(cfg)
     if cfg.data == "default":
         benchmark = default_benchmark(data_root)

@@ -23,6 +23,8 @@ import torch
 
 from retrieval_lib.engine.extract import resize_longer_side
 from retrieval_lib.layers.functional import _check_int as _positive_int, rmac_regions
+from retrieval_lib.layers.pooling import RMAC
+from retrieval_lib.search.evaluate import headline
 
 __all__ = [
     "fmap_size",
@@ -153,9 +155,6 @@ def map_vs_L(book, Ls: Iterable[int] = (1, 2, 3, 4, 5), include_global: bool = T
     ``KeyError`` naming the available metrics when ``key`` is not one of them. Taught in
     ``notebooks/04_rmac.ipynb``.
     """
-    from retrieval_lib.layers.pooling import RMAC
-    from retrieval_lib.search.evaluate import headline
-
     Ls = [_positive_int(L, "L", "map_vs_L") for L in Ls]
     if not Ls:
         raise ValueError("map_vs_L: give at least one L")

@@ -22,8 +22,14 @@ from typing import Mapping
 import torch
 
 from retrieval_lib.book.config import ScaleConfig, benchmark_for_scale, default_progress, scale_config
+from retrieval_lib.data.datasets import cache_root
+from retrieval_lib.data.images import ImageList
+from retrieval_lib.engine.allocator import tune_allocator
 from retrieval_lib.engine.device import get_device, seed_everything
+from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps, pool_fmaps, resize_longer_side
+from retrieval_lib.models.backbones import load_backbone
 from retrieval_lib.models.released import load_network
+from retrieval_lib.search.nearest import rank_database
 
 __all__ = ["Book", "start"]
 
@@ -89,8 +95,6 @@ class Book:
 
     def image(self, i: int, which: str = "database", image_size: int | None = None):
         """Image i as the network sees it (longer side resized to the input size), PIL RGB."""
-        from retrieval_lib.engine.extract import resize_longer_side
-
         return resize_longer_side(self.images(which)[i], image_size or self.cfg.image_size)
 
     # -- feature maps
@@ -105,8 +109,6 @@ class Book:
         scale, where the maps of thousands of 1024 px images are not kept). Raises
         ``IndexError`` for an index outside the image list.
         """
-        from retrieval_lib.engine.extract import extract_fmaps
-
         which = self._which(which)
         images = self.images(which)
         size = int(image_size or self.cfg.image_size)
@@ -124,8 +126,6 @@ class Book:
         if self.keeps_fmaps or key in self._fmaps:
             maps = self.fmaps(which, size, scale)
             return [maps[i] for i in idx]
-        from retrieval_lib.data.images import ImageList
-
         sub = ImageList([images.paths[i] for i in idx],
                         boxes=None if images.boxes is None else [images.boxes[i] for i in idx],
                         min_size=images.min_size, max_aspect=images.max_aspect, on_error=images.on_error)
@@ -151,8 +151,6 @@ class Book:
         ``None`` (``{label: None}`` for a dict): pass it on as ``Q``. Taught in
         ``notebooks/00_pipeline.ipynb``.
         """
-        from retrieval_lib.engine.extract import extract_descriptors, pool_fmaps
-
         single = not isinstance(poolings, Mapping)
         pools = {"_": poolings} if single else dict(poolings)
         if not pools:
@@ -173,8 +171,6 @@ class Book:
     # -- search and scores
     def rank(self, X: torch.Tensor, Q: torch.Tensor | None = None):
         """``ranks`` (n_queries, n_db): database indices best first; ``Q=None``: the queries are X."""
-        from retrieval_lib.search.nearest import rank_database
-
         return rank_database(X if Q is None else Q, X)
 
     def evaluate(self, X: torch.Tensor, Q: torch.Tensor | None = None) -> dict:
@@ -205,10 +201,6 @@ def start(scale: str | None = None, data_root=None, device="auto", seed: int = 0
     (:func:`~retrieval_lib.models.released.load_network`); the book's backbone is then that
     network's fine-tuned backbone (with its own mean/std) and ``book.network`` the whole network.
     """
-    from retrieval_lib.models.backbones import load_backbone
-    from retrieval_lib.data.datasets import cache_root
-    from retrieval_lib.engine.allocator import tune_allocator
-
     tune_allocator()  # once per process (a faster CPU forward); RETRIEVAL_ALLOCATOR=system keeps glibc's malloc
     cfg = scale_config(scale)
     progress = default_progress() if progress is None else bool(progress)

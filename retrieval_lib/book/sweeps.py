@@ -28,7 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval_lib.layers import functional
-from retrieval_lib.search.evaluate import headline
+from retrieval_lib.layers.pooling import GeM
+from retrieval_lib.search.evaluate import headline, map_by_labels
+from retrieval_lib.search.nearest import rank_database
 
 __all__ = [
     "spoc_weights",
@@ -97,8 +99,6 @@ def gem_poolings(ps: Sequence[float], eps: float = 1e-6) -> dict:
     scales they are averaged with the power ``p``, like any GeM. ``p_min = p``, so that
     exponents below 1 are used as given.
     """
-    from retrieval_lib.layers.pooling import GeM
-
     ps = [float(p) for p in ps]
     if not ps:
         raise ValueError("gem_poolings: give at least one exponent p, e.g. [1, 2, 3, 4, 8]")
@@ -209,9 +209,6 @@ def map_on_subset(X: torch.Tensor, labels, mask) -> float:
     bool. Same protocol as a group set's ``"mAP"`` (the query itself is junk; a query
     without a positive in the subset is left out). Taught in ``03_gem`` (learnable p).
     """
-    from retrieval_lib.search.evaluate import map_by_labels
-    from retrieval_lib.search.nearest import rank_database
-
     m = np.asarray(mask, dtype=bool)
     lab = np.asarray(labels)
     if m.shape != (X.shape[0],) or lab.shape != (X.shape[0],):

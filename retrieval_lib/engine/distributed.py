@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps
+
 __all__ = [
     "dist_env",
     "init_process_group",
@@ -218,8 +220,6 @@ def extract_sharded(model, images, pooling=None, out_dir: str | os.PathLike = "s
     ``None`` on the other ranks. Without a process group (one process) it is the
     single-process call.
     """
-    from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps
-
     if what not in ("descriptors", "fmaps"):
         raise ValueError(f"what must be 'descriptors' or 'fmaps', got {what!r}")
     if what == "descriptors" and pooling is None:
