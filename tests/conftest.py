@@ -155,3 +155,19 @@ def readme_run(tmp_path_factory, readme_commands) -> ReadmeRun:
     if returncode == -1:
         log_text += f"\n[killed after {README_RUN_TIMEOUT_S} s]"
     return ReadmeRun(command, root, returncode, seconds, log_text, files_before)
+
+
+# ---------------------------------------------------------------- the full-scale dry run
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fullscale: the full scale's dry run on a CPU stand-in (minutes); skipped "
+                                       "unless selected with -m fullscale (.ci/run runs it as a second command)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``fullscale`` tests run only when asked for (``-m fullscale``): the default suite stays minutes shorter."""
+    if "fullscale" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="the full-scale dry run: `python -m pytest -m fullscale tests/test_fullscale.py`")
+    for item in items:
+        if "fullscale" in item.keywords:
+            item.add_marker(skip)

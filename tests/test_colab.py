@@ -116,9 +116,11 @@ def test_the_cell_installs_in_colab(monkeypatch):
 
 def _fake_downloads(monkeypatch):
     got = []
-    monkeypatch.setattr(colab, "download_revisited", lambda name, root, progress=True: got.append((name, root)))
-    monkeypatch.setattr(colab, "download_real171", lambda root, progress=True: got.append(("real171", root)))
+    monkeypatch.setattr(colab, "fetch_item", lambda name, root, progress=True: got.append((name, root)))
     return got
+
+
+FULL = ["roxford5k", "real171", "rSfM120k-tl-resnet101-gem-w", "retrievalSfM120k-resnet101-gem"]
 
 
 def _shell():
@@ -136,7 +138,7 @@ def _run_cell_in(shell, code: str, success: bool = True):
 
 
 @pytest.mark.parametrize("scale, fetched", [("cpu", ["real171"]), ("smoke", ["real171"]),
-                                           ("full", ["roxford5k", "real171"])])  # full: 05-08's split too
+                                           ("full", FULL)])  # full: 05-08's split and 05/08's networks too
 def test_the_parameters_cell_decides_what_is_downloaded(scale, fetched, monkeypatch):
     got = _fake_downloads(monkeypatch)
     monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
@@ -168,10 +170,10 @@ def test_the_cell_s_data_root_wins_and_a_failed_cell_waits(monkeypatch, tmp_path
 def test_a_failed_download_warns_and_the_notebook_goes_on(monkeypatch):
     from retrieval_lib.errors import FetchError
 
-    def offline(root, progress=True):
-        raise FetchError("real171: could not fetch ukbench56/ukbench00000.jpg (offline?)")
+    def offline(name, root, progress=True):
+        raise FetchError(f"{name}: could not fetch ukbench56/ukbench00000.jpg (offline?)")
 
-    monkeypatch.setattr(colab, "download_real171", offline)
+    monkeypatch.setattr(colab, "fetch_item", offline)
     shell = _shell()
     colab.colab_setup(root="/tmp/nowhere", shell=shell)
     with pytest.warns(UserWarning, match="scale 'cpu' could not be fetched: real171: could not fetch"):
@@ -204,8 +206,30 @@ def test_without_ipython_the_default_scale_is_fetched_at_once(monkeypatch, tmp_p
     monkeypatch.delenv("RETRIEVAL_DATA", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert colab.colab_setup(root=str(tmp_path)) == os.environ["RETRIEVAL_DATA"] == str(tmp_path)
-    assert got == [("roxford5k", str(tmp_path)), ("real171", str(tmp_path))]
+    assert got == [(name, str(tmp_path)) for name in FULL]
     assert colab.fetch_for_scale("cpu", str(tmp_path)) == "real171" and got[-1] == ("real171", str(tmp_path))
+
+
+def test_full_fetches_what_the_notebooks_use_and_only_the_large_sets_on_request(monkeypatch):
+    """What colab_setup fetches at full is, item by item, what some notebook's needs cell checks at full,
+    less rSfM-120k and CUB (on request); a failed item does not stop the others."""
+    from retrieval_lib.book.needs import NOTEBOOKS, scale_needs
+    from retrieval_lib.errors import FetchError
+
+    used = {n.item: n for nb in NOTEBOOKS for n in scale_needs(nb, "full")}
+    assert set(FULL) == {k for k, n in used.items() if not n.on_request}
+    assert {k for k, n in used.items() if n.on_request} == {"rsfm120k", "cub"}
+    got = []
+
+    def fetch(name, root, progress=True):
+        got.append(name)
+        if name == "real171":
+            raise FetchError("offline")
+
+    monkeypatch.setattr(colab, "fetch_item", fetch)
+    with pytest.raises(FetchError, match="^real171: offline$"):
+        colab.fetch_for_scale("full", "/data")
+    assert got == FULL
 
 
 def test_the_cell_runs_here_as_a_plain_kernel_would():

@@ -18,12 +18,13 @@ it), so it cannot import :data:`REPO_URL`: the sync writes the URL into it. Outs
 calls :func:`colab_setup`: ``RETRIEVAL_DATA`` defaults to :data:`COLAB_DATA_ROOT`, and nothing
 is downloaded yet. The notebook's ``parameters`` cell decides the scale (``SCALE``: by default
 ``full`` on a GPU runtime and ``cpu`` otherwise, :func:`~retrieval_lib.book.config.default_scale`);
-right after that cell has run, :func:`fetch_for_scale` downloads what that scale measures into
-the data root (``DATA_ROOT`` when the cell sets one): real171 from its public sources at
-``smoke``/``cpu`` (:func:`~retrieval_lib.data.real171.download_real171`, 87 MB of sources, so the
-CPU runtime runs on real photos), revisited Oxford at ``full``
-(:func:`~retrieval_lib.data.datasets.download_revisited`). Both fetch only what is missing, so a
-second notebook in the same runtime downloads nothing. The hook is IPython's ``post_run_cell``
+right after that cell has run, :func:`fetch_for_scale` downloads what the notebooks use at that
+scale (:func:`~retrieval_lib.book.needs.default_downloads`) into the data root (``DATA_ROOT`` when
+the cell sets one): real171 from its public sources at ``smoke``/``cpu`` (87 MB of sources, so the
+CPU runtime runs on real photos); at ``full`` revisited Oxford, real171 (05-08's honest split) and
+the two released networks 05 and 08 measure. rSfM-120k and CUB-200-2011 are fetched only on request
+(the notebooks that use them say how). Each item is fetched only when missing, so a second notebook
+in the same runtime downloads nothing. The hook is IPython's ``post_run_cell``
 event, registered by :func:`colab_setup` and removed once it has fired.
 
 How the sync finds the cell (:func:`sync_notebook`): a code cell whose first line is
@@ -37,15 +38,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import uuid
 import warnings
 from pathlib import Path
 
-from retrieval_lib.book.config import scale_config
-from retrieval_lib.data.datasets import REVISITED, download_revisited
-from retrieval_lib.data.real171 import download_real171
-from retrieval_lib.errors import ExpectedError
+from retrieval_lib.book.downloads import fetch_item
+from retrieval_lib.book.needs import default_downloads
+from retrieval_lib.book.reproduce import find_notebooks
+from retrieval_lib.errors import ExpectedError, FetchError
 
 __all__ = ["REPO_URL", "MARKER", "COLAB_DATA_ROOT", "install_cell_source", "pip_target", "colab_url", "colab_setup",
            "fetch_for_scale", "notebook_install_cell", "sync_notebook", "sync_notebooks", "sync_readme", "main"]
@@ -84,23 +86,27 @@ def install_cell_source(repo_url: str = REPO_URL) -> str:
 
 
 def fetch_for_scale(scale: str | None = None, root=None, progress: bool = True) -> str:
-    """Download what ``scale`` measures into the data root ``root`` (default ``RETRIEVAL_DATA``); return its name.
+    """Download what the notebooks use at ``scale`` into the data root ``root`` (default ``RETRIEVAL_DATA``);
+    return the items, joined by ``+``.
 
-    ``smoke`` and ``cpu`` measure the default benchmark: real171, built from its public
-    sources (:func:`~retrieval_lib.data.real171.download_real171`). ``full`` measures
-    revisited Oxford (:func:`~retrieval_lib.data.datasets.download_revisited`), and its learned
-    notebooks (05-08) train and measure on real171's honest split, so ``full`` fetches both
-    (``"roxford5k+real171"``; real171 is 87 MB of sources beside revisited Oxford's images). What
-    is already there is not fetched again.
+    The items are :func:`~retrieval_lib.book.needs.default_downloads` -- the same list each notebook's
+    needs cell checks: ``smoke`` and ``cpu`` measure real171 (built from its public sources); ``full``
+    measures revisited Oxford, trains 05-08's heads on real171's honest split and shows two released
+    networks (``"roxford5k+real171+rSfM120k-tl-resnet101-gem-w+retrievalSfM120k-resnet101-gem"``).
+    Each goes through ``python -m retrieval_lib download``'s code (:func:`~retrieval_lib.book.downloads.fetch_item`),
+    which skips what is already there. Every item is tried; those that failed are named in one
+    :class:`~retrieval_lib.errors.FetchError` at the end.
     """
-    cfg = scale_config(scale)
     root = root or os.environ.get("RETRIEVAL_DATA")
-    if cfg.data in REVISITED:
-        download_revisited(cfg.data, root, progress=progress)
-        download_real171(root, progress=progress)
-        return f"{cfg.data}+real171"
-    download_real171(root, progress=progress)
-    return "real171"
+    items, failed = default_downloads(scale), []
+    for item in items:
+        try:
+            fetch_item(item, root, progress=progress)
+        except ExpectedError as err:
+            failed.append(str(err) if str(err).startswith(item) else f"{item}: {err}")
+    if failed:
+        raise FetchError("; ".join(failed))
+    return "+".join(items)
 
 
 _HOOKS: list = []  # the callback colab_setup registered last
@@ -229,8 +235,6 @@ def sync_notebooks(notebooks_dir=None, repo_url: str = REPO_URL, write: bool = T
 
     ``notebooks_dir`` defaults to the checkout's ``notebooks/`` (as ``reproduce`` finds it).
     """
-    from retrieval_lib.book.reproduce import find_notebooks
-
     return [nb for nb in find_notebooks(notebooks_dir) if sync_notebook(nb, repo_url, write=write)]
 
 
@@ -244,8 +248,6 @@ _README_PATTERNS = (  # (what, regex): each occurrence is rewritten from REPO_UR
 def sync_readme(path, repo_url: str = REPO_URL, write: bool = True) -> bool:
     """Rewrite the README's Colab links, its ``pip install git+...`` target and the ``REPO_URL = "..."``
     line it shows from ``repo_url``; return whether anything differed."""
-    import re
-
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     new_for = {"Colab links": colab_url("X.ipynb", repo_url).removesuffix("X.ipynb"),
@@ -273,8 +275,6 @@ def main(argv=None) -> int:
     changed = sync_notebooks(args.notebooks_dir, write=not args.check)
     readme = args.readme
     if readme is None:
-        from retrieval_lib.book.reproduce import find_notebooks
-
         found = find_notebooks(args.notebooks_dir)
         readme = found[0].parent.parent / "README.md" if found else None
     if readme and str(readme) != "none" and Path(readme).is_file() and \

@@ -18,6 +18,14 @@ Notebooks read their scale from the ``SCALE`` parameter (default: the environmen
 variable ``RETRIEVAL_SCALE``, else :func:`default_scale`: ``"full"`` with a CUDA GPU,
 ``"cpu"`` without) and look the settings up here, so that one word changes every notebook
 and ``python -m retrieval_lib reproduce`` at once.
+
+**A dry run of a scale's code path** (:data:`MAX_SIZE_ENV`): with ``RETRIEVAL_MAX_SIZE=N`` in the
+environment every image size of a scale above ``N`` px is scaled down by ``N / image_size`` -- the
+scale's own size (:func:`scale_config`), a notebook's size lists (:func:`capped_sizes`: 02's
+``IMAGE_SIZES``, 06's ``SIZES``) and the end-to-end training recipes (:func:`dry_run_recipe`, which
+also cuts them to one epoch of a few tuples). ``RETRIEVAL_MAX_SIZE=64 python -m retrieval_lib reproduce
+--scale full ...`` so runs every ``full`` code path on a CPU in minutes (``tests/test_fullscale.py``);
+the numbers of such a run mean nothing, and :meth:`ScaleConfig.summary` says so.
 """
 from __future__ import annotations
 
@@ -29,7 +37,11 @@ import torch
 from retrieval_lib.data.datasets import REVISITED, RevisitedDataset, default_benchmark
 from retrieval_lib.errors import MissingDataError
 
-__all__ = ["ScaleConfig", "SCALES", "scale_config", "default_scale", "default_progress", "benchmark_for_scale"]
+__all__ = ["ScaleConfig", "SCALES", "scale_config", "default_scale", "default_progress", "benchmark_for_scale",
+           "MAX_SIZE_ENV", "max_size", "capped_sizes", "dry_run_recipe"]
+
+MAX_SIZE_ENV = "RETRIEVAL_MAX_SIZE"
+"""The environment variable of a dry run: every image size of a scale capped at this many pixels."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class ScaleConfig:
     scales: tuple = (1.0,)
     batch_size: int = 8
     data: str = "default"
+    capped_from: int | None = None  # a dry run (RETRIEVAL_MAX_SIZE): the scale's own image size
 
     def summary(self) -> str:
         """One line saying what runs: backbone, input size, scales, data, image cap."""
@@ -55,8 +68,10 @@ class ScaleConfig:
             "input scales " + ", ".join(f"{s:.3g}" for s in self.scales)
         data = "the default benchmark (real171 or the offline default)" if self.data == "default" else self.data
         cap = f", at most {self.max_images} database images" if self.max_images is not None else ""
+        dry = (f" (a dry run: {MAX_SIZE_ENV} caps the scale's {self.capped_from} px; its numbers mean nothing)"
+               if self.capped_from is not None else "")
         return (f"{self.name}: {self.backbone} (ImageNet weights, off the shelf), longer side "
-                f"{self.image_size} px, {scales}, on {data}{cap}")
+                f"{self.image_size} px{dry}, {scales}, on {data}{cap}")
 
 
 SCALES = {
@@ -103,7 +118,59 @@ def scale_config(name: str | ScaleConfig | None = None, **overrides) -> ScaleCon
     name = default_scale() if name is None else name
     if name not in SCALES:
         raise ValueError(f"unknown scale {name!r}; choose one of {sorted(SCALES)}")
-    return replace(SCALES[name], **overrides) if overrides else SCALES[name]
+    cfg, cap = SCALES[name], max_size()
+    if cap is not None and cap < cfg.image_size:
+        cfg = replace(cfg, image_size=cap, capped_from=cfg.image_size)
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def max_size() -> int | None:
+    """The dry run's cap on image sizes, from ``RETRIEVAL_MAX_SIZE`` (``None``: unset, no cap)."""
+    value = os.environ.get(MAX_SIZE_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 32:
+        raise ValueError(f"{MAX_SIZE_ENV}={value!r} is not understood; set it to a size in pixels of at "
+                         "least 32 (a dry run at that size), or unset it")
+    return int(value)
+
+
+def _shrink(size: int, factor: float) -> int:
+    return max(32, int(round(size * factor)))
+
+
+def capped_sizes(sizes, scale=None) -> list:
+    """A notebook's list of image sizes at ``scale``, as is -- or, in a dry run (``RETRIEVAL_MAX_SIZE``
+    below the scale's size), each size scaled by the cap over the scale's own size (at least 32 px,
+    repeats dropped), so the list keeps its shape: ``[512, 768, 1024]`` at ``full`` with a cap of 64
+    gives ``[32, 48, 64]``."""
+    cfg = scale_config(scale)
+    if cfg.capped_from is None:
+        return list(sizes)
+    factor = cfg.image_size / cfg.capped_from
+    out = []
+    for s in sizes:
+        if _shrink(s, factor) not in out:
+            out.append(_shrink(s, factor))
+    return out
+
+
+_RECIPE_SIZES = ("image_size", "train_size", "crop", "test_size")
+_RECIPE_CUTS = {"epochs": 1, "n_queries": 4, "pool_size": 16, "batch_size": 2, "P": 4}
+
+
+def dry_run_recipe(recipe: dict, scale="full") -> dict:
+    """Overrides of an end-to-end training recipe (``RECIPES["gem"]``, ``CGD_RECIPE``) for a dry run:
+    ``{}`` normally; with ``RETRIEVAL_MAX_SIZE`` below ``scale``'s size, its image sizes scaled as in
+    :func:`capped_sizes` and its length cut to one epoch of a few tuples (``epochs``, ``n_queries``,
+    ``pool_size``, ``batch_size``, CGD's classes per batch ``P``, where the recipe has them)."""
+    cfg = scale_config(scale)
+    if cfg.capped_from is None:
+        return {}
+    factor = cfg.image_size / cfg.capped_from
+    out = {k: _shrink(recipe[k], factor) for k in _RECIPE_SIZES if k in recipe}
+    out.update({k: min(v, recipe[k]) for k, v in _RECIPE_CUTS.items() if k in recipe})
+    return out
 
 
 def benchmark_for_scale(cfg: ScaleConfig | str | None = None, data_root=None):

@@ -1,0 +1,164 @@
+"""The full scale's dry run: ``reproduce --scale full`` runs every notebook on a CPU stand-in of its setting.
+
+The stand-in (``tests/_standin.py``) is revisited Oxford in its download layout (the real ground
+truth cut to 3 queries and 14 images when ``../shared/data/revisited_gnd`` is there), random
+ResNet-101 weights where torch.hub looks for the ImageNet ones (``TORCH_HOME``), and -- in the second
+run -- tiny rSfM-120k and CUB-200-2011. ``RETRIEVAL_MAX_SIZE`` (the documented dry run of
+:mod:`retrieval_lib.book.config`) caps every image size at :data:`MAX_SIZE` px and cuts the end-to-end
+recipes to one short epoch, so the ``full`` code path of all eleven notebooks runs in minutes.
+
+What is checked is what a GPU user meets, not numbers (they mean nothing here): every notebook runs or is
+recorded as not runnable with the command that fixes it; the exit code; results.md lists every notebook,
+also after a rerun of some; each notebook says what it measures at ``full``; without rSfM-120k and CUB,
+05 and 07 run their other sections and print the ``download`` command; with them, 05's and 07's
+end-to-end cells train, checkpoint under the run's output, and a rerun resumes.
+
+The runs are marked ``fullscale`` (minutes on two cores; ``tests/conftest.py`` skips them unless asked
+for): ``.ci/run`` runs them as a second command, ``python -m pytest -m fullscale tests/test_fullscale.py``.
+The dry-run settings themselves are checked first, in the default suite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrieval_lib.book.config import MAX_SIZE_ENV, capped_sizes, dry_run_recipe, max_size, scale_config
+from retrieval_lib.book.needs import NOTEBOOKS
+from retrieval_lib.engine.recipes import CGD_RECIPE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _standin import add_extra, build_standin  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_SIZE = 96
+RUN_TIMEOUT_S = 3600
+
+
+def test_the_dry_run_caps_every_size_of_a_scale_and_cuts_the_recipes(monkeypatch):
+    monkeypatch.delenv(MAX_SIZE_ENV, raising=False)
+    full = scale_config("full")
+    assert max_size() is None and full.image_size == 1024 and full.capped_from is None
+    assert capped_sizes([512, 768, 1024], "full") == [512, 768, 1024] and dry_run_recipe(CGD_RECIPE) == {}
+    monkeypatch.setenv(MAX_SIZE_ENV, "64")
+    cfg = scale_config("full")
+    assert (cfg.image_size, cfg.capped_from, cfg.scales, cfg.data) == (64, 1024, full.scales, "roxford5k")
+    assert "a dry run" in cfg.summary() and "a dry run" not in full.summary()
+    assert capped_sizes([512, 768, 1024], "full") == [32, 48, 64]  # 02's IMAGE_SIZES keeps its shape
+    assert capped_sizes((224, 448, 672, 896, 1120), cfg) == [32, 42, 56, 70]  # 06's SIZES: 14 px -> 32, once
+    assert capped_sizes([160, 224], "smoke") == [46, 64]  # a cap below smoke's 224 px scales it too
+    assert capped_sizes([256, 512], "cpu") == [32, 64]
+    assert dry_run_recipe(CGD_RECIPE) == {"train_size": 32, "crop": 32, "test_size": 32, "epochs": 1, "P": 4}
+    gem = {"epochs": 100, "n_queries": 2000, "pool_size": 22000, "batch_size": 5, "image_size": 362, "lr": 5e-7}
+    assert dry_run_recipe(gem) == {"image_size": 32, "epochs": 1, "n_queries": 4, "pool_size": 16, "batch_size": 2}
+    monkeypatch.setenv(MAX_SIZE_ENV, "2048")  # above the scale's size: nothing changes
+    assert scale_config("full") == full and capped_sizes([512, 1024], "full") == [512, 1024]
+
+
+@pytest.mark.parametrize("value", ["abc", "16", "-5", "64px"])
+def test_a_dry_run_size_that_is_not_understood_is_refused(monkeypatch, value):
+    monkeypatch.setenv(MAX_SIZE_ENV, value)
+    with pytest.raises(ValueError, match=f"{MAX_SIZE_ENV}=.*at least 32"):
+        scale_config("full")
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory, data_root):
+    where = tmp_path_factory.mktemp("fullscale")
+    found = build_standin(where, data_root)
+    found["cache"] = where / "cache"
+    return found
+
+
+def _reproduce(standin, out: Path, notebooks: str = "all", data=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RETRIEVAL_DATA", "RETRIEVAL_SCALE")}
+    env.update(TORCH_HOME=str(standin["torch_home"]), RETRIEVAL_CACHE=str(standin["cache"]),
+               **{MAX_SIZE_ENV: str(MAX_SIZE)})
+    cmd = [sys.executable, "-m", "retrieval_lib", "reproduce", "--scale", "full", "--data",
+           str(data or standin["data"]), "--out", str(out), "--notebooks", notebooks, "--quiet"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def _outputs(out: Path, notebook: str) -> str:
+    """Every text the executed copy of ``notebook`` shows (stream, markdown and plain outputs)."""
+    doc = json.loads((out / "notebooks" / notebook / f"{notebook}.ipynb").read_text())
+    texts = []
+    for cell in doc["cells"]:
+        for o in cell.get("outputs", []):
+            if "text" in o:
+                texts.append("".join(o["text"]))
+            for kind in ("text/markdown", "text/plain"):
+                if kind in o.get("data", {}):
+                    texts.append("".join(o["data"][kind]))
+    return "\n".join(texts)
+
+
+def _results(out: Path) -> tuple[list, str]:
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+@pytest.mark.fullscale
+def test_without_rsfm_and_cub_every_notebook_runs_and_says_what_to_fetch(standin, tmp_path):
+    """The Colab-like data root (revisited Oxford only): all eleven notebooks run, exit 0."""
+    out = tmp_path / "r"
+    run = _reproduce(standin, out)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    docs, md = _results(out)
+    assert [d["notebook"] for d in docs] == list(NOTEBOOKS)
+    assert [d["notebook"] for d in docs if d.get("failed")] == []
+    for nb in NOTEBOOKS:
+        assert f"| {nb} | full |" in md, nb
+    shelf = json.loads((out / "offtheshelf.json").read_text())
+    assert shelf["benchmark"] == "roxford5k" and shelf["image_size"] == MAX_SIZE and "a dry run" in shelf["setting"]
+    data = standin["data"]
+    for nb in NOTEBOOKS:
+        text = _outputs(out, nb)
+        # each says up front what it measures at full: revisited Oxford, or what instead and why
+        assert (f"**roxford5k** -- the benchmark every section measures; present" in text
+                or "At this scale it measures" in text), nb
+    text05, text07 = _outputs(out, "05_wgem"), _outputs(out, "07_cgd")
+    assert f"python -m retrieval_lib download rsfm120k --data {data}" in text05
+    assert "the paper's recipe is skipped" in text05
+    assert f"python -m retrieval_lib download cub --data {data}" in text07 and "section 6 is skipped" in text07
+    for nb in ("05_wgem", "08_whitening"):  # the released network is not in the cache: the command, no download
+        assert "python -m retrieval_lib download " in _outputs(out, nb) and "then rerun this cell" in _outputs(out, nb)
+    assert not (out / "notebooks" / "05_wgem" / "checkpoints").exists()
+
+
+@pytest.mark.fullscale
+def test_with_rsfm_and_cub_the_end_to_end_cells_train_in_resumable_chunks(standin, tmp_path):
+    """rSfM-120k and CUB added: 05's and 07's end-to-end cells state their cost, train, checkpoint under the
+    run's output; a rerun resumes from the checkpoints; results accumulate over reruns."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "roxford5k").symlink_to(standin["data"] / "roxford5k", target_is_directory=True)
+    add_extra(data, standin["torch_home"])
+    out = tmp_path / "r"
+    run = _reproduce(standin, out, "05,07", data=data)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text05, text07 = _outputs(out, "05_wgem"), _outputs(out, "07_cgd")
+    assert "the paper's recipe, per head: 1 epochs" in text05 and "Time on a GPU: not measured" in text05
+    assert "CGD's recipe, per configuration" in text07 and "Time on a GPU: not measured" in text07
+    for name in ("gem", "wgem"):
+        assert any((out / "notebooks" / "05_wgem" / "checkpoints" / name).glob("ckpt-*.pt")), name
+    assert any((out / "notebooks" / "07_cgd" / "checkpoints" / "MG").glob("ckpt-*.pt"))
+    docs, _ = _results(out)
+    assert any(k.startswith("R@1/cub200/") for k in next(d for d in docs if d["notebook"] == "07_cgd")["ours"])
+    rerun = _reproduce(standin, out, "05", data=data)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "gem: resumed from" in _outputs(out, "05_wgem")
+    docs, md = _results(out)
+    assert [d["notebook"] for d in docs] == ["05_wgem", "07_cgd"]  # this folder's runs only, both kept
+
+
+@pytest.mark.fullscale
+def test_without_revisited_oxford_nothing_runs_and_the_command_is_named(standin, tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    run = _reproduce(standin, tmp_path / "r", data=empty)
+    assert run.returncode == 3 and f"python -m retrieval_lib download roxford5k --data {empty}" in run.stderr
+    assert not (tmp_path / "r" / "results.md").exists()
