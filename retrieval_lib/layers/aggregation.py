@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from retrieval_lib.layers import _checks
-from retrieval_lib.layers.functional import (_cell_maxima, _cell_plan, _region_mac_from_cells, _rmac_regions_tuple,
-                                             l2n)
+from retrieval_lib.layers.cells import cell_maxima, cell_plan, region_mac_from_cells
+from retrieval_lib.layers.functional import l2n, rmac_regions_tuple
 
 __all__ = ["darac_regions", "darac_slots", "darac_vectors", "TrainableRMAC", "DARAC", "N_DARAC_REGIONS"]
 
@@ -142,8 +142,8 @@ def darac_vectors(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     _checks.check_eps(eps, "darac_vectors")
     H, W = x.shape[-2:]
     regions = _darac_regions_tuple(H, W)
-    plan = _cell_plan(H, W, regions, x.device)
-    maxima = _region_mac_from_cells(_cell_maxima(x, plan), plan)  # (B, 21, C)
+    plan = cell_plan(H, W, regions, x.device)
+    maxima = region_mac_from_cells(cell_maxima(x, plan), plan)  # (B, 21, C)
     means = _region_means(x, regions)  # (B, 21, C)
     return l2n(torch.cat([means, maxima], dim=1), eps)  # (B, 42, C)
 
@@ -194,10 +194,10 @@ class TrainableRMAC(nn.Module):
             raise ValueError(f"TrainableRMAC: built for {self.channels} channels but the feature map has "
                              f"{x.shape[1]} (shape {tuple(x.shape)}); build it with channels={x.shape[1]}")
         H, W = x.shape[-2:]
-        regions = _rmac_regions_tuple(H, W, self.L)
-        plan = _cell_plan(H, W, regions, x.device)
-        cells = _cell_maxima(x, plan)  # (B, ny, nx, C)
-        v = _region_mac_from_cells(cells, plan)  # (B, R, C)
+        regions = rmac_regions_tuple(H, W, self.L)
+        plan = cell_plan(H, W, regions, x.device)
+        cells = cell_maxima(x, plan)  # (B, ny, nx, C)
+        v = region_mac_from_cells(cells, plan)  # (B, R, C)
         if self.include_global:
             v = torch.cat([v, cells.amax(dim=(1, 2))[:, None]], dim=1)
         return l2n(v, self.eps)

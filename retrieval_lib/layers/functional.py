@@ -34,15 +34,18 @@ from retrieval_lib.layers._checks import check_eps as _check_eps
 from retrieval_lib.layers._checks import check_fmap as _check_fmap
 from retrieval_lib.layers._checks import check_int as _check_int
 from retrieval_lib.layers._checks import check_p as _check_p
+from retrieval_lib.layers.cells import cell_maxima, cell_plan, region_mac_from_cells
 
 __all__ = [
     "l2n",
     "mac",
     "spoc",
     "gem",
+    "power_mean",
     "wgem",
     "multiscale_mean",
     "rmac_regions",
+    "rmac_regions_tuple",
     "region_mac",
     "rmac",
 ]
@@ -124,7 +127,7 @@ def spoc(x: torch.Tensor, center_prior: bool = False) -> torch.Tensor:
     return (x * weights).sum(dim=(-2, -1))
 
 
-def _power_mean(x: torch.Tensor, p: Union[float, torch.Tensor], eps: float,
+def power_mean(x: torch.Tensor, p: Union[float, torch.Tensor], eps: float,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """The power mean behind GeM and wGeM, on inputs that are already validated.
 
@@ -163,7 +166,7 @@ def gem(x: torch.Tensor, p: Union[float, torch.Tensor] = 3.0, eps: float = 1e-6)
     _check_fmap(x, "gem")
     _check_eps(eps, "gem")
     _check_p(p, x.shape[1], "gem")
-    return _power_mean(x, p, eps)
+    return power_mean(x, p, eps)
 
 
 def _check_weights(weights: torch.Tensor, x: torch.Tensor, fn: str) -> None:
@@ -202,7 +205,7 @@ def wgem(
     _check_weights(weights, x, "wgem")
     _check_eps(eps, "wgem")
     _check_p(p, x.shape[1], "wgem")
-    return _power_mean(x, p, eps, weights)
+    return power_mean(x, p, eps, weights)
 
 
 # ----------------------------------------------------------------------------------------
@@ -267,7 +270,7 @@ def multiscale_mean(descs: Union[torch.Tensor, Sequence[torch.Tensor]],
 # R-MAC regions
 # ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1024)
-def _rmac_regions_tuple(H: int, W: int, L: int) -> tuple:
+def rmac_regions_tuple(H: int, W: int, L: int) -> tuple:
     """The R-MAC regions as a tuple of ``(x, y, w, h)`` tuples (cached per map size)."""
     # The arithmetic is done in float32 like cirtorch's rmac(), so that ties in the choice
     # of the number of regions break the same way it does (see rmac_regions).
@@ -324,85 +327,7 @@ def rmac_regions(H: int, W: int, L: int = 3) -> torch.Tensor:
     H = _check_int(H, "H", "rmac_regions")
     W = _check_int(W, "W", "rmac_regions")
     L = _check_int(L, "L", "rmac_regions")
-    return torch.tensor(_rmac_regions_tuple(H, W, L), dtype=torch.int64).reshape(-1, 4)
-
-
-# ----------------------------------------------------------------------------------------
-# per-region max pooling
-# ----------------------------------------------------------------------------------------
-class _CellPlan:
-    """Index tensors that turn cell maxima into region maxima for one (H, W, regions).
-
-    All region borders cut the map into a grid of ``ny x nx`` cells; every region is a
-    block of whole cells, so its max is the max of its cells' maxima.
-    """
-
-    def __init__(self, H: int, W: int, regions: tuple, device: torch.device):
-        ybreaks = sorted({0, H} | {y for _, y, _, _ in regions} | {y + h for _, y, _, h in regions})
-        xbreaks = sorted({0, W} | {x for x, _, _, _ in regions} | {x + w for x, _, w, _ in regions})
-        self.row_bands = list(zip(ybreaks[:-1], ybreaks[1:]))  # cell rows, in map rows
-        self.col_bands = list(zip(xbreaks[:-1], xbreaks[1:]))  # cell columns, in map columns
-        yi = {v: i for i, v in enumerate(ybreaks)}
-        xi = {v: i for i, v in enumerate(xbreaks)}
-        # Each region spans cell rows [r0, r1) and cell columns [c0, c1). Index lists are
-        # padded by repeating their last entry: repeating an element does not change a max.
-        row_ranges = sorted({(yi[y], yi[y + h]) for _, y, _, h in regions})
-        width = max((r1 - r0 for r0, r1 in row_ranges), default=1)
-        self.rows = torch.tensor(
-            [[min(r0 + k, r1 - 1) for k in range(width)] for r0, r1 in row_ranges],
-            dtype=torch.int64, device=device,
-        ).reshape(-1, width)  # (n_row_ranges, width)
-        # Region r then spans, in the (n_row_ranges * nx) flattened band grid, the entries
-        # rank(row range) * nx + c for its cell columns c in [c0, c1).
-        rank = {rr: i for i, rr in enumerate(row_ranges)}
-        nx = len(self.col_bands)
-        width = max((xi[x + w] - xi[x] for x, _, w, _ in regions), default=1)
-        self.band_cells = torch.tensor(
-            [
-                [
-                    rank[(yi[y], yi[y + h])] * nx + min(xi[x] + k, xi[x + w] - 1)
-                    for k in range(width)
-                ]
-                for x, y, w, h in regions
-            ],
-            dtype=torch.int64, device=device,
-        ).reshape(-1, width)  # (R, width)
-
-
-@functools.lru_cache(maxsize=256)
-def _cell_plan(H: int, W: int, regions: tuple, device: torch.device) -> _CellPlan:
-    return _CellPlan(H, W, regions, device)
-
-
-def _cell_maxima(x: torch.Tensor, plan: _CellPlan) -> torch.Tensor:
-    """Max of every cell of the plan's grid, channels last: ``(B, C, H, W) -> (B, ny, nx, C)``."""
-    # One pass over the map. (1) Each band of cell rows: a running elementwise maximum of
-    # its map rows, each row a (B, C, W) view of the whole batch. On CPU this is several
-    # times faster than x[:, :, r0:r1].amax(dim=2), whose reduction over a middle axis with
-    # a short contiguous W axis is slow. (2) Channels go last, so the max over each band of
-    # columns reduces contiguous C-vectors.
-    row_max = []
-    for r0, r1 in plan.row_bands:
-        band = x[:, :, r0]
-        for r in range(r0 + 1, r1):
-            band = torch.maximum(band, x[:, :, r])
-        row_max.append(band)  # (B, C, W)
-    rows = torch.stack(row_max, dim=1).transpose(2, 3).contiguous()  # (B, ny, W, C)
-    return torch.stack([rows[:, :, c0:c1].amax(dim=2) for c0, c1 in plan.col_bands], dim=2)
-
-
-def _gather_max(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``out[.., n, ..] = max_j t[.., index[n, j], ..]`` along ``dim``; ``index`` is ``(N, J)``."""
-    out = t.index_select(dim, index[:, 0])
-    for j in range(1, index.shape[1]):  # J = the most cells one region spans on one axis
-        out = torch.maximum(out, t.index_select(dim, index[:, j]))
-    return out
-
-
-def _region_mac_from_cells(cells: torch.Tensor, plan: _CellPlan) -> torch.Tensor:
-    """Region maxima from cell maxima: ``(B, ny, nx, C) -> (B, R, C)``."""
-    bands = _gather_max(cells, 1, plan.rows)  # (B, n_row_ranges, nx, C)
-    return _gather_max(bands.flatten(1, 2), 1, plan.band_cells)  # (B, R, C)
+    return torch.tensor(rmac_regions_tuple(H, W, L), dtype=torch.int64).reshape(-1, 4)
 
 
 def _regions_tuple(regions: Regions, H: int, W: int, fn: str) -> tuple:
@@ -459,8 +384,8 @@ def region_mac(x: torch.Tensor, regions: Regions) -> torch.Tensor:
     regions = _regions_tuple(regions, H, W, "region_mac")
     if not regions:
         return x.new_zeros(x.shape[0], 0, x.shape[1])
-    plan = _cell_plan(H, W, regions, x.device)
-    return _region_mac_from_cells(_cell_maxima(x, plan), plan)
+    plan = cell_plan(H, W, regions, x.device)
+    return region_mac_from_cells(cell_maxima(x, plan), plan)
 
 
 def rmac(
@@ -484,10 +409,10 @@ def rmac(
     L = _check_int(L, "L", "rmac")
     _check_eps(eps, "rmac")
     H, W = x.shape[-2:]
-    regions = _rmac_regions_tuple(H, W, L)
-    plan = _cell_plan(H, W, regions, x.device)
-    cells = _cell_maxima(x, plan)  # (B, ny, nx, C)
-    v = l2n(_region_mac_from_cells(cells, plan), eps).sum(dim=1)  # (B, R, C) -> (B, C)
+    regions = rmac_regions_tuple(H, W, L)
+    plan = cell_plan(H, W, regions, x.device)
+    cells = cell_maxima(x, plan)  # (B, ny, nx, C)
+    v = l2n(region_mac_from_cells(cells, plan), eps).sum(dim=1)  # (B, R, C) -> (B, C)
     if include_global:
         v = v + l2n(cells.amax(dim=(1, 2)), eps)  # whole-map MAC from the cell maxima
     return l2n(v, eps)

@@ -174,7 +174,7 @@ class GeM(nn.Module):
                 f"channels={x.shape[1]}"
             )
         xc = x if self.dtype is None else x.to(self.dtype)
-        out = functional._power_mean(xc, _clamp_p(self.p, self.p_min), self.eps)  # (B, C)
+        out = functional.power_mean(xc, _clamp_p(self.p, self.p_min), self.eps)  # (B, C)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -280,7 +280,7 @@ class WGeM(nn.Module):
         p = _clamp_p(self.p, self.p_min)
         weights = self._attention(x)  # (B, 1, H, W)
         xc = x if self.dtype is None else x.to(self.dtype)
-        return functional._power_mean(xc, p, self.eps, weights).to(x.dtype)  # (B, C)
+        return functional.power_mean(xc, p, self.eps, weights).to(x.dtype)  # (B, C)
 
     def extra_repr(self) -> str:
         mode = "learnable" if self.learn_p else "fixed"
