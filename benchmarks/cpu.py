@@ -213,14 +213,14 @@ def decoders(image_size: int) -> dict:
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     from retrieval_lib.data.images import load_image
-    from retrieval_lib.engine.extract import _to_uint8_tensor, resize_longer_side
+    from retrieval_lib.data.images import resize_longer_side, to_tensor
 
     def target(w, h):
         s = image_size / max(w, h)
         return max(1, round(w * s)), max(1, round(h * s))
 
     def pil(path):
-        return _to_uint8_tensor(resize_longer_side(load_image(path), image_size))
+        return to_tensor(resize_longer_side(load_image(path), image_size))
 
     def draft(path):
         with Image.open(path) as im:
@@ -228,7 +228,7 @@ def decoders(image_size: int) -> dict:
             im.draft("RGB", target(*size))
             im = im.convert("RGB")
         w, h = target(*size)  # the size the full decode would give, not one from the reduced image
-        return _to_uint8_tensor(im if im.size == (w, h) else im.resize((w, h), Image.BICUBIC))
+        return to_tensor(im if im.size == (w, h) else im.resize((w, h), Image.BICUBIC))
 
     def tv(path):
         x = decode_jpeg(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8

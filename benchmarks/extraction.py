@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from retrieval_lib.engine.extract import extract_descriptors, resize_longer_side, _to_uint8_tensor
+from retrieval_lib.data.images import resize_longer_side, to_tensor
+from retrieval_lib.engine.extract import extract_descriptors
 from retrieval_lib.layers.functional import l2n
 from retrieval_lib.layers.pooling import GeM
 
@@ -47,7 +48,7 @@ def decoded_batches(images, image_size: int, batch_size: int, mean, std) -> list
     """Every image decoded, resized and normalised, grouped by size into batches (untimed)."""
     by_size: dict = {}
     for i in range(len(images)):
-        t = _to_uint8_tensor(resize_longer_side(images[i], image_size))  # (3, h, w)
+        t = to_tensor(resize_longer_side(images[i], image_size))  # (3, h, w)
         by_size.setdefault(tuple(t.shape), []).append((i, t))
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)

@@ -19,6 +19,7 @@ from _fakes import ap_loop as _ap_loop
 from _http import Route, serve
 from _http import tgz as _tgz
 from retrieval_lib.data import datasets as ds
+from retrieval_lib.data import cub, revisited
 from retrieval_lib.data.datasets import (CUB200, GroupDataset, RevisitedDataset, cache_root, data_root,
                                     default_benchmark, download_cub, download_revisited, load_gnd,
                                     offline_default, real171)
@@ -437,7 +438,7 @@ def test_download_revisited_from_loopback(tmp_path, server, monkeypatch):
     part2 = _tgz({f"paris/b/{n}.jpg": img for n in doc["imlist"][5:]})
     server.routes.update({"/gnd_rparis6k.pkl": Route(gnd_bytes), "/p1.tgz": Route(part1),
                           "/p2.tgz": Route(part2), "/evil.pkl": Route(gnd_bytes + b"x")})
-    monkeypatch.setattr(ds, "GND_URL", server.url("/gnd_{name}.pkl"))
+    monkeypatch.setattr(revisited, "GND_URL", server.url("/gnd_{name}.pkl"))
     monkeypatch.setitem(ds.GND_SHA256, "rparis6k", hashlib.sha256(gnd_bytes).hexdigest())
     monkeypatch.setitem(ds.IMAGE_URLS, "rparis6k", [server.url("/p1.tgz"), server.url("/p2.tgz")])
 
@@ -452,7 +453,7 @@ def test_download_revisited_from_loopback(tmp_path, server, monkeypatch):
     assert len(server.log) == n  # everything present and verified: no request
 
     # a ground-truth file whose checksum differs is never kept (hence never unpickled)
-    monkeypatch.setattr(ds, "GND_URL", server.url("/evil.pkl"))
+    monkeypatch.setattr(revisited, "GND_URL", server.url("/evil.pkl"))
     with pytest.raises(ChecksumError, match="sha256"):
         download_revisited("rparis6k", tmp_path / "other", progress=False)
     assert os.listdir(tmp_path / "other" / "rparis6k") == []
@@ -490,8 +491,8 @@ def _cub_files(classes=(1, 2, 101, 102, 103), per_class=3):
 def test_cub200_download_splits_and_recall(tmp_path, server, monkeypatch):
     arc = _tgz(_cub_files())
     server.routes["/CUB_200_2011.tgz"] = Route(arc)
-    monkeypatch.setattr(ds, "CUB_URL", server.url("/CUB_200_2011.tgz"))
-    monkeypatch.setattr(ds, "CUB_MD5", hashlib.md5(arc).hexdigest())
+    monkeypatch.setattr(cub, "CUB_URL", server.url("/CUB_200_2011.tgz"))
+    monkeypatch.setattr(cub, "CUB_MD5", hashlib.md5(arc).hexdigest())
     base = download_cub(tmp_path, progress=False)
     assert base == tmp_path / "CUB_200_2011"
     assert sorted(os.listdir(tmp_path)) == ["CUB_200_2011", "attributes.txt"]  # archive removed
@@ -540,8 +541,8 @@ def test_cub200_errors(tmp_path, monkeypatch):
 
 def test_cub_download_with_wrong_md5_keeps_nothing(tmp_path, server, monkeypatch):
     server.routes["/CUB_200_2011.tgz"] = Route(_tgz(_cub_files()))
-    monkeypatch.setattr(ds, "CUB_URL", server.url("/CUB_200_2011.tgz"))
-    monkeypatch.setattr(ds, "CUB_MD5", "0" * 32)
+    monkeypatch.setattr(cub, "CUB_URL", server.url("/CUB_200_2011.tgz"))
+    monkeypatch.setattr(cub, "CUB_MD5", "0" * 32)
     with pytest.raises(ChecksumError, match="md5"):
         download_cub(tmp_path, progress=False)
     assert os.listdir(tmp_path) == []

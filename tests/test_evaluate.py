@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from retrieval_lib import metrics
 from retrieval_lib.search.evaluate import (
     compute_map,
     evaluate_revisited,
@@ -161,9 +162,7 @@ def test_positive_that_is_also_junk_matches_loop():
 
 
 def test_chunked_inverse_table_matches_loop(monkeypatch):
-    import retrieval_lib.search.evaluate as ev
-
-    monkeypatch.setattr(ev, "_CHUNK_ELEMS", 250)  # 2 queries per chunk on a 120-item database
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMS", 250)  # 2 queries per chunk on a 120-item database
     rng = np.random.default_rng(2)
     ranks, raw = _random_case(rng, n_q=11)
     gnd = _protocol(raw, "medium")

@@ -16,10 +16,9 @@ from retrieval_lib.engine.extract import (
     extract_fmaps,
     multiscale_power,
     pool_fmaps,
-    resize_longer_side,
 )
 from retrieval_lib.layers.functional import gem, l2n, mac
-from retrieval_lib.data.images import ImageList, load_image
+from retrieval_lib.data.images import ImageList, load_image, resize_longer_side
 from retrieval_lib.layers.pooling import GeM, MAC, RMAC, WGeM
 
 SIZE = 96  # small inputs keep the real backbone fast

@@ -24,6 +24,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+from tqdm.auto import tqdm
+
 from retrieval_lib.errors import ExpectedError, FetchError
 
 __all__ = ["download", "extract_archive", "file_hash", "ChecksumError", "DownloadError",
@@ -112,8 +114,6 @@ def download(url: str, dest, sha256: Optional[str] = None, md5: Optional[str] = 
         ChecksumError: the downloaded file's hash differs from ``sha256`` / ``md5``.
         DownloadError: HTTP error, no network, time-out or a transfer cut short.
     """
-    from tqdm.auto import tqdm
-
     dest = Path(dest)
     hashes = _expected_hashes(sha256, md5)
     if dest.is_file() and (not hashes or _mismatch(dest, hashes) is None):

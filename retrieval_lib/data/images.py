@@ -1,7 +1,9 @@
 """Opening image files the same way everywhere: upright, 8-bit RGB, never too small.
 
 ``load_image`` is the one door every image of the library goes through; ``ImageList`` is a
-``torch`` dataset of paths (and optional crop boxes) that opens its items with it.
+``torch`` dataset of paths (and optional crop boxes) that opens its items with it;
+``resize_longer_side`` is the library's one resize and ``to_tensor`` its one way from a PIL
+image to a tensor (``uint8``, or normalised floats for a network input).
 Taught in ``notebooks/00_pipeline.ipynb``.
 
 The rules, in the order they are applied:
@@ -37,10 +39,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-__all__ = ["load_image", "ImageError", "ImageList", "MIN_SIZE", "MAX_ASPECT"]
+__all__ = ["load_image", "ImageError", "ImageList", "MIN_SIZE", "MAX_ASPECT", "resize_longer_side", "to_tensor"]
 
 MIN_SIZE = 32
 MAX_ASPECT = 16.0
@@ -165,6 +169,44 @@ def load_image(path, box: Optional[Sequence[float]] = None, min_size: int = MIN_
         return None
 
 
+def resize_longer_side(img: Image.Image, image_size: int) -> Image.Image:
+    """Resize a PIL image so that its longer side is ``image_size`` px (bicubic, aspect kept).
+
+    The shorter side is rounded and kept at least 1 px. Returns a new PIL image (``img`` itself
+    when it already has that size).
+    """
+    w, h = img.size
+    scale = image_size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if new == (w, h):
+        return img
+    return img.resize(new, _BICUBIC)
+
+
+def to_tensor(img: Image.Image, mean: Optional[Sequence[float]] = None,
+              std: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """PIL RGB image ``(W, H)`` -> tensor ``(3, H, W)``.
+
+    Without ``mean``/``std``: the pixels as ``uint8`` (what extraction's data-loader workers
+    send, a quarter of the float bytes). With them: ``float32`` scaled to ``[0, 1]`` and
+    normalised per channel, ``(x / 255 - mean) / std`` (a backbone's ``mean``/``std``).
+    Raises ``ValueError`` for an image that is not 3-channel RGB.
+    """
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got an array of shape {arr.shape}; use load_image or "
+                         "img.convert('RGB')")
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (H, W, 3) -> (3, H, W)
+    if mean is None and std is None:
+        return x
+    if mean is None or std is None:
+        raise ValueError("to_tensor: give both mean and std (a backbone's), or neither for uint8 pixels")
+    x = x.float().div_(255.0)
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - mean) / std
+
+
 class ImageList(Dataset):
     """A list of image files (optionally with crop boxes) read with :func:`load_image`.
 
@@ -228,8 +270,6 @@ class ImageList(Dataset):
 
         Never raises for a bad file, whatever ``on_error`` is; use it before a long run.
         """
-        from tqdm.auto import tqdm
-
         bad = []
         for i in tqdm(range(len(self)), desc=f"checking {self.name or 'images'}",
                       unit="img", disable=not progress):

@@ -46,8 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from retrieval_lib.data.datasets import data_root
+import PIL
+from PIL import Image
+from tqdm.auto import tqdm
+
 from retrieval_lib.data.download import ChecksumError, DownloadError, download, file_hash
+from retrieval_lib.data.roots import data_root
 from retrieval_lib.errors import FetchError, MissingDataError
 
 __all__ = ["SOURCES_FILE", "HOST", "MAX_SIDE", "JPEG_QUALITY", "Real171Report", "load_sources", "source_url",
@@ -100,8 +104,6 @@ def convert(data: bytes, max_side: int = MAX_SIDE, quality: int = JPEG_QUALITY) 
     RGB; if the longer side ``L`` exceeds ``max_side``, a bicubic resize to
     ``(round(w * max_side / L), round(h * max_side / L))``; JPEG at ``quality``.
     """
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         rgb = im.convert("RGB")
     w, h = rgb.size
@@ -180,11 +182,9 @@ def _write_record(folder: Path, record: dict) -> None:
     if not record:
         path.unlink(missing_ok=True)
         return
-    from PIL import __version__ as pillow
-
     doc = {"about": "files of this real171 whose bytes differ from the table's sha256 (converted by "
                     "another Pillow/libjpeg than the table's); each was made from a verified source",
-           "pillow": pillow, "files": dict(sorted(record.items()))}
+           "pillow": PIL.__version__, "files": dict(sorted(record.items()))}
     _atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
@@ -286,8 +286,6 @@ def download_real171(root=None, mirror: Optional[str] = None, progress: bool = T
         ChecksumError: a source with the wrong byte count or sha256 (deleted).
         FetchError: the disk filled up, or a verified source that Pillow cannot read.
     """
-    from tqdm.auto import tqdm
-
     table = sources if isinstance(sources, dict) else load_sources(sources)
     host = table.get("host", HOST)
     mirror = mirror or os.environ.get("RETRIEVAL_MIRROR", "").strip() or None

@@ -24,6 +24,7 @@ import numpy as np
 
 from retrieval_lib.data.download import download, extract_archive
 from retrieval_lib.data.images import ImageList
+from retrieval_lib.data.roots import DATA_HINT, data_root
 
 __all__ = ["SfM120k", "download_sfm120k", "load_sfm120k", "cid2filename", "SFM_BASE_URL", "SFM_NAME"]
 
@@ -53,8 +54,6 @@ class _DataUnpickler(pickle.Unpickler):
 
 
 def _base(root) -> Path:
-    from retrieval_lib.data.datasets import DATA_HINT, data_root
-
     r = Path(root).expanduser() if root is not None else data_root()
     if r is None:
         raise FileNotFoundError(f"no data root for rSfM-120k; {DATA_HINT}")

@@ -35,7 +35,7 @@ from PIL import ImageEnhance, ImageOps
 from tqdm.auto import tqdm
 
 from retrieval_lib.data.datasets import cache_root
-from retrieval_lib.data.images import ImageList, load_image
+from retrieval_lib.data.images import ImageList, load_image, resize_longer_side
 
 __all__ = ["ViewSet", "make_views", "augment", "composite", "files_fingerprint", "build_once", "VIEWS_VERSION"]
 
@@ -45,8 +45,6 @@ KINDS = ("original", "view", "composite")
 
 def augment(img, rng: np.random.Generator, max_side: int = 512):
     """One augmented view of PIL image ``img``: crop, flip, colour, scale (see the module doc)."""
-    from retrieval_lib.engine.extract import resize_longer_side  # until it moves to data.images
-
     W, H = img.size
     area = rng.uniform(0.35, 1.0) * W * H
     aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
@@ -70,8 +68,6 @@ def composite(fg, bg, rng: np.random.Generator, max_side: int = 512, return_box:
     Returns the composite, or with ``return_box`` ``(composite, box)``: ``box`` is the pasted
     piece's ``(x0, y0, x1, y1)`` in the composite's pixels (``x1``, ``y1`` exclusive).
     """
-    from retrieval_lib.engine.extract import resize_longer_side  # until it moves to data.images
-
     bg = resize_longer_side(bg, max(64, int(round(rng.uniform(0.7, 1.0) * max_side)))).copy()
     W, H = fg.size
     s = np.sqrt(rng.uniform(0.6, 1.0))

@@ -35,15 +35,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from retrieval_lib.data.images import ImageList
+from retrieval_lib.data.images import ImageList, resize_longer_side, to_tensor
 from retrieval_lib.engine.fold import fold_batchnorm, foldable
 from retrieval_lib.layers.functional import l2n, multiscale_mean
+from retrieval_lib.layers.pooling import make_pooling
 
 __all__ = [
-    "resize_longer_side",
     "extract_fmaps",
     "extract_descriptors",
     "pool_fmaps",
@@ -57,29 +58,6 @@ CACHE_VERSION = 2  # 2: models and poolings keyed on class, settings and weights
 
 
 # --------------------------------------------------------------------------- preprocessing
-def resize_longer_side(img, image_size: int):
-    """Resize a PIL image so that its longer side is ``image_size`` px (bicubic, aspect kept).
-
-    The shorter side is rounded and kept at least 1 px. Returns a new PIL image.
-    """
-    from PIL import Image
-
-    w, h = img.size
-    scale = image_size / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if new == (w, h):
-        return img
-    return img.resize(new, Image.BICUBIC)
-
-
-def _to_uint8_tensor(img) -> torch.Tensor:
-    """PIL RGB -> uint8 tensor (3, H, W)."""
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an RGB image, got an array of shape {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
 class _Resized(Dataset):
     """Wraps an image list: item i -> (i, uint8 (3, h, w)) or (i, None) when skipped."""
 
@@ -94,7 +72,7 @@ class _Resized(Dataset):
         img = self.images[i]
         if img is None:  # the image list skipped an unreadable file (on_error="skip")
             return i, None
-        return i, _to_uint8_tensor(resize_longer_side(img, self.image_size))
+        return i, to_tensor(resize_longer_side(img, self.image_size))  # uint8 (3, h, w)
 
 
 def _collate_by_size(items):
@@ -121,8 +99,6 @@ def _probe_size(images, i: int, image_size: int):
         return None
     boxes = getattr(images, "boxes", None)
     try:
-        from PIL import Image
-
         with Image.open(paths[i]) as im:
             w, h = im.size
             orientation = im.getexif().get(274, 1)
@@ -583,8 +559,6 @@ def multiscale_power(pooling):
 
 def _as_pooling(pooling) -> Callable:
     if isinstance(pooling, str):
-        from retrieval_lib.layers.pooling import make_pooling
-
         return make_pooling(pooling)
     if not callable(pooling):
         raise TypeError(f"pooling must be a name, an nn.Module or a function, got {type(pooling).__name__}")

@@ -33,6 +33,7 @@ import torch
 
 from retrieval_lib.layers._checks import as_descriptors
 from retrieval_lib.layers.functional import l2n
+from retrieval_lib.layers.whitening import pca_whitening
 
 __all__ = ["Float32Codec", "Float16Codec", "PCACodec", "PQCodec", "compressed_pair", "faiss_available"]
 
@@ -151,8 +152,6 @@ class PCACodec(_Codec):
         self.whitening = None
 
     def fit(self, X: ArrayLike) -> "PCACodec":
-        from retrieval_lib.layers.whitening import pca_whitening
-
         Xt = _float(X, "PCACodec.fit")
         if self.dim > Xt.shape[1]:
             raise ValueError(f"PCACodec: dim={self.dim} exceeds the descriptors' {Xt.shape[1]} dims")

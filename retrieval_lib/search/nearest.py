@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from retrieval_lib.layers._checks import as_descriptors
 
@@ -28,8 +29,10 @@ _BLOCK_ELEMS = 1 << 25
 _MAX_QUERY_CHUNK = 4096
 
 
-def _pair(Q: ArrayLike, X: ArrayLike, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries and database as tensors: each a non-empty finite (N, D) matrix, the two alike."""
+def descriptor_pair(Q: ArrayLike, X: ArrayLike, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and database as tensors: each a non-empty finite (N, D) matrix, the two alike.
+
+    ``fn`` names the calling function in the error messages."""
     Qt = as_descriptors(Q, "Q", fn)
     Xt = Qt if X is Q else as_descriptors(X, "X", fn)
     if Qt.shape[1] != Xt.shape[1]:
@@ -66,8 +69,6 @@ def _knn_torch(Q: torch.Tensor, X: torch.Tensor, k: int, chunk_size: Optional[in
     idx = torch.empty((n_q, k), dtype=torch.long, device=Q.device)
     starts = range(0, n_db, chunk_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="knn", unit="block")
     best_s: list[Optional[torch.Tensor]] = [None] * math.ceil(n_q / q_chunk)
     best_i: list[Optional[torch.Tensor]] = [None] * len(best_s)
@@ -191,16 +192,17 @@ def knn(Q: ArrayLike, X: ArrayLike, k: int, chunk_size: Optional[int] = None,
         ValueError: ``Q`` or ``X`` empty, not 2-D, or holding NaN/inf (they would rank
             arbitrarily); ``k`` out of range; an unknown backend.
     """
-    Qt, Xt = _pair(Q, X, "knn")
-    return _knn(Qt, Xt, k, chunk_size, backend, nlist=nlist, m=m, nprobe=nprobe, nbits=nbits,
+    Qt, Xt = descriptor_pair(Q, X, "knn")
+    return knn_checked(Qt, Xt, k, chunk_size, backend, nlist=nlist, m=m, nprobe=nprobe, nbits=nbits,
                 progress=progress, fn="knn")
 
 
-def _knn(Qt: torch.Tensor, Xt: torch.Tensor, k: int, chunk_size: Optional[int] = None,
+def knn_checked(Qt: torch.Tensor, Xt: torch.Tensor, k: int, chunk_size: Optional[int] = None,
          backend: str = "torch", *, nlist: Optional[int] = None, m: Optional[int] = None,
          nprobe: Optional[int] = None, nbits: int = 8, progress: bool = False, fn: str = "knn"
          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`knn` on descriptors already checked by :func:`_pair`."""
+    """:func:`knn` on descriptors already checked by :func:`descriptor_pair` (used by the search
+    functions that check their inputs once and search several times)."""
     k = _check_k(k, Xt.shape[0], fn)
     if backend == "torch":
         return _knn_torch(Qt, Xt, k, chunk_size, progress)
@@ -229,7 +231,7 @@ def rank_database(Q: ArrayLike, X: ArrayLike, k: Optional[int] = None,
     Raises:
         ValueError: as :func:`knn` (empty, non-finite or mismatched descriptors, bad ``k``).
     """
-    Qt, Xt = _pair(Q, X, "rank_database")
+    Qt, Xt = descriptor_pair(Q, X, "rank_database")
     n_q, n_db = Qt.shape[0], Xt.shape[0]
     if k is None and backend == "torch":
         out = np.empty((n_q, n_db), dtype=np.int64)
@@ -239,5 +241,5 @@ def rank_database(Q: ArrayLike, X: ArrayLike, k: Optional[int] = None,
             out[a:a + q_chunk] = torch.sort(S, dim=1, descending=True, stable=True).indices.cpu().numpy()
         return out
     k = n_db if k is None else k
-    _, idx = _knn(Qt, Xt, k, chunk_size=chunk_size, backend=backend, fn="rank_database", **kwargs)
+    _, idx = knn_checked(Qt, Xt, k, chunk_size=chunk_size, backend=backend, fn="rank_database", **kwargs)
     return idx.cpu().numpy().astype(np.int64, copy=False)

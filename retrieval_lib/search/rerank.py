@@ -20,7 +20,7 @@ import torch
 
 from retrieval_lib.layers._checks import as_descriptors, check_int
 from retrieval_lib.layers.functional import l2n
-from retrieval_lib.search.nearest import ArrayLike, _knn, _pair, rank_database
+from retrieval_lib.search.nearest import ArrayLike, descriptor_pair, knn_checked, rank_database
 
 __all__ = ["alpha_qe", "dba", "exclude_self", "expand", "expanded_ranks"]
 
@@ -63,7 +63,7 @@ def alpha_qe(Q: ArrayLike, X: ArrayLike, ranks: ArrayLike, n: int = 2, alpha: fl
             or pointing outside ``X``; ``n`` larger than the columns of ``ranks``.
     """
     is_np = isinstance(Q, np.ndarray)
-    Qt, Xt = _pair(Q, X, "alpha_qe")
+    Qt, Xt = descriptor_pair(Q, X, "alpha_qe")
     R = ranks.detach() if isinstance(ranks, torch.Tensor) else torch.from_numpy(np.array(ranks))
     if R.ndim != 2 or R.shape[0] != Qt.shape[0]:
         raise ValueError(f"alpha_qe: ranks must be (n_q={Qt.shape[0]}, n_ranked), got shape "
@@ -112,7 +112,7 @@ def dba(X: ArrayLike, n: int = 2, alpha: float = 3.0, chunk_size: Optional[int] 
     n = check_int(n, "n", "dba")
     if n > Xt.shape[0]:
         raise ValueError(f"dba: n={n} neighbours but X has {Xt.shape[0]} rows; pass n <= {Xt.shape[0]}")
-    scores, idx = _knn(Xt, Xt, n, chunk_size=chunk_size, progress=progress, fn="dba")  # (n_db, n)
+    scores, idx = knn_checked(Xt, Xt, n, chunk_size=chunk_size, progress=progress, fn="dba")  # (n_db, n)
     out = l2n(_weighted_sum(None, Xt, idx, scores, float(alpha)))
     return out.numpy() if is_np else out
 
@@ -245,7 +245,7 @@ def expanded_ranks(X: ArrayLike, Q: Optional[ArrayLike] = None, n_qe: int = 2, n
     q_of, j_of, A = empty, empty, Xt.new_zeros((0, D))  # pairs (query, database item) and their vectors
     Xa = Xt
     if n_dba >= 2:
-        s, idx = _knn(Xt, Xt, n_dba + 1, fn="expanded_ranks")  # (N, n_dba + 1), best first
+        s, idx = knn_checked(Xt, Xt, n_dba + 1, fn="expanded_ranks")  # (N, n_dba + 1), best first
         w = s.clamp_min(0).pow(alpha)  # (N, n_dba + 1)
         U = _weighted_sum(None, Xt, idx[:, :n_dba], s[:, :n_dba], alpha)  # (N, D) plain DBA, not normalised
         Xa = l2n(U)
