@@ -326,6 +326,56 @@ def test_executed_without_errors(nb, readme_run):
                 assert "Traceback" not in out["text"], f"{nb.name}: code cell {i} printed a traceback:\n{out['text']}"
 
 
+def _text_outputs(cell) -> str:
+    """What a cell printed or returned as text (stdout and text/plain), as nbval compares it."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out["output_type"] == "stream" and out["name"] == "stdout":
+            parts.append(_src({"source": out["text"]}))
+        elif out["output_type"] in ("execute_result", "display_data") and "text/plain" in out.get("data", {}):
+            parts.append(_src({"source": out["data"]["text/plain"]}))
+    return "".join(parts)
+
+
+def checked_output_mismatches(committed: dict, executed: dict) -> list:
+    """The ``# NBVAL_CHECK_OUTPUT`` cells whose executed text differs from the committed one.
+
+    Cells are matched by their source (papermill's injected-parameters cell shifts indices).
+    Returns ``(cell source head, committed text, executed text)`` per mismatch; a checked cell
+    the executed copy lacks is a mismatch with executed text ``None``.
+    """
+    ran = {_src(c): c for c in _executed_code_cells(executed)}
+    bad = []
+    for cell in _code_cells(committed):
+        if not _checked(cell):
+            continue
+        want = _text_outputs(cell)
+        got = ran.get(_src(cell))
+        got_text = None if got is None else _text_outputs(got)
+        if got_text != want:
+            bad.append((_src(cell)[:120], want, got_text))
+    return bad
+
+
+def test_the_checked_output_comparison_can_fail():
+    cell = {"cell_type": "code", "source": "# NBVAL_CHECK_OUTPUT\nprint(1)", "metadata": {},
+            "outputs": [{"output_type": "stream", "name": "stdout", "text": "1\n"}]}
+    same = {"cells": [cell]}
+    other = {"cells": [dict(cell, outputs=[{"output_type": "stream", "name": "stdout", "text": "2\n"}])]}
+    assert checked_output_mismatches(same, same) == []
+    assert checked_output_mismatches(same, other) == [(cell["source"][:120], "1\n", "2\n")]
+    assert checked_output_mismatches(same, {"cells": []})[0][2] is None
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_checked_outputs_match_the_committed_ones(nb, readme_run):
+    """Cells marked ``# NBVAL_CHECK_OUTPUT`` print, in the README run, exactly what the committed file holds."""
+    doc, _ = _executed(readme_run, nb)
+    bad = checked_output_mismatches(_load(nb), doc)
+    assert not bad, "\n".join(f"{nb.name}: checked cell {src!r}\n  committed: {want!r}\n  executed:  {got!r}"
+                              for src, want, got in bad)
+
+
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_executed_shows_its_figures(nb, readme_run):
     """Every cell that draws holds a PNG: the figures reach the reader with Jupyter's inline backend."""
