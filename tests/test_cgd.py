@@ -287,6 +287,8 @@ def test_build_head_is_seeded_and_leaves_the_global_rng_alone():
 
 def test_step_schedule():
     s = StepSchedule((12, 16))
+    assert [SCHEDULES["step"](0, e, 0) for e in range(20)] == [s(0, e, 0) for e in range(20)]  # the paper's
+    assert RECIPES["cgd"] is CGD_RECIPE and (CGD_RECIPE["milestones"], CGD_RECIPE["gamma"]) == ((12, 16), 0.1)
     assert [s(0, e, 0) for e in (0, 11, 12, 15, 16, 19)] == [1, 1, pytest.approx(0.1), pytest.approx(0.1),
                                                              pytest.approx(0.01), pytest.approx(0.01)]
     with pytest.raises(ValueError, match="gamma"):

@@ -233,6 +233,71 @@ def test_trainer_argument_errors():
             build(fmaps, labels, **kw)
 
 
+def test_trainer_config_checks_once_and_records_the_settings_that_decide_the_result():
+    cfg = TrainerConfig(lr=1, seed=3.0, checkpoint_dir="ck", user_config={"a": (1, 2)})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.seed == 3 and cfg.checkpoint_dir == Path("ck")
+    assert cfg.user_config == {"a": [1, 2]}  # as JSON gives it back, so a resumed run compares equal
+    assert cfg.record() == {"optimizer": "adam", "lr": 1.0, "weight_decay": 0.0, "p_lr_mult": 10.0,
+                            "schedule": "constant", "seed": 3, "freeze_batchnorm": True}
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        TrainerConfig(lr=0)
+    with pytest.raises(ValueError, match="epochs must be an integer"):
+        TrainerConfig(epochs=True)
+    with pytest.raises(TypeError, match="optimizer must be a name or a callable"):
+        TrainerConfig(optimizer=3)
+    with pytest.raises(TypeError):
+        TrainerConfig(learning_rate=0.1)  # a misspelt setting is refused, not ignored
+
+
+def test_trainer_takes_a_config_keywords_or_both():
+    fmaps, labels = problem()
+    by_kw = build(fmaps, labels, epochs=1)
+    net, obj, miner, src = by_kw.model, by_kw.objective, by_kw.miner, by_kw.source
+    by_cfg = Trainer(net, obj, miner, src, by_kw.settings)
+    both = Trainer(net, obj, miner, src, by_kw.settings, lr=0.5, epochs=2)
+    assert by_cfg.config() == by_kw.config()
+    assert both.settings.lr == 0.5 and both.settings.epochs == 2 and by_kw.settings.lr == 0.01  # a copy is changed
+    assert both.config()["trainer"]["lr"] == 0.5
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Trainer(net, obj, miner, src, by_kw.settings, schedule="warm")
+
+
+def test_the_step_schedule_is_in_the_table_and_named_by_its_milestones():
+    from retrieval_lib.engine.optim import SCHEDULES, StepSchedule
+
+    assert [SCHEDULES["step"](0, e, 100) for e in (0, 11, 12, 15, 16, 19)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert TrainerConfig(schedule="step").record()["schedule"] == "step"
+    assert TrainerConfig(schedule=StepSchedule((2,), 0.5)).record()["schedule"] == \
+        "StepSchedule(milestones=(2,), gamma=0.5)"
+
+
+def test_objectives_share_one_base_forward_of_outputs_and_labels():
+    from retrieval_lib.engine.objectives import BranchBatchHardLoss, Objective, RankLoss
+
+    torch.manual_seed(0)
+    X = F.normalize(torch.randn(8, 5), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for obj in (BatchHardLoss(0.2), RankLoss("smoothap", tau=0.1),
+                CombinedLoss([(BatchHardLoss(0.2), 1.0), (RankLoss("nra", tau=0.1), 0.5)])):
+        assert isinstance(obj, Objective)
+        assert float(obj(X, {"images": torch.arange(8), "labels": labels})) == float(obj.forward(X, labels))
+    assert BatchHardLoss(1).config() == {"objective": "batch_hard", "margin": 1.0}
+    assert TupleLoss("triplet", 0.5).config() == {"objective": "tuple", "loss": "triplet", "margin": 0.5,
+                                                  "squared": False}
+    assert ClassificationLoss().config() == {"objective": "classification", "smoothing": 0.1, "temperature": 0.5}
+    assert BranchBatchHardLoss().config() == {"objective": "branch_batch_hard", "margin": 0.1}
+    assert repr(BatchHardLoss(0.2)) == "BatchHardLoss(margin=0.2)"
+
+
+def test_paper_trainer_names_its_recipes_and_sends_cgd_to_cgd_trainer():
+    from retrieval_lib.engine.recipes import paper_trainer
+
+    for name, match in (("cgd", "cgd_trainer"), ("vlad", r"choose one of \['gem', 'wgem'\]")):
+        with pytest.raises(ValueError, match=match):
+            paper_trainer(name, None, GeM(), None)
+
+
 def test_optimizer_factory_and_sgd():
     import functools
 

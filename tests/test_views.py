@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from retrieval_lib.data.datasets import GroupDataset
-from retrieval_lib.data.views import augment, composite, make_views
+from retrieval_lib.data.views import augment, build_once, composite, files_fingerprint, make_views
 
 
 def _groups(folder, groups=3, per=2):
@@ -107,3 +107,31 @@ def test_view_set_records_the_box_of_each_composite(tmp_path):
     again = make_views(ds, n_views=1, n_composites=1, seed=0, max_side=96, cache_dir=tmp_path / "cache",
                        progress=False)  # read back from views.json
     assert np.array_equal(again.boxes, vs.boxes, equal_nan=True)
+
+
+def test_build_once_builds_a_folder_once_and_rebuilds_an_unfinished_one(tmp_path):
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp)
+        (tmp / "a.txt").write_text("made")
+        return {"rows": ["a.txt"]}
+
+    final = tmp_path / "cache" / "abc"
+    index = build_once(final, "index.json", build)
+    assert index == final / "index.json" and (final / "a.txt").read_text() == "made" and len(calls) == 1
+    assert build_once(final, "index.json", build) == index and len(calls) == 1  # reused, not rebuilt
+    index.unlink()  # a folder without its index: an interrupted build
+    build_once(final, "index.json", build)
+    assert len(calls) == 2 and index.is_file()
+    assert sorted(p.name for p in final.parent.iterdir()) == ["abc"]  # no temporary folder left
+
+
+def test_files_fingerprint_follows_the_files_and_the_settings(tmp_path):
+    f = tmp_path / "x.jpg"
+    f.write_bytes(b"1")
+    a = files_fingerprint([f], {"seed": 0})
+    assert a == files_fingerprint([f], {"seed": 0}) and len(a) == 16
+    assert a != files_fingerprint([f], {"seed": 1})
+    f.write_bytes(b"12")  # another size
+    assert a != files_fingerprint([f], {"seed": 0})
