@@ -142,7 +142,7 @@ def honest_split(root=None, with_offline: bool = True, offline_cache=None) -> Sp
     are evaluated (the two halves of a photo share its colours and style, so they never
     straddle the split). Returns a :class:`Split` (``train``, ``test``: GroupDatasets;
     ``source``). Augmented views and composites are made from ``split.train`` only
-    (:func:`retrieval_lib.engine.views.make_views`). Raises ``RuntimeError`` if the two
+    (:func:`retrieval_lib.data.views.make_views`). Raises ``RuntimeError`` if the two
     sides ever shared a group name or an image file (a broken manifest).
     """
     r = Path(root).expanduser() if root is not None else data_root()
