@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from retrieval_lib.layers import _checks
+from retrieval_lib.layers import checks
 from retrieval_lib.layers.cells import cell_maxima, cell_plan, region_mac_from_cells
 from retrieval_lib.layers.functional import l2n, rmac_regions_tuple
 
@@ -90,8 +90,8 @@ def darac_regions(H: int, W: int) -> torch.Tensor:
     than R-MAC's 40 %. Maps with a short side below 4 cells get squares of at least one
     cell (R-MAC drops such levels). Taught in ``notebooks/06_darac.ipynb``.
     """
-    H = _checks.check_int(H, "H", "darac_regions")
-    W = _checks.check_int(W, "W", "darac_regions")
+    H = checks.check_int(H, "H", "darac_regions")
+    W = checks.check_int(W, "W", "darac_regions")
     return torch.tensor(_darac_regions_tuple(H, W), dtype=torch.int64)
 
 
@@ -138,8 +138,8 @@ def darac_vectors(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     in :func:`~retrieval_lib.layers.functional.region_mac`, means from an integral image).
     Source: Schall et al., MMSP 2019. Taught in ``notebooks/06_darac.ipynb``.
     """
-    _checks.check_fmap(x, "darac_vectors")
-    _checks.check_eps(eps, "darac_vectors")
+    checks.check_fmap(x, "darac_vectors")
+    checks.check_eps(eps, "darac_vectors")
     H, W = x.shape[-2:]
     regions = _darac_regions_tuple(H, W)
     plan = cell_plan(H, W, regions, x.device)
@@ -173,13 +173,13 @@ class TrainableRMAC(nn.Module):
     def __init__(self, channels: int, L: int = 3, include_global: bool = True, dim: int | None = None,
                  eps: float = 1e-6):
         super().__init__()
-        self.channels = _checks.check_int(channels, "channels", "TrainableRMAC")
-        dim = self.channels if dim is None else _checks.check_int(dim, "dim", "TrainableRMAC")
+        self.channels = checks.check_int(channels, "channels", "TrainableRMAC")
+        dim = self.channels if dim is None else checks.check_int(dim, "dim", "TrainableRMAC")
         if dim > self.channels:
             raise ValueError(f"TrainableRMAC: dim={dim} exceeds the {self.channels} channels; the FC layer "
                              "projects onto at most as many dimensions as it gets")
-        self.L = _checks.check_int(L, "L", "TrainableRMAC")
-        _checks.check_eps(eps, "TrainableRMAC")
+        self.L = checks.check_int(L, "L", "TrainableRMAC")
+        checks.check_eps(eps, "TrainableRMAC")
         self.include_global = bool(include_global)
         self.eps = eps
         self.shift = nn.Parameter(torch.zeros(self.channels))
@@ -189,10 +189,7 @@ class TrainableRMAC(nn.Module):
 
     def region_vectors(self, x: torch.Tensor) -> torch.Tensor:
         """The L2-normalised region MACs ``(B, R, C)`` (the whole map last when ``include_global``)."""
-        _checks.check_fmap(x, "TrainableRMAC")
-        if x.shape[1] != self.channels:
-            raise ValueError(f"TrainableRMAC: built for {self.channels} channels but the feature map has "
-                             f"{x.shape[1]} (shape {tuple(x.shape)}); build it with channels={x.shape[1]}")
+        checks.check_fmap(x, "TrainableRMAC", self.channels, "channels")
         H, W = x.shape[-2:]
         regions = rmac_regions_tuple(H, W, self.L)
         plan = cell_plan(H, W, regions, x.device)
@@ -296,8 +293,8 @@ class DARAC(nn.Module):
 
     def __init__(self, kernels: int = 16, eps: float = 1e-6, seed: int = 0):
         super().__init__()
-        self.kernels = _checks.check_int(kernels, "kernels", "DARAC")
-        _checks.check_eps(eps, "DARAC")
+        self.kernels = checks.check_int(kernels, "kernels", "DARAC")
+        checks.check_eps(eps, "DARAC")
         self.eps = eps
         gen = torch.Generator().manual_seed(int(seed))
         e = torch.rand(self.kernels, self.n_vectors, generator=gen, dtype=torch.float64) - 0.5

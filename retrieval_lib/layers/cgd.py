@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval_lib.layers import _checks
+from retrieval_lib.layers import checks
 from retrieval_lib.layers.pooling import MAC, GeM, SPoC
 
 __all__ = ["CGD", "CGD_CONFIGS", "BRANCH_NAMES", "parse_config", "unit"]
@@ -147,8 +147,8 @@ class CGD(nn.Module):
                  channel_scale: bool = False):
         super().__init__()
         self.config_name = parse_config(config)
-        self.in_channels = _checks.check_int(in_channels, "in_channels", "CGD")
-        self.dim = _checks.check_int(dim, "dim", "CGD")
+        self.in_channels = checks.check_int(in_channels, "in_channels", "CGD")
+        self.dim = checks.check_int(dim, "dim", "CGD")
         if arch not in _ARCHS:
             raise ValueError(f"CGD: arch must be one of {list(_ARCHS)} ('cgd'; 'A': branches trained apart; "
                              f"'B': raw pooled vectors concatenated, one FC), got {arch!r}")
@@ -161,7 +161,7 @@ class CGD(nn.Module):
                 and gem_p >= 1):
             raise ValueError(f"CGD: gem_p must be a finite number >= 1 (3 in the paper), got {gem_p!r}")
         if n_classes is not None:
-            n_classes = _checks.check_int(n_classes, "n_classes", "CGD", minimum=2)
+            n_classes = checks.check_int(n_classes, "n_classes", "CGD", minimum=2)
         n = len(self.config_name)
         self.n_branches, self.arch, self.combine, self.gem_p = n, arch, combine, float(gem_p)
         if arch == "B" or combine == "sum":
@@ -188,10 +188,7 @@ class CGD(nn.Module):
     # -- the two halves of forward
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """The branches' pooled vectors: ``(B, C, H, W) -> (B, n, C)``, in configuration order."""
-        _checks.check_fmap(x, "CGD")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"CGD: built for {self.in_channels} channels but the feature map has {x.shape[1]} "
-                             f"(shape {tuple(x.shape)}); build it with in_channels={x.shape[1]}")
+        checks.check_fmap(x, "CGD", self.in_channels)
         return torch.stack([p(x) for p in self.pools], dim=1)  # (B, n, C)
 
     def blocks(self, pooled: torch.Tensor) -> torch.Tensor:

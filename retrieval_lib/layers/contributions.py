@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from retrieval_lib.layers._checks import check_eps, check_int
+from retrieval_lib.layers.checks import check_eps, check_int
 from retrieval_lib.layers.functional import l2n, mac, region_mac, rmac_regions
 
 __all__ = ["rmac_contributions"]

@@ -29,11 +29,11 @@ from typing import Sequence, Union
 
 import torch
 
-# The checks live in _checks; the underscore names stay importable from here for the book.
-from retrieval_lib.layers._checks import check_eps as _check_eps
-from retrieval_lib.layers._checks import check_fmap as _check_fmap
-from retrieval_lib.layers._checks import check_int as _check_int
-from retrieval_lib.layers._checks import check_p as _check_p
+# The checks live in checks; the underscore names stay importable from here for the book.
+from retrieval_lib.layers.checks import check_eps as _check_eps
+from retrieval_lib.layers.checks import check_fmap as _check_fmap
+from retrieval_lib.layers.checks import check_int as _check_int
+from retrieval_lib.layers.checks import check_p as _check_p
 from retrieval_lib.layers.cells import cell_maxima, cell_plan, region_mac_from_cells
 
 __all__ = [

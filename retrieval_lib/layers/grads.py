@@ -17,7 +17,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from retrieval_lib.layers._checks import check_eps, check_fmap, check_p
+from retrieval_lib.layers.checks import check_eps, check_fmap, check_p
 
 __all__ = ["gem_grads", "wgem_grads", "wgem_backward"]
 

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from retrieval_lib.layers import _checks, functional
+from retrieval_lib.layers import checks, functional
 
 __all__ = ["MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling"]
 
@@ -142,7 +142,7 @@ class GeM(nn.Module):
     ):
         super().__init__()
         _check_p_init(p, p_min, "GeM")
-        _checks.check_eps(eps, "GeM")
+        checks.check_eps(eps, "GeM")
         dtype = _check_dtype(dtype, "GeM")
         if per_channel:
             if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
@@ -166,7 +166,7 @@ class GeM(nn.Module):
         return _shared_or_per_channel(_clamp_p(self.p, self.p_min))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _checks.check_fmap(x, "GeM")
+        checks.check_fmap(x, "GeM")
         if self.per_channel and x.shape[1] != self.p.shape[0]:
             raise ValueError(
                 f"GeM: this layer has {self.p.shape[0]} per-channel exponents but the feature "
@@ -196,8 +196,8 @@ class RMAC(nn.Module):
 
     def __init__(self, L: int = 3, include_global: bool = True, eps: float = 1e-6):
         super().__init__()
-        self.L = _checks.check_int(L, "L", "RMAC")
-        _checks.check_eps(eps, "RMAC")
+        self.L = checks.check_int(L, "L", "RMAC")
+        checks.check_eps(eps, "RMAC")
         self.include_global = bool(include_global)
         self.eps = eps
 
@@ -240,7 +240,7 @@ class WGeM(nn.Module):
                 f"integer, e.g. 1280 for EfficientNet-Lite0), got {in_channels!r}"
             )
         _check_p_init(p, p_min, "WGeM")
-        _checks.check_eps(eps, "WGeM")
+        checks.check_eps(eps, "WGeM")
         dtype = _check_dtype(dtype, "WGeM")
         self.in_channels = in_channels
         self.conv = nn.Conv2d(in_channels, 1, kernel_size=3, padding=1)
@@ -259,12 +259,7 @@ class WGeM(nn.Module):
         return _shared_or_per_channel(_clamp_p(self.p, self.p_min))
 
     def _check(self, x: torch.Tensor) -> None:
-        _checks.check_fmap(x, "WGeM")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"WGeM: built for {self.in_channels} channels but the feature map has "
-                f"{x.shape[1]} (shape {tuple(x.shape)}); build it with in_channels={x.shape[1]}"
-            )
+        checks.check_fmap(x, "WGeM", self.in_channels)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.conv(x)  # (B, 1, H, W)

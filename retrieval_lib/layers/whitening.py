@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval_lib.layers._checks import as_descriptors
+from retrieval_lib.layers.checks import as_descriptors
 from retrieval_lib.layers.functional import l2n
 
 __all__ = ["Whitening", "Spectrum", "covariance_spectrum", "pca_whitening", "zca_whitening", "learned_whitening"]

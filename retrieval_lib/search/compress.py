@@ -31,7 +31,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from retrieval_lib.layers._checks import as_descriptors
+from retrieval_lib.layers.checks import as_descriptors, check_int
 from retrieval_lib.layers.functional import l2n
 from retrieval_lib.layers.whitening import pca_whitening
 
@@ -144,9 +144,7 @@ class PCACodec(_Codec):
     """
 
     def __init__(self, dim: int, half: bool = False):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"PCACodec: dim must be an integer >= 1, got {dim!r}")
-        self.dim = int(dim)
+        self.dim = check_int(dim, "dim", "PCACodec")
         self.half = bool(half)
         self.name = f"pca{self.dim}" + ("_fp16" if half else "")
         self.whitening = None
@@ -191,11 +189,8 @@ class PQCodec(_Codec):
     """
 
     def __init__(self, m: int, nbits: int = 8, seed: int = 0):
-        for name, v, hi in (("m", m, None), ("nbits", nbits, 16)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or (hi and v > hi):
-                raise ValueError(f"PQCodec: {name} must be an integer >= 1{f' and <= {hi}' if hi else ''}, "
-                                 f"got {v!r}")
-        self.m, self.nbits, self.seed = int(m), int(nbits), int(seed)
+        self.m, self.nbits = check_int(m, "m", "PQCodec"), check_int(nbits, "nbits", "PQCodec", maximum=16)
+        self.seed = int(seed)
         self.name = f"pq{self.m}x{self.nbits}"
         self.centroids: Optional[torch.Tensor] = None
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrieval_lib.layers._checks import as_descriptors
+from retrieval_lib.layers.checks import as_descriptors
 
 __all__ = ["knn", "rank_database", "BACKENDS"]
 

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from retrieval_lib.layers._checks import as_descriptors, check_int
+from retrieval_lib.layers.checks import as_descriptors, check_int
 from retrieval_lib.layers.functional import l2n
 from retrieval_lib.search.nearest import ArrayLike, descriptor_pair, knn_checked, rank_database
 

@@ -17,6 +17,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from retrieval_lib.layers.checks import check_int
+
 __all__ = ["TopK", "top_k_rows", "RowComparison", "compare_rows"]
 
 
@@ -42,8 +44,7 @@ def top_k_rows(queries: Mapping[str, torch.Tensor], collections: Mapping[str, to
         ValueError: a label without collection descriptors, collections of different sizes,
             ``k < 1``, ``exclude`` outside the collection, or nothing left to rank.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"top_k_rows: k must be an integer >= 1, got {k!r}")
+    k = check_int(k, "k", "top_k_rows")
     missing = [label for label in queries if label not in collections]
     if missing:
         raise ValueError(f"top_k_rows: no collection descriptors for {missing}; give one (N, D) matrix per label")

@@ -62,10 +62,15 @@ def as_tensor(A: Any, name: str, fn: str | None = None) -> torch.Tensor:
     return A
 
 
-def check_int(value: Any, name: str, fn: str, minimum: int = 1) -> int:
-    """``int(value)`` when it is an integer ``>= minimum``, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r}")
+def check_int(value: Any, name: str, fn: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """``int(value)`` when it is an integer ``>= minimum`` (and ``<= maximum``), else ``ValueError``.
+
+    Python and numpy integers count; ``True``/``False`` and floats such as ``2.0`` do not.
+    """
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}{upper}, got {value!r}")
     return int(value)
 
 
@@ -116,8 +121,12 @@ def as_descriptors(A: Any, name: str, fn: str, min_rows: int = 1, finite: bool =
     return X
 
 
-def check_fmap(x: Any, fn: str) -> None:
-    """Raise a clear error unless ``x`` is a floating point ``(B, C, H, W)`` tensor."""
+def check_fmap(x: Any, fn: str, channels: int | None = None, channels_arg: str = "in_channels") -> None:
+    """Raise a clear error unless ``x`` is a floating point ``(B, C, H, W)`` tensor.
+
+    With ``channels``: also unless ``C == channels``, for a layer built for that many channels
+    (the message says to build it with ``<channels_arg>=C``).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{fn}: expected a torch.Tensor feature map of shape (B, C, H, W), "
@@ -138,6 +147,9 @@ def check_fmap(x: Any, fn: str) -> None:
             f"{fn}: expected a floating-point feature map, got dtype {x.dtype}; "
             "convert it with x.float()"
         )
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{fn}: built for {channels} channels but the feature map has {x.shape[1]} "
+                         f"(shape {tuple(x.shape)}); build it with {channels_arg}={x.shape[1]}")
 
 
 def check_eps(eps: Any, fn: str) -> None:
