@@ -4,15 +4,18 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval_lib.book.whitening_study import (comparison_rows, evaluate_descriptors, image_patches,
-                                                learn_whitenings, mahalanobis_sq, show_whitening_2d, sweep_codecs,
-                                                sweep_dims, training_descriptors, zca_filter_image)
+from retrieval_lib.book.whitening_study import (comparison_rows, evaluate_descriptors, fit_whitening, fold_aps,
+                                                group_folds, image_patches, indomain_sweep, learn_whitenings,
+                                                mahalanobis_sq, plot_indomain_sweep, region_vectors,
+                                                show_whitening_2d, sweep_codecs, sweep_dims, thin_spectrum,
+                                                training_descriptors, zca_filter_image)
 from retrieval_lib.engine.extract import extract_fmaps, pool_fmaps
-from retrieval_lib.layers.functional import l2n
-from retrieval_lib.layers.whitening import pca_whitening, zca_whitening
+from retrieval_lib.layers.functional import gem, l2n, rmac_regions
+from retrieval_lib.layers.whitening import covariance_spectrum, pca_whitening, zca_whitening
+from retrieval_lib.search.compare import paired_comparison
 from retrieval_lib.search.compress import Float16Codec, Float32Codec, PCACodec
 
-from _fakes import TinyBackbone, group_benchmark, group_map_loop
+from _fakes import TinyBackbone, ap_loop, group_benchmark, group_map_loop, ranks_loop
 
 
 def _grouped(n_groups, per_group, d, seed, spread=0.4):
@@ -125,3 +128,117 @@ def test_2d_picture_whitens_both_ways_and_zca_moves_least():
     # ZCA is the whitening closest to the (centred) input; PCA is a rotation of it
     Xc = clouds["raw"] - clouds["raw"].mean(0)
     assert float((clouds["zca"] - Xc).square().sum()) < float((clouds["pca"] - Xc).square().sum())
+
+
+# ------------------------------------------------------------------ the in-domain N-sweep
+def test_region_vectors_match_a_loop_over_regions():
+    g = torch.Generator().manual_seed(5)
+    maps = [torch.rand(6, 7, 9, generator=g), None, torch.rand(6, 8, 8, generator=g)]
+    V, owner = region_vectors(maps, p=3.0, L=3)
+    ref = {i: [l2n(gem(m[None, :, y:y + h, x:x + w], 3.0))[0] for x, y, w, h in rmac_regions(7 if i == 0 else 8,
+                                                                                            9 if i == 0 else 8, 3).tolist()]
+           for i, m in enumerate(maps) if m is not None}
+    assert V.shape == (len(ref[0]) + len(ref[2]), 6) and owner.tolist() == [0] * len(ref[0]) + [2] * len(ref[2])
+    for i, vs in ref.items():  # the same set of vectors per map (rows are grouped by region size)
+        got = V[owner == i]
+        for v in vs:
+            assert float((got - v).abs().max(dim=1).values.min()) < 1e-6
+
+
+def test_group_folds_keep_groups_whole_and_share_every_stratum():
+    labels = np.repeat(np.arange(10), 2)                     # 10 groups of 2
+    strata = np.array(["a"] * 12 + ["b"] * 8)                # 6 groups in a, 4 in b
+    fold = group_folds(labels, 2, seed=1, strata=strata)
+    for g in range(10):
+        assert len(set(fold[labels == g])) == 1             # no group straddles two folds
+    for s in ("a", "b"):
+        counts = np.bincount(fold[strata == s], minlength=2)  # images: 2 per group
+        assert counts[0] == counts[1]                        # 3 + 3 groups of a, 2 + 2 of b
+    np.testing.assert_array_equal(fold, group_folds(labels, 2, seed=1, strata=strata))
+    with pytest.raises(ValueError, match="cannot fill 3 folds"):
+        group_folds([0, 0, 1, 1], 3)
+
+
+def test_fold_aps_search_only_the_own_fold():
+    X, labels = _grouped(4, 3, 6, 7, spread=1.5)
+    fold = np.array([0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1])
+    aps = fold_aps({f: X[fold == f] for f in (0, 1)}, labels, fold)
+    for f in (0, 1):
+        idx = np.flatnonzero(fold == f)
+        ranks = ranks_loop(X[idx].numpy(), X[idx].numpy())
+        for k, q in enumerate(idx):
+            pos = {j for j in range(len(idx)) if labels[idx[j]] == labels[q] and j != k}
+            assert aps[q] == pytest.approx(ap_loop(ranks[k].tolist(), pos, {k}), abs=1e-12)
+
+
+def test_thin_spectrum_is_the_covariance_spectrum_where_it_is_kept():
+    V, _ = _grouped(4, 3, 20, 8)                              # 12 vectors in 20 dims
+    thin, full = thin_spectrum(V), covariance_spectrum(V)
+    assert thin.rank == full.rank == 11 and thin.eigvecs.shape == (20, 12)
+    torch.testing.assert_close(thin.eigvals, full.eigvals, atol=1e-12, rtol=0)
+    for s in (0.0, 0.05):
+        a, b = (pca_whitening(sp, dim=11, shrinkage=s) for sp in (thin, full))
+        torch.testing.assert_close(a.P.abs(), b.P.abs(), atol=1e-8, rtol=0)   # the same rows up to sign
+
+
+def test_fit_whitening_stops_at_the_rank_and_matches_an_eigendecomposition():
+    V, labels = _grouped(4, 3, 20, 8)                         # 12 vectors in 20 dims: rank 11
+    W, d, r = fit_whitening("pca_shrink", V, labels, out_dim=16, shrinkage=0.1)
+    assert (d, r) == (11, 11) and W.dim_out == 11            # never past the rank
+    Vc = (V - V.mean(0)).numpy()
+    lam, U = np.linalg.eigh(Vc.T @ Vc / len(V))
+    lam, U = lam[::-1], U[:, ::-1]
+    ref = (U[:, :11] / np.sqrt(lam[:11] + 0.1 * lam.clip(0).mean())).T
+    np.testing.assert_allclose(np.abs(W.P.numpy()), np.abs(ref), atol=1e-8)  # up to the sign of each direction
+    assert fit_whitening("pca", V, labels, 4, 0.1)[1] == 4
+    # Lw solved in the span of the training vectors = Lw in all 20 dims, on its first rank outputs (up to sign)
+    Wl, dl, _ = fit_whitening("lw_shrink", V, labels, 16, 0.1)
+    full = learn_whitenings(V, labels, 0.1, 0.25)["lw_shrink"]
+    Y, _ = _grouped(3, 2, 20, 11)
+    a, b = ((Y - w.m) @ w.P[:dl].T for w in (Wl, full))
+    torch.testing.assert_close(a.abs(), b.abs(), atol=1e-7, rtol=1e-7)
+    with pytest.raises(ValueError, match="unknown method"):
+        fit_whitening("zca", V, labels, 4, 0.1)
+
+
+def test_indomain_sweep_matches_a_plain_cross_fit():
+    X, labels = _grouped(6, 2, 10, 9, spread=0.8)
+    fold = group_folds(labels, 2, seed=0)
+    V = torch.cat([X, l2n(X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(1),
+                                                 dtype=torch.float64))])
+    owner = np.concatenate([np.arange(12), np.arange(12)])    # two vectors per image
+    res = indomain_sweep(X, labels, fold, {"both": (V, owner)}, [("both", "pca_shrink")], Ns=(3, 5, 100),
+                         out_dim=4, shrinkage=0.1, seed=2, groups=labels)
+    assert [r["N"] for r in res["rows"]] == [3, 5, 12]       # 12: every vector of the other fold (6 images x 2)
+    for row in res["rows"]:
+        aps = np.full(12, np.nan)
+        for f in (0, 1):
+            usable = np.random.default_rng(2).permutation(np.flatnonzero(fold[owner] != f))[:row["N"]]
+            assert not np.isin(owner[usable], np.flatnonzero(fold == f)).any()   # never its own fold's images
+            Vf = V[usable].numpy()
+            Vc = Vf - Vf.mean(0)
+            lam, U = np.linalg.eigh(Vc.T @ Vc / len(Vf))
+            lam, U = lam[::-1], U[:, ::-1]
+            d = row["dim"]
+            P = (U[:, :d] / np.sqrt(lam[:d] + 0.1 * lam.clip(0).mean())).T
+            idx = np.flatnonzero(fold == f)
+            Y = (X[idx].numpy() - Vf.mean(0)) @ P.T
+            Y /= np.linalg.norm(Y, axis=1, keepdims=True)
+            ranks = ranks_loop(Y, Y)
+            for k, q in enumerate(idx):
+                pos = {j for j in range(len(idx)) if labels[idx[j]] == labels[q] and j != k}
+                aps[q] = ap_loop(ranks[k].tolist(), pos, {k})
+        np.testing.assert_allclose(row["aps"], aps, atol=1e-9)
+        assert row["cmp"] == paired_comparison(row["aps"], res["raw"], groups=labels)
+    assert res["rows"][0]["dim"] == 2                         # N = 3 vectors: rank 2 < out_dim 4
+    # Lw samples whole groups in turn, so even N = 2 holds a matching pair (two vectors of one image's group)
+    lw = indomain_sweep(X, labels, fold, {"g": (X, np.arange(12))}, [("g", "lw_shrink")], Ns=(2, 4), out_dim=4,
+                        shrinkage=0.1, seed=2)
+    assert [r["N"] for r in lw["rows"]] == [2, 4, 6] and all(np.isfinite(r["aps"]).all() for r in lw["rows"])
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2)
+    plot_indomain_sweep(axes, res, {}, D=10, title="t")
+    assert len(axes[0].lines) >= 2 and axes[1].get_ylabel()
+    plt.close(fig)
