@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from retrieval_lib.engine.extract import resize_longer_side
+from retrieval_lib.data.images import resize_longer_side
 from retrieval_lib.layers.functional import _check_int as _positive_int, rmac_regions
 from retrieval_lib.layers.pooling import RMAC
 from retrieval_lib.search.evaluate import headline

@@ -23,10 +23,10 @@ import torch
 
 from retrieval_lib.book.config import ScaleConfig, benchmark_for_scale, default_progress, scale_config
 from retrieval_lib.data.datasets import cache_root
-from retrieval_lib.data.images import ImageList
+from retrieval_lib.data.images import ImageList, resize_longer_side
 from retrieval_lib.engine.allocator import tune_allocator
 from retrieval_lib.engine.device import get_device, seed_everything
-from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps, pool_fmaps, resize_longer_side
+from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps, pool_fmaps
 from retrieval_lib.models.backbones import load_backbone
 from retrieval_lib.models.released import load_network
 from retrieval_lib.search.nearest import rank_database

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval_lib.engine.extract import resize_longer_side
+from retrieval_lib.data.images import resize_longer_side, to_tensor
 
 __all__ = ["MapSource", "ImageSource", "CropSource", "square_tensor"]
 
@@ -64,8 +64,7 @@ class ImageSource:
     def __init__(self, images, image_size: int, mean, std, labels=None, workers: int = 4):
         self.images = images
         self.image_size = int(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.labels = None if labels is None else np.asarray(labels)
         self.workers = max(1, int(workers))
 
@@ -76,9 +75,7 @@ class ImageSource:
         img = self.images[i]
         if img is None:
             raise ValueError(f"ImageSource: image {i} could not be read; drop it from the training set")
-        arr = np.asarray(resize_longer_side(img, self.image_size), dtype=np.uint8)  # (h, w, 3)
-        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255.0)
-        return (x - self.mean) / self.std
+        return to_tensor(resize_longer_side(img, self.image_size), self.mean, self.std)
 
     def load(self, indices) -> list:
         idx = torch.as_tensor(indices).tolist()
@@ -94,9 +91,7 @@ class ImageSource:
 def square_tensor(img, size: int, mean, std) -> torch.Tensor:
     """PIL image -> ``(3, size, size)`` float tensor: a square bilinear resize (CGD's input),
     scaled to ``[0, 1]`` and normalised with ``mean``/``std``."""
-    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()).float().div_(255.0)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return to_tensor(img.convert("RGB").resize((size, size), Image.BILINEAR), mean, std)
 
 
 class CropSource:
