@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from retrieval_lib.layers import functional
 from retrieval_lib.layers.losses import contrastive_loss
+from retrieval_lib.models.retrieval_net import RetrievalNet
 
 __all__ = ["pool_fmaps_with_grad", "fit_pooling"]
 
@@ -32,24 +32,14 @@ def pool_fmaps_with_grad(fmaps: Sequence[torch.Tensor], pooling, indices) -> tor
     sizes, of which the ``indices`` are pooled, in that order; maps of equal size are pooled
     in one batch (no Python loop over images), and gradients flow into ``pooling``'s
     parameters (e.g. GeM's ``p``). Maps move to the device of ``pooling``'s parameters.
+    This is :class:`~retrieval_lib.models.retrieval_net.RetrievalNet` ``(pooling)`` on those maps.
     """
     idx = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
     if not idx:
         raise ValueError("pool_fmaps_with_grad: no indices given")
     params = list(pooling.parameters()) if isinstance(pooling, nn.Module) else []
     device = params[0].device if params else fmaps[idx[0]].device
-    groups: dict = {}
-    for pos, i in enumerate(idx):
-        groups.setdefault(tuple(fmaps[i].shape), []).append(pos)
-    parts, order = [], []
-    for positions in groups.values():
-        x = torch.stack([fmaps[idx[q]] for q in positions]).to(device)  # (b, C, h, w)
-        parts.append(functional.l2n(pooling(x)))  # (b, D)
-        order += positions
-    out = torch.cat(parts)  # rows in `order`
-    inverse = torch.empty(len(order), dtype=torch.int64, device=out.device)
-    inverse[torch.tensor(order, device=out.device)] = torch.arange(len(order), device=out.device)
-    return out[inverse]
+    return RetrievalNet(pooling)([fmaps[i].to(device) for i in idx])
 
 
 def fit_pooling(fmaps: Sequence[torch.Tensor], pooling: nn.Module, i, j, y, steps: int = 20,
