@@ -14,7 +14,6 @@ from retrieval_lib.layers.pooling import GeM, MAC
 from retrieval_lib.engine.mining import mine_pairs, split_groups
 from retrieval_lib.engine.extract import pool_fmaps
 from retrieval_lib.engine.train import fit_pooling, pool_fmaps_with_grad
-from retrieval_lib.layers.grads import gem_grads
 from retrieval_lib.layers.losses import contrastive_loss
 
 
@@ -79,54 +78,6 @@ def test_contrastive_errors(kwargs, match):
 def test_contrastive_rejects_non_tensors():
     with pytest.raises(TypeError, match="tensors"):
         contrastive_loss([[0.0]], [[0.0]], [1])
-
-
-# ------------------------------------------------------------------------- GeM gradients
-def _fmap(seed=0, B=2, C=5, H=3, W=4):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64) * 6
-    x[x < 1.0] = 0.0  # exact zeros, as after a ReLU: the clamp must block their gradient
-    return x
-
-
-@pytest.mark.parametrize("p", [1.0, 3.0, 7.5, torch.tensor([2.5], dtype=torch.float64),
-                               torch.tensor([1.0, 2.0, 3.0, 4.0, 5.5], dtype=torch.float64)])
-def test_gem_grads_match_autograd(p):
-    x = _fmap().requires_grad_(True)
-    pt = (p.clone() if isinstance(p, torch.Tensor) else torch.tensor([p], dtype=torch.float64)).requires_grad_(True)
-    f = functional.gem(x, pt)  # (B, C)
-    dfdx, dfdp = gem_grads(x.detach(), p)
-    # a random linear functional of f gives one backward pass that checks every entry
-    w = torch.randn(f.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    gx, gp = torch.autograd.grad((w * f).sum(), (x, pt))
-    assert torch.allclose(gx, w[..., None, None] * dfdx, atol=1e-12, rtol=0)
-    want_p = (w * dfdp).sum(0) if pt.numel() > 1 else (w * dfdp).sum().reshape(1)
-    assert torch.allclose(gp, want_p, atol=1e-11, rtol=0)
-    assert (dfdx[x.detach() == 0] == 0).all()
-
-
-def test_gem_grad_p_matches_a_finite_difference_by_hand():
-    # one channel, values 1, 2, 4 (N = 3), p = 2: f(p) = ((1 + 2^p + 4^p) / 3)^(1/p)
-    x = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).reshape(1, 1, 1, 3)
-
-    def f(p):
-        return ((1 + 2**p + 4**p) / 3) ** (1 / p)
-
-    h = 1e-6
-    numeric = (f(2 + h) - f(2 - h)) / (2 * h)
-    _, dfdp = gem_grads(x, 2.0)
-    assert dfdp.item() == pytest.approx(numeric, rel=1e-8)
-    assert f(2.0) == pytest.approx(math.sqrt(7.0))  # the value itself: sqrt(21 / 3)
-    dfdx, _ = gem_grads(x, 2.0)
-    # d f / d x_i = 1/3 f^(1-2) x_i = x_i / (3 sqrt 7)
-    assert torch.allclose(dfdx.flatten(), torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64) / (3 * math.sqrt(7)))
-
-
-def test_gem_grads_errors():
-    with pytest.raises(ValueError, match="positive"):
-        gem_grads(_fmap(), 0.0)
-    with pytest.raises(ValueError, match="4-D"):
-        gem_grads(torch.rand(3, 4, 5), 3.0)
 
 
 # ------------------------------------------------------------------------- pairs

@@ -1,0 +1,162 @@
+"""data.composites and data.splits.take: mask mass in a box against hand-worked tiles, objects pasted
+on clutter with their boxes, the localisation split sharing no object and no background."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval_lib.data.composites import (box_area_share, cell_coverage, localisation_composites, mask_mass_in_box,
+                                           object_composites)
+from retrieval_lib.data.datasets import GroupDataset
+from retrieval_lib.data.splits import split_groups, take
+
+
+
+# ------------------------------------------------------------------ mask mass in a box
+def test_mask_mass_in_box_hand_worked():
+    # a 64 x 32 px image, a 2 x 4 map: 16 px tiles. Box x 8..40, y 0..16 covers half of tile (0, 0),
+    # all of (0, 1), half of (0, 2).
+    cov = cell_coverage((2, 4), (8, 0, 40, 16), (64, 32))
+    assert np.array_equal(cov, [[0.5, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = np.array([[0.1, 0.2, 0.3, 0.1], [0.1, 0.1, 0.05, 0.05]])
+    assert mask_mass_in_box(mask, (8, 0, 40, 16), (64, 32)) == pytest.approx(0.05 + 0.2 + 0.15, abs=1e-15)
+    assert mask_mass_in_box(torch.tensor(mask)[None, None], (8, 0, 40, 16), (64, 32)) == pytest.approx(0.4)
+    # a uniform mask puts the box's area share inside the box: 32 * 16 / (64 * 32)
+    assert mask_mass_in_box(np.full((2, 4), 1 / 8), (8, 0, 40, 16), (64, 32)) == pytest.approx(0.25, abs=1e-15)
+    assert box_area_share((8, 0, 40, 16), (64, 32)) == 0.25
+    assert mask_mass_in_box(mask, (0, 0, 64, 32), (64, 32)) == pytest.approx(1.0)
+
+
+def test_uniform_mass_equals_area_share_on_uneven_tiles():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        W, H = rng.integers(40, 500, 2)
+        h, w = int(np.ceil(H / 32)), int(np.ceil(W / 32))
+        x0, x1 = np.sort(rng.uniform(0, W, 2))
+        y0, y1 = np.sort(rng.uniform(0, H, 2))
+        box = (x0, y0, x1, y1)
+        assert mask_mass_in_box(np.full((h, w), 1 / (h * w)), box, (W, H)) == pytest.approx(
+            box_area_share(box, (W, H)), abs=1e-12)
+
+
+def test_mask_mass_errors():
+    with pytest.raises(ValueError, match="box"):
+        cell_coverage((2, 2), (10, 0, 5, 4), (20, 20))
+    with pytest.raises(ValueError, match="box"):
+        box_area_share((0, 0, 30, 4), (20, 20))
+    with pytest.raises(ValueError, match="image_size"):
+        box_area_share((0, 0, 1, 1), (0, 20))
+    with pytest.raises(ValueError, match=r"\(h, w\)"):
+        mask_mass_in_box(np.ones(4), (0, 0, 1, 1), (2, 2))
+
+
+# ------------------------------------------------------------------ composites and subsets
+def _groups(folder, groups=3, per=2, seed=0):
+    rng = np.random.default_rng(seed)
+    for g in range(groups):
+        (folder / f"g{g}").mkdir(parents=True)
+        for k in range(per):
+            arr = rng.integers(60, 256, (60, 90, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(folder / f"g{g}" / f"{k}.png")
+    return GroupDataset.from_folder(folder)
+
+
+def _backgrounds(folder, n=4):
+    folder.mkdir(parents=True)
+    out = []
+    for i in range(n):
+        Image.fromarray(np.zeros((80, 120, 3), dtype=np.uint8)).save(folder / f"bg{i}.png")
+        out.append(folder / f"bg{i}.png")
+    return out
+
+
+def test_object_composites_record_boxes_and_groups(tmp_path):
+    objects = _groups(tmp_path / "obj")
+    bgs = _backgrounds(tmp_path / "bg")
+    cs = object_composites(objects, bgs, per_object=2, seed=1, max_side=100, cache_dir=tmp_path / "c", progress=False)
+    assert len(cs) == 12 and cs.labels.tolist() == np.repeat(objects.labels, 2).tolist()
+    assert cs.objects.tolist() == np.repeat(np.arange(6), 2).tolist()
+    assert all(a != b for a, b in cs.backgrounds.reshape(-1, 2))  # two different backgrounds per object image
+    for path, box, size in zip(cs.paths, cs.boxes, cs.sizes):
+        with Image.open(path) as im:
+            assert tuple(im.size) == tuple(size)
+            arr = np.asarray(im.convert("RGB")).astype(int)
+        x0, y0, x1, y1 = box.astype(int)
+        inside = arr[y0:y1, x0:x1].max(axis=2)
+        outside = arr.max(axis=2).copy()
+        outside[y0:y1, x0:x1] = 0
+        assert inside.mean() > 40 and outside.mean() < 10  # the object sits in its box on a black background
+    shares = cs.box_shares()
+    assert np.all((shares > 0) & (shares < 1))
+    stamp = {p: Path(p).stat().st_mtime_ns for p in cs.paths}
+    again = object_composites(objects, bgs, per_object=2, seed=1, max_side=100, cache_dir=tmp_path / "c",
+                              progress=False)
+    assert again.paths == cs.paths and {p: Path(p).stat().st_mtime_ns for p in again.paths} == stamp
+    assert np.array_equal(again.boxes, cs.boxes)
+    other = object_composites(objects, bgs, per_object=2, seed=2, max_side=100, cache_dir=tmp_path / "c",
+                              progress=False)
+    assert other.folder != cs.folder
+    assert "12 composites of 6 object images in 3 groups" in cs.summary()
+
+
+def test_object_composites_errors(tmp_path):
+    objects = _groups(tmp_path / "obj", groups=2, per=1)
+    bgs = _backgrounds(tmp_path / "bg", n=2)
+    with pytest.raises(ValueError, match="per_object"):
+        object_composites(objects, bgs, per_object=3, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="max_side"):
+        object_composites(objects, bgs, max_side=10, cache_dir=tmp_path / "c")
+
+
+def test_localisation_composites_share_no_object_and_no_background(tmp_path):
+    objects = _groups(tmp_path / "obj", groups=4, per=2)
+    bgs = _backgrounds(tmp_path / "bg", n=6)
+    paths = list(objects.database.paths) + [str(b) for b in bgs]
+    groups = [objects.group_names[l] for l in objects.labels] + [f"scene{i}" for i in range(6)]
+    ds = GroupDataset(paths, groups, subsets=["ukbench56"] * 8 + ["landmarks23"] * 6)
+    train, held = localisation_composites(ds, held_frac=0.25, n_backgrounds=2, per_object=2, seed=0, max_side=100,
+                                          cache_dir=tmp_path / "c", progress=False)
+
+    def names(cs):
+        return {cs.group_names[lab] for lab in cs.labels}
+
+    # the UKBench images are the objects, one group of four held out; the scenes are backgrounds
+    assert names(train) | names(held) == {"g0", "g1", "g2", "g3"} and not names(train) & names(held)
+    assert len(names(held)) == 1 and len(train) == 3 * 2 * 2 and len(held) == 1 * 2 * 2
+    assert len(train.background_files) == len(held.background_files) == 2
+    assert not set(train.background_files) & set(held.background_files)
+    assert set(train.background_files) | set(held.background_files) <= {str(b) for b in bgs}
+    # at most half of the backgrounds per pool
+    capped, _ = localisation_composites(ds, n_backgrounds=10, per_object=1, max_side=100, cache_dir=tmp_path / "c",
+                                        progress=False)
+    assert len(capped.background_files) == 3
+    with pytest.raises(ValueError, match="n_backgrounds"):
+        localisation_composites(ds, n_backgrounds=0, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_localisation_composites_without_an_objects_subset_use_half_the_groups(tmp_path):
+    ds = _groups(tmp_path / "obj", groups=6, per=2)
+    is_object = split_groups(ds.labels, 0.5, 0)
+    train, held = localisation_composites(ds, held_frac=0.34, per_object=1, seed=0, max_side=100,
+                                          cache_dir=tmp_path / "c", progress=False)
+    obj_groups = {ds.group_names[lab] for lab in ds.labels[is_object]}
+    assert {train.group_names[lab] for lab in train.labels} | {held.group_names[lab] for lab in held.labels} == obj_groups
+    assert len(train) + len(held) == int(is_object.sum())
+    bg_files = set(train.background_files) | set(held.background_files)
+    assert bg_files <= {str(p) for p, o in zip(ds.database.paths, is_object) if not o}
+
+
+def test_take_keeps_groups_and_subsets(tmp_path):
+    ds = _groups(tmp_path / "obj", groups=3, per=2)
+    part = take(ds, ds.labels != 1, "part")
+    assert part.group_names == ["g0", "g2"] and part.labels.tolist() == [0, 0, 1, 1]
+    assert list(part.database.paths) == [p for p, l in zip(ds.database.paths, ds.labels) if l != 1]
+    with pytest.raises(ValueError, match="selects no image"):
+        take(ds, np.zeros(6, bool))
+    with pytest.raises(ValueError, match="bool mask"):
+        take(ds, [True, False])
+
+
+# ------------------------------------------------------------------ validated training
