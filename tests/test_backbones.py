@@ -11,13 +11,13 @@ import torch
 from skimage import data as skdata
 from skimage.transform import resize
 
-from retrieval_lib.models import backbones as bb
+from retrieval_lib.models import effnet_lite as lite_mod
+from retrieval_lib.models import resnets as resnet_mod
 from retrieval_lib.models.backbones import (
     BACKBONES,
     DEFAULT_LAST_ACTIVATION,
     LAST_ACTIVATIONS,
     RELU6_CLIP,
-    Conv2dSame,
     EfficientNetLite,
     efficientnet_lite,
     load_backbone,
@@ -25,6 +25,7 @@ from retrieval_lib.models.backbones import (
     resnet_weights_cache_path,
     tf_same_padding,
 )
+from retrieval_lib.models.effnet_lite import Conv2dSame
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_lite_scaling_matches_published_sizes(variant, n_blocks, params_m):
 @pytest.mark.parametrize("last_activation", ["relu6", "relu"])
 @pytest.mark.parametrize("variant", [0, 2])
 def test_lite_loads_packaged_weights_strictly(variant, last_activation):
-    mod, cls, spec = bb._LITE_WEIGHT_PACKAGES[variant]
+    mod, cls, spec = lite_mod._LITE_WEIGHT_PACKAGES[variant]
     path = getattr(__import__(mod), cls).get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     m = efficientnet_lite(variant, last_activation=last_activation)  # load_state_dict(strict=True) inside
@@ -361,7 +362,7 @@ def test_full_scale_loads_resnet101_imagenet1k_v1_and_v2_stays_selectable(monkey
         asked.append(url)
         return state
 
-    monkeypatch.setattr(bb, "_load_hub_state_dict", fake_hub)
+    monkeypatch.setattr(resnet_mod, "_load_hub_state_dict", fake_hub)
     cfg = scale_config("full")
     m = load_backbone(cfg.backbone)  # exactly what Book / reproduce do at full scale
     v1 = torchvision.models.ResNet101_Weights.IMAGENET1K_V1

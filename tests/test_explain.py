@@ -12,23 +12,27 @@ import pytest
 import torch
 from torch import nn
 
-from retrieval_lib.models.backbones import Conv2dSame, efficientnet_lite, resnet
+import retrieval_lib.book.receptive_field as rf_mod
+from retrieval_lib.models.backbones import efficientnet_lite, resnet, tf_same_padding
+from retrieval_lib.models.effnet_lite import Conv2dSame
 from retrieval_lib.book.explain import (
-    ConvSpec,
     Correspondences,
     argmax_locations,
-    cell_boxes,
-    cell_centers,
     clipped_channels,
-    conv_chain,
     count_clipped,
     fmap_of,
     implicit_correspondences,
+    rank_channels,
+    top_channels,
+)
+from retrieval_lib.book.receptive_field import (
+    ConvSpec,
+    cell_boxes,
+    cell_centers,
+    conv_chain,
     input_gradients,
     mass_box,
-    rank_channels,
     receptive_field,
-    top_channels,
 )
 from retrieval_lib.layers.functional import l2n, mac
 
@@ -193,8 +197,6 @@ def test_clipped_channels_errors(clip):
                                         (3, 1, 1, 9), (5, 1, 2, 12), (1, 1, 1, 7), (4, 3, 1, 13)])
 def test_same_padding_matches_the_layer(k, s, d, n):
     """pad_before / out_size agree with the padded convolution Conv2dSame actually runs."""
-    from retrieval_lib.models.backbones import tf_same_padding
-
     spec = ConvSpec(k, s, d, "same")
     assert spec.pad_before(n) == tf_same_padding(n, k, s, d)[0]
     conv = Conv2dSame(1, 1, k, stride=s)
@@ -345,15 +347,13 @@ def test_receptive_field_errors():
 def test_conv_chain_errors():
     with pytest.raises(TypeError, match="ConvSpec along its deepest path"):
         conv_chain(nn.Sequential(nn.Conv2d(3, 8, 3)))
-    from retrieval_lib.book.explain import _spec
-
     with pytest.raises(ValueError, match="non-square"):
-        _spec(nn.Conv2d(1, 1, (3, 5)))
+        rf_mod._spec(nn.Conv2d(1, 1, (3, 5)))
     with pytest.raises(ValueError, match="ceil_mode"):
-        _spec(nn.MaxPool2d(3, 2, ceil_mode=True))
+        rf_mod._spec(nn.MaxPool2d(3, 2, ceil_mode=True))
     with pytest.raises(TypeError, match="cannot describe"):
-        _spec(nn.ReLU())
-    assert _spec(nn.MaxPool2d(3, 2, 1)) == ConvSpec(3, 2, 1, 1)
+        rf_mod._spec(nn.ReLU())
+    assert rf_mod._spec(nn.MaxPool2d(3, 2, 1)) == ConvSpec(3, 2, 1, 1)
 
 
 # ------------------------------------------------------------------ effective receptive field
@@ -587,8 +587,6 @@ def test_fmap_of_pre_activation_is_the_backbones_preactivation():
 
 
 def test_input_gradients_batches_by_pixels_not_count(lite0, monkeypatch):
-    import retrieval_lib.book.explain as explain
-
     image = torch.rand(3, 40, 48)
     cells = [[0, 0, 0], [1, 1, 1], [2, 0, 1], [3, 1, 0], [4, 0, 0]]
     one_by_one = input_gradients(lite0, image, cells, batch_size=1)
@@ -600,11 +598,32 @@ def test_input_gradients_batches_by_pixels_not_count(lite0, monkeypatch):
         return run(x)
 
     monkeypatch.setattr(lite0, "preactivation", counting)
-    monkeypatch.setattr(explain, "GRADIENT_PIXELS", 2 * 40 * 48 + 1)  # two copies of this image per pass
+    monkeypatch.setattr(rf_mod, "GRADIENT_PIXELS", 2 * 40 * 48 + 1)  # two copies of this image per pass
     got = input_gradients(lite0, image, cells)
     assert sizes == [2, 2, 1]
     torch.testing.assert_close(got, one_by_one, rtol=1e-5, atol=1e-7)
     sizes.clear()
-    monkeypatch.setattr(explain, "GRADIENT_PIXELS", 10)  # smaller than one image: still one copy per pass
+    monkeypatch.setattr(rf_mod, "GRADIENT_PIXELS", 10)  # smaller than one image: still one copy per pass
     input_gradients(lite0, image, cells[:2])
     assert sizes == [1, 1]
+
+
+def test_conv_chain_reads_the_backbone_declaration():
+    """conv_chain is the backbone's own conv_path(); a backbone without one is refused by name."""
+    from retrieval_lib.models.base import Backbone
+
+    class Tiny(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.MaxPool2d(2)
+
+        def conv_path(self):
+            return [self.a, self.b]
+
+    assert conv_chain(Tiny()) == [ConvSpec(3, 2, 1, 1), ConvSpec(2, 2, 1, 0)]
+
+    class Silent(Backbone):
+        pass
+
+    with pytest.raises(TypeError, match="lists its conv_path"):
+        conv_chain(Silent())

@@ -135,9 +135,9 @@ def test_read_photo_refuses_with_a_message(content, name, message):
 
 
 def test_read_photo_refuses_too_many_bytes(monkeypatch):
-    import retrieval_lib.book.explorer as explorer
+    import retrieval_lib.book.explorer_inputs as explorer_inputs
 
-    monkeypatch.setattr(explorer, "MAX_UPLOAD_BYTES", 100)
+    monkeypatch.setattr(explorer_inputs, "MAX_UPLOAD_BYTES", 100)
     with pytest.raises(ExplorerInputError, match="'a.jpg' is 0 MB, more than the explorer accepts"):
         read_photo(_jpeg(), "a.jpg")
     assert MAX_PIXELS == 80_000_000
@@ -264,7 +264,7 @@ def test_an_upload_is_a_query_against_any_collection(explorer):
 def test_the_page_clicks_slides_explains_and_compares(explorer):
     ex = explorer
     ex.app()
-    page = ex._ui
+    page = ex.page
     assert len(page.thumb_buttons) == len(ex.collection)
     page.thumb_buttons[4].click()
     assert ex.query.index == 4 and "click thumbnail: redrawn in" in page.readout.value
@@ -278,9 +278,9 @@ def test_the_page_clicks_slides_explains_and_compares(explorer):
     assert "share" in page.why_text.value and page.slots[2][0].layout.display == "none"
     assert [w for w, _ in ex.timings][-5:] == ["click thumbnail", "p slider", "k slider", "why overlay", "view"]
     assert not any(kind == "error" for kind, _ in ex.messages)
-    page = ex._ui
+    page = ex.page
     times = measure_redraws(ex, repeats=1)
-    assert ex._ui is page and page.root.comm is not None  # its own page was closed, not this one
+    assert ex.page is page and page.root.comm is not None  # its own page was closed, not this one
     assert set(times) == {"click_thumbnail", "p_slider", "L_slider", "k_slider", "compare", "why_mac", "why_gem",
                           "why_rmac"} and all(v > 0 for v in times.values())
 
@@ -292,17 +292,17 @@ def test_the_page_says_every_bad_input(explorer, tmp_path):
                                             "duplicate files", "not an image", "unreadable photo", "huge photo"]
     assert [kind for _, kind, _ in said] == ["error"] * 3 + ["info"] + ["error"] * 3  # each shown in the page
     assert all(text for _, _, text in said)
-    assert ex.collection_label == "tiny" and ex._ui is None  # back on its collection; its page closed
+    assert ex.collection_label == "tiny" and ex.page is None  # back on its collection; its page closed
     ex.app()
-    ex._ui.thumb_buttons[1].click()  # and a page still answers
-    assert ex.query.index == 1 and "explorer-error" not in ex._ui.message.value
+    ex.page.thumb_buttons[1].click()  # and a page still answers
+    assert ex.query.index == 1 and "explorer-error" not in ex.page.message.value
 
 
 def test_a_failing_redraw_is_a_message_not_a_traceback(explorer, monkeypatch):
     ex = explorer
     ex.app()
     monkeypatch.setattr(ex, "rows", lambda methods=None: 1 / 0)
-    ex._ui.thumb_buttons[2].click()
+    ex.page.thumb_buttons[2].click()
     kind, text = ex.messages[-1]
     assert kind == "error" and text == "click thumbnail failed: ZeroDivisionError: division by zero"
 
@@ -315,13 +315,13 @@ def test_static_figure_of_the_rows(explorer):
 def test_a_clone_tries_things_without_touching_the_page_on_screen(explorer, tmp_path):
     ex = explorer
     ex.app()
-    shown = (ex._ui.message.value, ex._ui.readout.value, ex.query.index, ex.collection_label)
+    shown = (ex.page.message.value, ex.page.readout.value, ex.query.index, ex.collection_label)
     probe = ex.clone()
     assert probe.fmap(0) is ex.fmap(0)  # the maps are shared, not copied
     try_bad_inputs(probe, tmp_path / "bad")
     measure_redraws(probe, repeats=1)
     probe.add_upload("mine.jpg", open(ex.collection.paths[1], "rb").read())
-    assert (ex._ui.message.value, ex._ui.readout.value, ex.query.index, ex.collection_label) == shown
+    assert (ex.page.message.value, ex.page.readout.value, ex.query.index, ex.collection_label) == shown
     assert ex.uploads == [] and ex.p == 3.0 and ex.timings[-1][0] == "page"
 
 
@@ -356,7 +356,7 @@ def test_a_learned_head_is_one_more_row(explorer):
     with pytest.raises(ExplorerInputError, match="no explanation is drawn for 'GeM p=2"):
         ex.why("GeM p=2 (a stand-in head)", 0)
     ex.app()
-    assert ex._ui.slots[4][2][0][2].layout.display == "none"  # no "why" button under a head's results
+    assert ex.page.slots[4][2][0][2].layout.display == "none"  # no "why" button under a head's results
 
 
 def test_why_a_wgem_or_darac_head_matched(explorer):

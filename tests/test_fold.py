@@ -50,7 +50,7 @@ def test_one_conv_bn_pair_by_the_formula():
     conv, bn = nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4)
     _random_bn_stats(nn.Sequential(conv, bn))
     seq = nn.Sequential(conv, bn).eval()
-    n = fold_mod._fold_children(seq)
+    n = fold_mod._fold_children(seq, (nn.Sequential,))
     assert n == 1 and isinstance(seq[1], nn.Identity)
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     torch.testing.assert_close(seq[0].weight, conv.weight * scale.view(-1, 1, 1, 1))
@@ -83,8 +83,8 @@ def test_unknown_layout_is_refused():
 
 
 def test_check_catches_a_wrong_fold(lite, monkeypatch):
-    def wrong(module):  # folds, then breaks one weight: what a wrong order would do
-        n = real(module)
+    def wrong(module, in_order):  # folds, then breaks one weight: what a wrong order would do
+        n = real(module, in_order)
         if hasattr(module, "_conv_head"):
             module._conv_head.bias.data.add_(1.0)
         return n
@@ -144,3 +144,24 @@ def test_multiscale_extraction_folds_once(lite, photos, monkeypatch):
     monkeypatch.setattr(extract_mod, "fold_batchnorm", lambda m: calls.append(1) or real(m))
     X = extract_descriptors(lite, photos, "mac", scales=(1, 0.5), image_size=96, num_workers=0, progress=False)
     assert X.shape[0] == 3 and len(calls) == 1  # one folded copy serves every scale
+
+
+def test_a_backbone_that_declares_no_order_is_not_folded():
+    """foldable reads the backbone's declaration (in_order_modules), not its class name."""
+    from retrieval_lib.models.base import Backbone
+
+    class Plain(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    class Declared(Plain):
+        def in_order_modules(self):
+            return (Declared,)
+
+        def features(self, x):
+            return self.bn(self.conv(x))
+
+    assert not foldable(Plain()) and foldable(Declared())
+    folded = fold_batchnorm(_random_bn_stats(Declared()).eval())
+    assert _count_bn(folded) == 0 and isinstance(folded.bn, nn.Identity)

@@ -135,15 +135,29 @@ def test_dependencies_cover_every_import_of_the_library_and_the_notebooks():
 def test_every_declared_dependency_is_used():
     dists = packages_distributions()
     imported = {_canonical(d) for module in _third_party_imports() for d in dists.get(module, [])}
-    from retrieval_lib.models.backbones import _LITE_WEIGHT_PACKAGES
+    from retrieval_lib.models.effnet_lite import _LITE_WEIGHT_PACKAGES
 
     weights = {_requirement_name(spec) for _, _, spec in _LITE_WEIGHT_PACKAGES.values()}
     unused = sorted(set(_declared()) - imported - weights - USED_WITHOUT_IMPORT)
     assert not unused, f"declared in pyproject.toml but never imported: {unused}; remove them"
 
 
+def test_every_data_file_of_the_package_is_installed():
+    """A data file the library reads (the paper catalogue, real171's sources) is package data, so
+    `pip install .` (not only the editable install) ships it."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    declared = {f"{pkg.replace('.', '/')}/{name}" for pkg, names in package_data.items() for name in names}
+    found = {p.relative_to(REPO).as_posix() for p in (REPO / "retrieval_lib").rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
+    assert found, "the package holds no data file; the catalogue (book/papers.json) is missing"
+    assert found <= declared, f"not in pyproject.toml's [tool.setuptools.package-data]: {sorted(found - declared)}"
+    assert all((REPO / d).is_file() for d in declared), f"package-data names a missing file: {sorted(declared)}"
+
+
 def test_every_packaged_backbone_has_its_weights_declared():
-    from retrieval_lib.models.backbones import _LITE_WEIGHT_PACKAGES, BACKBONES
+    from retrieval_lib.models.backbones import BACKBONES
+    from retrieval_lib.models.effnet_lite import _LITE_WEIGHT_PACKAGES
 
     declared = _declared()
     variants = sorted(int(n[len("efficientnet_lite"):]) for n in BACKBONES if re.fullmatch(r"efficientnet_lite\d", n))
@@ -186,7 +200,10 @@ def test_ci_installs_the_way_the_readme_says():
     assert readme_installs and readme_installs == ci_installs
     assert not any("--no-deps" in args for args in ci_installs), "CI must install the dependencies as users do"
     assert not any("MPLBACKEND" in line.split("#")[0] for line in ci), "the notebooks must run with the inline backend users get"
-    assert [line for line in ci if line.strip() and not line.startswith("#")][-1] == "python -m pytest"
+    commands = [line.strip() for line in ci if line.strip() and not line.startswith("#")]
+    assert "python -m pytest" in commands, "CI runs the whole suite as the README says"
+    after = commands[commands.index("python -m pytest") + 1:]
+    assert all(c.startswith("python -m pytest ") for c in after), f"after the suite CI may only run more tests: {after}"
     # requirements.txt installs the package itself, with its dependencies
     reqs = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
     assert any(re.fullmatch(r"(-e\s+)?\.(\[[\w,]+\])?", r) for r in reqs), "requirements.txt must install `.`"

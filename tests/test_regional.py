@@ -303,7 +303,7 @@ def test_show_region_macs_orders_channels_by_the_last_row():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from retrieval_lib.book.viz import show_region_macs
+    from retrieval_lib.book.viz_regions import show_region_macs
 
     V = torch.tensor([[0.0, 1.0, 0.0, 0.2], [0.5, 0.0, 0.5, 0.1], [0.1, 0.6, 0.3, 0.0]])
     fig = show_region_macs(V, ["a", "b", "sum"], top=3)
@@ -322,7 +322,7 @@ def test_show_region_levels_draws_each_level_in_its_panel():
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from retrieval_lib.book.viz import show_region_levels
+    from retrieval_lib.book.viz_regions import show_region_levels
 
     img, _ = _gradient_image(320, 240)
     regions = F.rmac_regions(24, 32, 3)

@@ -26,7 +26,7 @@ from torch import nn
 
 from retrieval_lib.data.download import ChecksumError, DownloadError
 from retrieval_lib.errors import FetchError, MissingDataError, UnsafeCheckpointError, UsageError
-from retrieval_lib.models import released
+from retrieval_lib.models import registry, released
 from retrieval_lib.models.released import fetch_network, hash_prefix, load_network, released_networks, safe_load
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -378,7 +378,7 @@ def fake_release(monkeypatch, tmp_path):
             name=name, paper="p", format="cirtorch", url=f"{server.url}/{route}/{name}-{prefix}.pth",
             sha256_prefix=prefix, architecture="resnet50", pooling="gem", whitening="none", normalisation="n",
             setting={}, source="test")
-    monkeypatch.setattr(released, "_REGISTRY", {**released._REGISTRY, **entries})
+    monkeypatch.setattr(registry, "_REGISTRY", {**registry._REGISTRY, **entries})
     yield body, prefix
     server.close()
 
@@ -438,7 +438,7 @@ def test_load_by_name_uses_the_verified_cache(tmp_path, monkeypatch, images):
         name="tiny-net", paper="p", format="cirtorch", url=f"http://127.0.0.1:9/tiny-net-{prefix}.pth",
         sha256_prefix=prefix, architecture="resnet50", pooling="gem", whitening="fc", normalisation="n",
         setting={}, source="test")
-    monkeypatch.setattr(released, "_REGISTRY", {**released._REGISTRY, "tiny-net": entry})
+    monkeypatch.setattr(registry, "_REGISTRY", {**registry._REGISTRY, "tiny-net": entry})
     net = load_network("tiny-net", root=cache, progress=False)  # port 9 is never asked: the cache verifies
     assert net.info["registry"] is entry and net.info["file"] == str(cache / f"tiny-net-{prefix}.pth")
     with torch.no_grad():

@@ -249,7 +249,7 @@ def test_command_line_without_from_runs_reproduce_into_out_run(fake_run, tmp_pat
     """Without --from, `site` hands its own arguments to reproduce with --out OUT/run, then renders that."""
     import shutil
 
-    import retrieval_lib.book.reproduce as reproduce
+    import retrieval_lib.book.site as site_mod
     from retrieval_lib.__main__ import main
 
     seen = {}
@@ -259,7 +259,7 @@ def test_command_line_without_from_runs_reproduce_into_out_run(fake_run, tmp_pat
         shutil.copytree(fake_run["run"], args.out)
         return 0
 
-    monkeypatch.setattr(reproduce, "main_reproduce", fake_reproduce)
+    monkeypatch.setattr(site_mod, "main_reproduce", fake_reproduce)
     out = tmp_path / "made"
     code = main(["site", "--scale", "smoke", "--out", str(out), "--notebooks", "00,01"])
     assert seen["out"] == str(out.resolve() / "run") and seen["scale"] == "smoke" and seen["notebooks"] == "00,01"
@@ -499,7 +499,7 @@ def test_an_equation_that_cannot_convert_is_shown_as_source_and_reported(tmp_pat
 
 def test_a_page_of_widgets_is_walked_through_its_boxes():
     """10_explorer's app: nested boxes, display-only models and a grid of numbered thumbnail buttons."""
-    from retrieval_lib.book.site import _controls
+    from retrieval_lib.book.site_cells import _controls
 
     def m(name, **state):
         return {"model_name": name, "state": state}

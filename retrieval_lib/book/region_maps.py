@@ -1,7 +1,7 @@
 """R-MAC regions drawn on the feature map itself, level by level, as filled squares.
 
 :func:`show_region_map` is the feature-map counterpart of
-:func:`retrieval_lib.book.viz.show_region_levels` (which draws the squares on the photo):
+:func:`retrieval_lib.book.viz_regions.show_region_levels` (which draws the squares on the photo):
 one panel per scale level, the real map underneath (by default each cell's mean
 activation over the channels), each square of that level filled with its own translucent
 colour, outlined, and marked at its centre. Where squares overlap, their fills add up, so

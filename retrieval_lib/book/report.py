@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 __all__ = ["write_metrics", "read_metrics", "markdown_table", "paper_vs_ours", "results_table",
-           "paper_result", "measured", "SETTING_FIELDS", "OFF_THE_SHELF", "paper_catalogue", "closest_measurement",
+           "paper_result", "measured", "SETTING_FIELDS", "OFF_THE_SHELF", "paper_catalogue", "PAPERS_FILE", "closest_measurement",
            "explain_difference", "reproduction_rows", "reproduction_table", "REPRODUCTION_HEADER", "uncatalogued",
            "FAMILIES"]
 
@@ -301,6 +301,10 @@ def _family(method) -> str:
     return next((f for f in FAMILIES if f in words), words[0] if words else "")
 
 
+PAPERS_FILE = Path(__file__).with_name("papers.json")
+"""The catalogue of the papers the book reproduces: data, shipped with the package."""
+
+
 def paper_catalogue() -> list[dict]:
     """The papers the book reproduces, each with its numbers as :func:`paper_result` entries.
 
@@ -309,112 +313,16 @@ def paper_catalogue() -> list[dict]:
     notebook could not verify stays ``None``. Each paper: ``key``, ``citation``,
     ``notebook`` (where it is taught), ``ours_full`` (what our ``full`` scale runs for it,
     beside the off-the-shelf setting of :data:`~retrieval_lib.book.config.SCALES`) and
-    ``entries``. ``notebooks/09_reproductions.ipynb`` shows one table per paper.
+    ``entries``. The catalogue is the data file :data:`PAPERS_FILE` (``book/papers.json``),
+    its sources and settings exactly as the notebooks write them (09 lists any paper number a
+    notebook wrote that is not here, so a drift shows up); each entry is checked by
+    :func:`paper_result` on reading. ``notebooks/09_reproductions.ipynb`` shows one table per paper.
     """
-    def rows(fields, values, **common):
-        return [paper_result(v, **common, **f) for f, v in zip(fields, values)]
-
-    # sources and settings exactly as the notebooks write them (09 lists any paper number a notebook
-    # wrote that is not here, so a drift shows up)
-    revisiting = ("Radenović, Iscen, Tolias, Avrithis & Chum, 'Revisiting Oxford and Paris: Large-Scale Image "
-                  "Retrieval Benchmarking', CVPR 2018")
-    gem_src = "Radenović et al., TPAMI 2018; table of the authors' cnnimageretrieval-pytorch README, rows 'MatConvNet'"
-    gem_00 = ("Radenović, Tolias & Chum, TPAMI 2018 network, as reported in Radenović et al., CVPR 2018 (row R-GeM) "
-              "and the authors' cnnimageretrieval README (ResNet101-GeM, MatConvNet)")
-    gem_ft = dict(method="GeM (learned p) + learned whitening", training="fine-tuned on SfM-120k (contrastive loss)",
-                  resolution="1024 px, 3 scales", source=gem_src, note="scales 1, 1/√2, 1/2; whitening learned on SfM-120k")
-    gordo = dict(dataset="oxford5k", protocol="mAP", backbone="resnet101", resolution="800 px, multi-resolution",
-                 training="trained end to end (triplet loss, cleaned landmarks set)")
-    cgd_paper = "Jun et al., 'Combination of Multiple Global Descriptors for Image Retrieval', arXiv 1903.10663, 2019"
-    record = "as recorded in the project's issue 10"
-    # CGD entries as 07_cgd writes them
-    cgd = dict(training="fine-tuned end to end on the training classes", backbone="resnet50 (stage-4 downsampling removed)")
-    return [
-        {"key": "revisiting", "citation": revisiting, "notebook": "01_mac",
-         "ours_full": "01_mac and the off-the-shelf table: MAC of ResNet-101 (ImageNet, off the shelf) on roxford5k",
-         "entries": rows([{"protocol": "mAP medium"}, {"protocol": "mAP hard"}], [None, None],
-                         dataset="roxford5k", method="MAC", training=OFF_THE_SHELF, backbone="resnet101",
-                         resolution="not checked (see the paper)", source=revisiting + ", results table, row R–[O]–MAC",
-                         note="value not checked against the paper here, so not quoted")},
-        {"key": "spoc", "citation": "Babenko & Lempitsky, 'Aggregating Local Deep Features for Image Retrieval', "
-                                    "ICCV 2015", "notebook": "02_spoc",
-         "ours_full": "02_spoc and the off-the-shelf table: SPoC (with and without the centre prior) of ResNet-101 "
-                      "(ImageNet, off the shelf) on roxford5k, no PCA-whitening",
-         "entries": rows([{"dataset": d, "method": m} for d in ("holidays", "oxford5k")
-                          for m in ("SPoC + centre prior, PCA-whitened to 256-D",
-                                    "SPoC without centre prior, PCA-whitened to 256-D")], [None] * 4,
-                         protocol="mAP", training=OFF_THE_SHELF, backbone="VGG (Simonyan & Zisserman), last conv layer",
-                         resolution="the paper's input size (see the paper)",
-                         source="Babenko & Lempitsky, ICCV 2015 (arXiv:1510.07493), results table",
-                         note="value left out: not verified from a source available while writing the notebook")},
-        {"key": "gem", "citation": "Radenović, Tolias & Chum, 'Fine-tuning CNN Image Retrieval with No Human "
-                                   "Annotation', TPAMI 2018", "notebook": "03_gem",
-         "ours_full": "03_gem: GeM of ResNet-101 (ImageNet, off the shelf) at 1024 px, 3 scales, on roxford5k; "
-                      "only p is fitted, no fine-tuning, no whitening",
-         "entries": rows([{"dataset": "roxford5k", "protocol": "mAP medium", "backbone": "resnet101"},
-                          {"dataset": "roxford5k", "protocol": "mAP hard", "backbone": "resnet101"},
-                          {"dataset": "rparis6k", "protocol": "mAP medium", "backbone": "resnet101"},
-                          {"dataset": "rparis6k", "protocol": "mAP hard", "backbone": "resnet101"},
-                          {"dataset": "roxford5k", "protocol": "mAP medium", "backbone": "vgg16"},
-                          {"dataset": "rparis6k", "protocol": "mAP medium", "backbone": "vgg16"}],
-                         [0.647, 0.385, 0.772, 0.563, 0.619, 0.693], **gem_ft)
-                    + rows([{"protocol": "mAP medium"}, {"protocol": "mAP hard"}], [0.647, 0.385],  # as 00 cites them
-                           dataset="roxford5k", method="GeM + learned whitening", training="fine-tuned on SfM-120k",
-                           backbone="resnet101", resolution="1024 px, multi-scale", source=gem_00)},
-        {"key": "rmac", "citation": "Gordo, Almazán, Revaud & Larlus, 'End-to-end Learning of Deep Visual "
-                                    "Representations for Image Retrieval', IJCV 2017", "notebook": "04_rmac",
-         "ours_full": "04_rmac: R-MAC (L = 3, no region whitening) of ResNet-101 (ImageNet, off the shelf) at "
-                      "1024 px on roxford5k, with αQE and DBA",
-         "entries": [
-             paper_result(0.8607, method="R-MAC L=2, learned region projection, multi-resolution", **gordo,
-                          source="README of Gordo et al.'s Deep Retrieval package, 'Expected accuracy' "
-                                 "(copy at github.com/figitaki/deep-retrieval)"),
-             paper_result(0.947, method="R-MAC L=2, learned region projection, multi-resolution + QE + DBA", **gordo,
-                          source="Gordo et al., IJCV 2017, abstract (94.7 Oxford5k, 96.6 Paris6k, 94.8 Holidays)",
-                          note="README: 94.68 with QE k = 1, DBA k = 20")]},
-        {"key": "wgem", "citation": "Wu et al., 'Weighted generalized mean pooling for deep image retrieval', "
-                                    "ICIP 2018", "notebook": "05_wgem",
-         "ours_full": "05_wgem: GeM and wGeM heads trained on the honest split's training side (backbone frozen "
-                      "at cpu scale), evaluated on held-out groups; the paper's end-to-end recipe is wired for full",
-         "entries": rows([{"dataset": "oxford5k"}, {"dataset": "paris6k"}], [None, None], protocol="mAP",
-                         method="wGeM", training="fine-tuned end to end on rSfM-120k", backbone="resnet101",
-                         resolution="the paper's test resolution",
-                         source="Wu et al., ICIP 2018 (its result tables are not at hand; no number quoted)")},
-        {"key": "darac", "citation": "Schall, Barthel, Hezel & Jung, 'Deep Aggregation of Regional Convolutional "
-                                     "Activations for Content Based Image Retrieval' (DARAC), IEEE MMSP 2019",
-         "notebook": "06_darac",
-         "ours_full": "06_darac: DARAC and trainable R-MAC heads trained on the honest split's training side "
-                      "(backbone frozen), beside R-MAC and untrained DARAC on held-out groups",
-         "entries": [paper_result(None, dataset=d, protocol="mAP", method=m, training=t, backbone="resnet101",
-                                  resolution=r, source=src) for d in ("oxford5k", "paris6k") for m, t, r, src in (
-             ("trainable R-MAC (rigid grid, L = 2)", "fine-tuned end to end, triplet loss", "800 px",
-              "Gordo et al., IJCV 2017 (its tables are not at hand; no number quoted)"),
-             ("DARAC", "fine-tuned with the NRA loss", "the paper's input size",
-              "Schall et al., MMSP 2019 (its tables are not at hand; no number quoted)"))]},
-        {"key": "cgd", "citation": cgd_paper, "notebook": "07_cgd",
-         "ours_full": "07_cgd: CGD heads on ResNet-50 without the stage-4 downsampling, fine-tuned end to end at "
-                      "224 px (book.cgd.cgd_trainer); at cpu scale heads on frozen pooled branches",
-         "entries": (rows([{"dataset": d} for d in ("cub200", "cars196", "sop", "inshop")],
-                          [0.792, 0.948, 0.842, 0.919], method="CGD, 1536-D (the paper's configuration for this set)",
-                          resolution="224 px", protocol="Recall@1",
-                          source="Jun et al., arXiv 1903.10663 (2019), the comparison with the state of the art (R@1)",
-                          **cgd)
-                     + [paper_result(0.7681, dataset="cub200", protocol="Recall@1",
-                                     method="CGD MG, 1536-D (authors' released checkpoint)", resolution="224 px, box-cropped",
-                                     source=f"the authors' released CUB checkpoint, {record}",
-                                     note="R@2/4/8 = 0.8484/0.9060/0.9433", **cgd)]
-                     + rows([{"protocol": f"Recall@{k}"} for k in (2, 4, 8)], [0.8484, 0.9060, 0.9433],
-                            dataset="cub200", method="CGD MG, 1536-D (authors' released checkpoint)",
-                            resolution="224 px, box-cropped", source=f"the authors' released CUB checkpoint, {record}",
-                            **cgd)
-                     + rows([{"dataset": d, "method": f"CGD {c}, 1536-D (re-implementation)", "resolution": f"224 px, {crop}"}
-                             for d, c, crop in (("cub200", "MG", "uncropped"), ("cub200", "MG", "box-cropped"),
-                                                ("cars196", "SG", "uncropped"), ("cars196", "SG", "box-cropped"))],
-                            [0.660, 0.739, 0.864, 0.924], protocol="Recall@1",
-                            source="leftthomas/CGD README, Benchmarks tables, ResNet50 (its 224 px input and its "
-                                   "author's report that the paper could not be reproduced: " + record + ")",
-                            **cgd))},
-    ]
+    with open(PAPERS_FILE, encoding="utf-8") as f:
+        papers = json.load(f)
+    for paper in papers:
+        paper["entries"] = [paper_result(**entry) for entry in paper["entries"]]
+    return papers
 
 
 def closest_measurement(paper: Mapping, ours) -> dict | None:

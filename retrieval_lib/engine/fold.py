@@ -11,9 +11,10 @@ faster (1.7x with ``channels_last`` on top; ``python -m benchmarks cpu``). The m
 float32 rounding only (a few 1e-5 on values in [0, 6]), so extraction caches them under
 their own numerics tag.
 
-Folding is only done where the forward order is known: the library's EfficientNet-Lite and
-ResNet backbones (a convolution and the BatchNorm registered right after it, which is also
-the order these forwards apply them). Anything else is left as it is. Every folded copy is
+Folding is only done where the forward order is known: a backbone declares it with
+``in_order_modules()`` (:class:`~retrieval_lib.models.base.Backbone`), the module classes whose
+forward applies a convolution and then the BatchNorm registered right after it. The library's
+EfficientNet-Lite and ResNet backbones declare theirs; anything else is left as it is. Every folded copy is
 checked against the original on a small input before it is used.
 Used by :mod:`retrieval_lib.engine.extract`.
 """
@@ -27,20 +28,26 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["fold_batchnorm", "foldable"]
 
-# the sub-modules (by class name) whose children run in registration order, conv then its BN
-_ORDERED = {"EfficientNetLite", "MBConvLite", "ResNetBackbone", "Bottleneck", "BasicBlock", "Sequential"}
 FOLD_TOL = 1e-4  # max |diff| on a check input, relative to the map's largest value (rounding: ~1e-6)
 
 
+def _in_order(model: nn.Module) -> tuple[type, ...]:
+    """The module classes ``model`` declares as applying their children in registration order."""
+    declare = getattr(model, "in_order_modules", None)
+    return tuple(declare()) if callable(declare) else ()
+
+
 def foldable(model: nn.Module) -> bool:
-    """Whether :func:`fold_batchnorm` knows the forward order of ``model``'s class."""
-    return type(model).__name__ in {"EfficientNetLite", "ResNetBackbone"}
+    """Whether ``model`` declares the forward order :func:`fold_batchnorm` needs
+    (``in_order_modules()``, see :class:`~retrieval_lib.models.base.Backbone`)."""
+    return bool(_in_order(model))
 
 
-def _fold_children(module: nn.Module) -> int:
-    """Fold each (Conv2d, BatchNorm2d) pair of consecutive children, recursively; return the count."""
+def _fold_children(module: nn.Module, in_order: tuple[type, ...]) -> int:
+    """Fold each (Conv2d, BatchNorm2d) pair of consecutive children of the modules whose class is in
+    ``in_order``, recursively; return the count."""
     folded = 0
-    if type(module).__name__ in _ORDERED:
+    if type(module) in in_order:
         names = list(module._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = module._modules[a], module._modules[b]
@@ -50,7 +57,7 @@ def _fold_children(module: nn.Module) -> int:
                 module._modules[b] = nn.Identity()
                 folded += 1
     for child in module.children():
-        folded += _fold_children(child)
+        folded += _fold_children(child, in_order)
     return folded
 
 
@@ -64,9 +71,10 @@ def fold_batchnorm(model: nn.Module, check: bool = True) -> nn.Module:
     """
     if not foldable(model):
         raise ValueError(f"fold_batchnorm: don't know where the BatchNorms of a {type(model).__name__} "
-                         "sit in its forward (known: EfficientNetLite, ResNetBackbone); use the model as it is")
+                         "sit in its forward (it declares no in_order_modules(), as EfficientNetLite and "
+                         "ResNetBackbone do); use the model as it is")
     folded = copy.deepcopy(model).eval()
-    n = _fold_children(folded)
+    n = _fold_children(folded, _in_order(model))
     if check and n:
         p = next(model.parameters())
         x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
