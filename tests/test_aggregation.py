@@ -304,20 +304,6 @@ def test_fixed_poolings_are_the_named_poolings():
     ok(p["regional average"](x), l2n(V[:, :21].sum(dim=1), eps=0))
 
 
-def test_rank_loss_objective():
-    from retrieval_lib.engine.objectives import RankLoss
-    from retrieval_lib.layers.losses import nra_like_loss, smooth_ap_loss
-
-    X = l2n(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))
-    batch = {"labels": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
-    assert float(RankLoss("smoothap", tau=0.1)(X, batch)) == float(smooth_ap_loss(X, batch["labels"], 0.1))
-    assert float(RankLoss("nra", tau=0.1, gamma=2.0)((X, None), batch)) == \
-        float(nra_like_loss(X, batch["labels"], 0.1, 2.0))
-    assert RankLoss("nra", tau=0.1).config() == {"objective": "rank", "loss": "nra", "tau": 0.1}
-    with pytest.raises(ValueError, match="unknown loss"):
-        RankLoss("ap")
-
-
 def test_layout_checks_and_contributions_on_maps():
     from retrieval_lib.book.darac import grid_class, layout_checks, mean_contributions
 

@@ -1,9 +1,11 @@
-"""Smooth-AP and the NRA-like loss (layers/losses.py) against plain Python loops."""
+"""Smooth-AP and the NRA-like loss (layers/losses.py) against plain Python loops, and RankLoss, the
+objective that trains with them (engine/objectives.py)."""
 import math
 
 import pytest
 import torch
 
+from retrieval_lib.engine.objectives import RankLoss
 from retrieval_lib.layers.functional import l2n
 from retrieval_lib.layers.losses import nra_like_loss, smooth_ap_loss
 
@@ -159,3 +161,14 @@ def test_nra_needs_negatives_and_three_rows():
         nra_like_loss(X[:2], [0, 1])
     with pytest.raises(ValueError, match="gamma must be a positive"):
         nra_like_loss(X, [0, 0, 1, 1], 0.1, gamma=-1)
+
+
+def test_rank_loss_objective():
+    X = l2n(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))
+    batch = {"labels": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+    assert float(RankLoss("smoothap", tau=0.1)(X, batch)) == float(smooth_ap_loss(X, batch["labels"], 0.1))
+    assert float(RankLoss("nra", tau=0.1, gamma=2.0)((X, None), batch)) == \
+        float(nra_like_loss(X, batch["labels"], 0.1, 2.0))
+    assert RankLoss("nra", tau=0.1).config() == {"objective": "rank", "loss": "nra", "tau": 0.1}
+    with pytest.raises(ValueError, match="unknown loss"):
+        RankLoss("ap")
