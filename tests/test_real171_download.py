@@ -302,10 +302,10 @@ def test_an_interrupted_run_leaves_whole_files_and_a_rerun_completes(server, tmp
 
 
 def test_a_full_disk_names_the_file(server, tmp_path, monkeypatch):
-    def full(path, data):
+    def full(path, write, fsync=False):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(r171, "_atomic_write", full)
+    monkeypatch.setattr(r171, "write_atomic", full)
     with pytest.raises(FetchError, match=r"disk is full while writing .*alpha/big_1\.jpg.*run .* again"):
         download_real171(tmp_path, mirror=server.mirror, progress=False, sources=_table())
 

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from retrieval_lib.data.datasets import GroupDataset
-from retrieval_lib.data.views import augment, build_once, composite, files_fingerprint, make_views
+from retrieval_lib.data.views import augment, composite, make_views
+from retrieval_lib.files import build_once, files_fingerprint
 
 
 def _groups(folder, groups=3, per=2):

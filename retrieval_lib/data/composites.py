@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from retrieval_lib.data.datasets import cache_root
 from retrieval_lib.data.images import ImageList, load_image
 from retrieval_lib.data.splits import split_groups, take
-from retrieval_lib.data.views import build_once, composite, files_fingerprint
+from retrieval_lib.data.views import composite
+from retrieval_lib.files import build_once, files_fingerprint
 
 __all__ = ["cell_coverage", "mask_mass_in_box", "box_area_share", "CompositeSet", "object_composites",
            "localisation_composites", "COMPOSITES_VERSION"]
@@ -133,7 +134,7 @@ def object_composites(objects, backgrounds: Sequence, per_object: int = 2, seed:
     composites of one group match; composites of other groups do not, even on the same
     background. Files go to ``<cache_dir>/wgem_composites_v1/<fingerprint>/`` (default
     :func:`~retrieval_lib.data.datasets.cache_root`), keyed on the source files and every
-    parameter, built once under a temporary name and reused (:func:`~retrieval_lib.data.views.build_once`).
+    parameter, built once under a temporary name and reused (:func:`~retrieval_lib.files.build_once`).
     """
     bgs = [os.fspath(b) for b in backgrounds]
     if isinstance(per_object, bool) or not isinstance(per_object, int) or not 1 <= per_object <= len(bgs):

@@ -4,10 +4,7 @@ real171 when the data root holds it and the offline default otherwise.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from PIL import Image, ImageDraw
 from retrieval_lib.data.groups import GroupDataset, real171
 from retrieval_lib.data.images import resize_longer_side
 from retrieval_lib.data.roots import cache_root, data_root
+from retrieval_lib.files import build_once
 
 __all__ = ["offline_default", "default_benchmark", "OFFLINE_VERSION"]
 
@@ -82,8 +80,8 @@ def _view(base, rng: np.random.Generator):
     return img
 
 
-def _build_offline(folder: Path, n_views: int, n_distractors: int, seed: int) -> None:
-    """Write the images and manifest.json of the offline default into ``folder``."""
+def _build_offline(folder: Path, n_views: int, n_distractors: int, seed: int) -> dict:
+    """Write the images of the offline default into ``folder``; return its manifest."""
     subset = "skimage_views"
     (folder / subset).mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -127,7 +125,7 @@ def _build_offline(folder: Path, n_views: int, n_distractors: int, seed: int) ->
                        "or CC-BY)",
         }},
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
 
 
 def offline_default(cache_dir=None, n_views: int = 3, n_distractors: int = 4, seed: int = 0,
@@ -165,19 +163,8 @@ def offline_default(cache_dir=None, n_views: int = 3, n_distractors: int = 4, se
             return GroupDataset.from_manifest(final / "manifest.json", name=name, **kw)
         except (FileNotFoundError, ValueError):  # damaged by hand: build it again
             shutil.rmtree(final)
-    elif final.exists():
-        shutil.rmtree(final)  # no manifest: an incomplete folder (the rename never happened)
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".offline_default-", dir=parent))
-    try:
-        _build_offline(tmp / "data", n_views, n_distractors, seed)
-        try:
-            os.rename(tmp / "data", final)
-        except OSError:
-            if not (final / "manifest.json").is_file():  # not a concurrent build that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_once(final, "manifest.json", lambda tmp: _build_offline(tmp, n_views, n_distractors, seed),
+               prefix=".offline_default-", indent=1)
     return GroupDataset.from_manifest(final / "manifest.json", name=name, **kw)
 
 

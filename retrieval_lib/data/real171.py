@@ -40,7 +40,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm
 from retrieval_lib.data.download import ChecksumError, DownloadError, download, file_hash
 from retrieval_lib.data.roots import data_root
 from retrieval_lib.errors import FetchError, MissingDataError
+from retrieval_lib.files import write_atomic
 
 __all__ = ["SOURCES_FILE", "HOST", "MAX_SIDE", "JPEG_QUALITY", "Real171Report", "load_sources", "source_url",
            "convert", "download_real171", "real171_status", "source_bytes_total"]
@@ -153,18 +153,6 @@ class Real171Report:
         return line
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -185,7 +173,8 @@ def _write_record(folder: Path, record: dict) -> None:
     doc = {"about": "files of this real171 whose bytes differ from the table's sha256 (converted by "
                     "another Pillow/libjpeg than the table's); each was made from a verified source",
            "pillow": PIL.__version__, "files": dict(sorted(record.items()))}
-    _atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())
+    text = (json.dumps(doc, indent=1) + "\n").encode()
+    write_atomic(path, lambda f: f.write(text))
 
 
 def _good(path: Path, entry: dict, record: dict, name: str) -> bool:
@@ -325,7 +314,7 @@ def download_real171(root=None, mirror: Optional[str] = None, progress: bool = T
                     raise FetchError(f"real171: the verified source of {name} ({url}) could not be converted "
                                      f"({type(err).__name__}: {err}); install a Pillow that reads "
                                      f"{Path(entry['path']).suffix} files and run again") from err
-                _atomic_write(dest, jpeg)
+                write_atomic(dest, lambda f: f.write(jpeg))
             except DownloadError as err:
                 cause = err.__cause__
                 raise DownloadError(f"real171: could not fetch {name} from {url} ({_what(err)}); "
@@ -355,7 +344,7 @@ def download_real171(root=None, mirror: Optional[str] = None, progress: bool = T
     path = folder / "manifest.json"
     if not (path.is_file() and path.read_bytes() == manifest):
         try:
-            _atomic_write(path, manifest)
+            write_atomic(path, lambda f: f.write(manifest))
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise _disk_full(err, path, root) from err

@@ -16,19 +16,16 @@ The views are files, so the cache can fingerprint them like any other image:
 
 Everything comes from the training side of :func:`retrieval_lib.engine.mining.honest_split`,
 so no evaluated image leaks into training. Generated files are written once under a
-fingerprint of their sources and settings (:func:`files_fingerprint`, :func:`build_once`, which
-the composites of :mod:`retrieval_lib.data.composites` share). Taught in ``notebooks/05_wgem.ipynb``.
+fingerprint of their sources and settings (:func:`~retrieval_lib.files.files_fingerprint`,
+:func:`~retrieval_lib.files.build_once`, shared with the composites and the offline default). Taught in ``notebooks/05_wgem.ipynb``.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 from PIL import ImageEnhance, ImageOps
@@ -36,8 +33,9 @@ from tqdm.auto import tqdm
 
 from retrieval_lib.data.datasets import cache_root
 from retrieval_lib.data.images import ImageList, load_image, resize_longer_side
+from retrieval_lib.files import build_once, files_fingerprint
 
-__all__ = ["ViewSet", "make_views", "augment", "composite", "files_fingerprint", "build_once", "VIEWS_VERSION"]
+__all__ = ["ViewSet", "make_views", "augment", "composite", "VIEWS_VERSION"]
 
 VIEWS_VERSION = 2  # 2: the rows record the pasted box of each composite
 KINDS = ("original", "view", "composite")
@@ -116,41 +114,6 @@ class ViewSet:
     def summary(self) -> str:
         counts = ", ".join(f"{int((self.kind == k).sum())} {k}s" for k in KINDS)
         return f"{len(self)} training images in {len(np.unique(self.labels))} groups ({counts})"
-
-
-def files_fingerprint(paths, params: dict) -> str:
-    """16 hex digits naming ``params`` (JSON) and the files ``paths`` as they are now (path,
-    size, modification time): a changed file or setting gives another name."""
-    h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-def build_once(final: Path, index_name: str, build: Callable[[Path], dict], prefix: str = ".build-") -> Path:
-    """Make the folder ``final`` once: ``build(tmp)`` writes its files into a temporary folder
-    beside it and returns the index (JSON-able), written as ``index_name``; the folder is then
-    renamed to ``final``. A folder without its index (an interrupted build) is rebuilt; when a
-    concurrent build wins the rename, its folder is kept. Returns the index file's path."""
-    final = Path(final)
-    index = final / index_name
-    if index.is_file():
-        return index
-    if final.exists():
-        shutil.rmtree(final)  # no index: an incomplete folder
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-    try:
-        (tmp / index_name).write_text(json.dumps(build(tmp)))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not index.is_file():  # not a concurrent build that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return index
 
 
 def _build(folder: Path, paths, labels, n_views, n_composites, seed, max_side, progress) -> list:

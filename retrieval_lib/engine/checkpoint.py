@@ -2,22 +2,22 @@
 
 A checkpoint is one ``ckpt-<step>.pt`` file (9 digits) holding plain data and tensors:
 the model's and optimizer's state, the random generators, the epoch's plan and the run's
-:meth:`~retrieval_lib.engine.trainer.Trainer.config`. :func:`save_atomic` writes it to a
-temporary file in the same folder, fsyncs and renames it, so a file named ``ckpt-*.pt`` is
+:meth:`~retrieval_lib.engine.trainer.Trainer.config`. :func:`~retrieval_lib.files.save_atomic` writes it to
+a temporary file in the same folder, fsyncs and renames it, so a file named ``ckpt-*.pt`` is
 either complete or absent; :func:`latest_checkpoint` skips a newer file that still cannot be
 read (cut short by a full disk, say). Taught in ``notebooks/05_wgem.ipynb``.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from retrieval_lib.files import save_atomic
 
 __all__ = ["CHECKPOINT_FORMAT", "save_atomic", "write_checkpoint", "list_checkpoints", "load_checkpoint",
            "latest_checkpoint", "clear_unfinished", "config_diff", "jsonable"]
@@ -25,36 +25,6 @@ __all__ = ["CHECKPOINT_FORMAT", "save_atomic", "write_checkpoint", "list_checkpo
 CHECKPOINT_FORMAT = "retrieval_lib.trainer/1"
 _CKPT = re.compile(r"^ckpt-(\d{9})\.pt$")
 _NEEDED = {"format", "step", "epoch", "next_batch", "plan", "model", "optimizer", "config", "history"}
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_atomic(payload, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``:
-    ``path`` is either absent or complete, never half written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def list_checkpoints(folder) -> list:
@@ -72,7 +42,7 @@ def write_checkpoint(payload: dict, folder, step: int, keep: int) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{step:09d}.pt"
-    save_atomic(payload, path)
+    save_atomic(payload, path, fsync=True)
     for _, old in list_checkpoints(folder)[keep:]:
         old.unlink(missing_ok=True)
     return path

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from retrieval_lib.engine.extract import extract_descriptors, extract_fmaps
+from retrieval_lib.files import save_atomic
 
 __all__ = [
     "dist_env",
@@ -158,17 +158,6 @@ class ShardedImages:
         return self.images[self.indices[i]]
 
 
-def _save_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _run_token(world: int) -> str:
     """One random name shared by every rank of this call (rank 0 draws it), so that shares of
     an earlier or concurrent run in the same folder are never gathered by mistake."""
@@ -246,7 +235,7 @@ def extract_sharded(model, images, pooling=None, out_dir: str | os.PathLike = "s
     token = _run_token(world)
     idx = shard_indices(n, rank, world)
     data = extract(ShardedImages(images, idx)) if idx else None
-    _save_atomic({"indices": idx, "data": data, "n": n, "rank": rank, "world_size": world},
+    save_atomic({"indices": idx, "data": data, "n": n, "rank": rank, "world_size": world},
                  out / f"{token}-rank{rank}-of{world}.pt")
     dist.barrier()  # every share is on disk
     if rank != 0:

@@ -11,35 +11,29 @@ down) and normalised with the backbone's own ``mean``/``std``. Images of equal s
 are batched together; images of different sizes never share a batch, so there is no
 padding and no padding artefact in the pooled descriptors.
 
-The on-disk cache keys an entry on what decides its content: the image files, the
-image size and scale, and the backbone and pooling themselves -- their class, their
-settings and a hash of their parameters and buffers (:func:`module_fingerprint`), never
-their ``repr``. A plain function whose state cannot be read (a lambda, a closure) is not
-cached at all, with a warning.
+The on-disk cache (:mod:`retrieval_lib.engine.cache`) keys an entry on what decides its
+content: the image files, the image size and scale, and the backbone and pooling themselves
+-- their class, their settings and a hash of their parameters and buffers
+(:func:`~retrieval_lib.engine.fingerprint.module_fingerprint`), never their ``repr``. A plain
+function whose state cannot be read (a lambda, a closure) is not cached at all, with a warning.
 """
 from __future__ import annotations
 
-import enum
-import functools
-import hashlib
 import math
 import os
-import tempfile
 import time
-import types
 import warnings
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from retrieval_lib.data.images import ImageList, resize_longer_side, to_tensor
+from retrieval_lib.engine.cache import ExtractionCache, cache_key, load_entry, save_entry
+from retrieval_lib.engine.fingerprint import Unkeyable, fingerprint_or_reason, module_fingerprint
 from retrieval_lib.engine.fold import fold_batchnorm, foldable
 from retrieval_lib.layers.functional import l2n, multiscale_mean
 from retrieval_lib.layers.pooling import make_pooling
@@ -53,8 +47,6 @@ __all__ = [
     "module_fingerprint",
     "Unkeyable",
 ]
-
-CACHE_VERSION = 2  # 2: models and poolings keyed on class, settings and weights
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -144,194 +136,6 @@ def _default_workers(device: torch.device) -> int:
     return max(0, min(4, cores - 1))
 
 
-# --------------------------------------------------------------------------- the cache
-def _images_fingerprint(images) -> str:
-    """Hash of the image list: paths, boxes, file sizes and modification times."""
-    h = hashlib.sha1()
-    paths = getattr(images, "paths", None)
-    if paths is None:
-        raise TypeError("caching needs an image list with a .paths attribute (e.g. ImageList)")
-    boxes = getattr(images, "boxes", None)
-    for i, p in enumerate(paths):
-        h.update(str(p).encode())
-        try:
-            st = os.stat(p)
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        except OSError:
-            h.update(b"missing")
-        if boxes is not None and boxes[i] is not None:
-            h.update(repr(tuple(float(v) for v in boxes[i])).encode())
-    return h.hexdigest()
-
-
-class Unkeyable(Exception):
-    """Raised by :func:`module_fingerprint` for an object whose state cannot be read reliably."""
-
-
-# Attributes every nn.Module has (flags, parameter/buffer/sub-module tables, hooks): not settings.
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))
-# Packages whose classes and functions are keyed by their qualified name alone.
-_TRUSTED = ("retrieval_lib", "torch", "torchvision")
-
-
-def _qualname(obj) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
-
-
-def _trusted(obj) -> bool:
-    return (getattr(obj, "__module__", None) or "").split(".")[0] in _TRUSTED
-
-
-def _code_digest(code: types.CodeType, h) -> None:
-    """Bytecode, constants and names of a function (nested functions included)."""
-    h.update(code.co_code)
-    h.update(repr(code.co_names).encode())
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            _code_digest(c, h)
-        else:
-            h.update(repr(c).encode())
-
-
-def _class_id(cls: type) -> str:
-    """A class's qualified name; for a class outside the library and torch (a notebook's own
-    pooling), also a hash of its methods' bytecode, so that editing it makes a new key."""
-    name = _qualname(cls)
-    if _trusted(cls):
-        return name
-    h = hashlib.sha1()
-    for klass in cls.__mro__:
-        if _trusted(klass) or klass is object:
-            continue
-        for attr, v in sorted(vars(klass).items()):
-            f = v.fget if isinstance(v, property) else getattr(v, "__func__", v)
-            code = getattr(f, "__code__", None)
-            if code is not None:
-                h.update(attr.encode())
-                _code_digest(code, h)
-            elif not attr.startswith("__") and isinstance(v, (bool, int, float, str, tuple, type(None))):
-                h.update(f"{attr}={v!r}".encode())
-    return f"{name}#{h.hexdigest()[:12]}"
-
-
-def _tensor_digest(t: torch.Tensor, h) -> None:
-    t = t.detach()
-    if t.device.type == "meta" or t.is_sparse or t.is_quantized:
-        raise Unkeyable(f"a {t.device.type} / sparse / quantized tensor has no readable values")
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _function_id(f) -> str:
-    """A named function without captured state, from the library or torch (pure code)."""
-    name = _qualname(f)
-    if "<" in name or getattr(f, "__closure__", None) or not _trusted(f):
-        raise Unkeyable(f"{name} is a plain function (its behaviour may depend on state the "
-                        "cache cannot read: a closure, globals, its source)")
-    return name
-
-
-def _canon(v, depth: int = 0) -> str:
-    """A stable text for a setting: values, not addresses. Raises Unkeyable when there is none."""
-    if depth > 8:
-        raise Unkeyable("settings nested too deeply")
-    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
-        return repr(v)  # floats: shortest exact repr, never rounded
-    if isinstance(v, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return str(v)
-    if isinstance(v, enum.Enum):
-        return f"{_qualname(type(v))}.{v.name}"
-    if isinstance(v, np.generic):
-        return repr(v.item())
-    if isinstance(v, (tuple, list)):
-        return type(v).__name__ + "(" + ",".join(_canon(x, depth + 1) for x in v) + ")"
-    if isinstance(v, (set, frozenset)):
-        return "set(" + ",".join(sorted(_canon(x, depth + 1) for x in v)) + ")"
-    if isinstance(v, dict):
-        return "{" + ",".join(sorted(f"{_canon(k, depth + 1)}:{_canon(x, depth + 1)}"
-                                     for k, x in v.items())) + "}"
-    if isinstance(v, (torch.Tensor, np.ndarray)):
-        h = hashlib.sha1()
-        _tensor_digest(torch.as_tensor(v), h)
-        return "tensor:" + h.hexdigest()
-    if isinstance(v, nn.Module):
-        return "module:" + module_fingerprint(v)
-    if isinstance(v, type):
-        return _class_id(v)
-    if isinstance(v, functools.partial):
-        return f"partial({_canon(v.func, depth + 1)},{_canon(v.args, depth + 1)},{_canon(v.keywords, depth + 1)})"
-    if isinstance(v, types.FunctionType):
-        return _function_id(v)
-    if isinstance(v, types.BuiltinFunctionType) and (v.__self__ is None or isinstance(v.__self__, types.ModuleType)):
-        return _qualname(v)  # a C function such as torch.relu
-    if isinstance(v, (types.MethodType, types.BuiltinFunctionType)):
-        raise Unkeyable(f"{v!r} is a bound method (its object's state is not read)")
-    if hasattr(v, "__dict__") and type(v).__repr__ is object.__repr__:
-        return f"{_class_id(type(v))}{_canon(vars(v), depth + 1)}"
-    text = repr(v)
-    if " at 0x" in text:
-        raise Unkeyable(f"{text} shows only an address")
-    return f"{_class_id(type(v))}:{text}"
-
-
-def module_fingerprint(obj) -> str:
-    """Hex digest of what decides a module's (or pooling function's) output.
-
-    For an ``nn.Module``: for it and every sub-module, the class (:func:`_class_id`: the
-    qualified name, plus a hash of the bytecode for classes outside the library and
-    torch), whether it is in training mode, and every setting in its ``__dict__`` (floats
-    exactly, never rounded); then every parameter and buffer (dtype, shape and bytes). So
-    two WGeM layers that differ only in their attention conv, or two backbones that differ
-    only in a setting such as their last activation, get different fingerprints; equal
-    layers built anew get the same one.
-
-    For a function: a named function without captured state from the library or torch
-    (e.g. ``functional.mac``), or a ``functools.partial`` of one with plain arguments.
-    Any other callable object is keyed on its class and ``__dict__``.
-
-    Raises :class:`Unkeyable` when the state cannot be read reliably (a lambda, a closure,
-    a function defined in a notebook, a value whose repr is only an address). Hooks are
-    not part of the fingerprint.
-    """
-    h = hashlib.sha1()
-    if isinstance(obj, nn.Module):
-        for name, sub in obj.named_modules(remove_duplicate=False):
-            h.update(f"[{name}:{_class_id(type(sub))}:training={sub.training}]".encode())  # BN, dropout
-            for k, v in sorted(vars(sub).items()):
-                if k not in _MODULE_INTERNALS:
-                    h.update(f"{k}={_canon(v)};".encode())
-        for name, t in list(obj.named_parameters(remove_duplicate=False)) + list(
-                obj.named_buffers(remove_duplicate=False)):
-            h.update(name.encode())
-            _tensor_digest(t, h)
-    else:
-        h.update(_canon(obj).encode())
-    return h.hexdigest()
-
-
-def _fingerprint_or_reason(obj) -> tuple[str | None, str]:
-    try:
-        return module_fingerprint(obj), ""
-    except Unkeyable as err:
-        return None, str(err)
-
-
-def _entry_key(images_fp: str, model_fp: str, name: str, image_size: int, scale: float, what: str) -> str:
-    parts = [f"v{CACHE_VERSION}", what, name, model_fp, f"s{int(image_size)}", f"x{float(scale)!r}", images_fp]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:20] + f"_{name}_{int(image_size)}_{what}"
-
-
-def cache_key(images, model, image_size: int, scale: float, what: str) -> str:
-    """Key of a cache entry: (image files, model, image size, scale, what is stored).
-
-    The model enters through :func:`module_fingerprint`: its class, settings and weights,
-    not only its name. Raises :class:`Unkeyable` for a model whose state cannot be read.
-    """
-    name = getattr(model, "name", type(model).__name__)
-    return _entry_key(_images_fingerprint(images), module_fingerprint(model), name, image_size, scale, what)
-
-
 def _plan(model, device, amp: bool | None, fold_bn: bool | None, channels_last: bool | None) -> dict:
     """How the forward runs: ``{"amp", "fold_bn", "channels_last", "numerics"}``.
 
@@ -360,58 +164,6 @@ def _plan(model, device, amp: bool | None, fold_bn: bool | None, channels_last: 
     cl = (cuda or fold) if channels_last is None else bool(channels_last)
     numerics = (f"amp-{dev.type}" if use_amp else "fp32") + ("-bnfold" if fold else "") + ("-cl" if cl else "")
     return {"amp": use_amp, "fold_bn": fold, "channels_last": cl, "numerics": numerics}
-
-
-class _Cache:
-    """The cache of one extraction call: fingerprints computed once, entries keyed per scale."""
-
-    def __init__(self, cache_dir, images, model, fn: str, plan: dict):
-        self.dir = None if cache_dir is None else Path(cache_dir)
-        self.numerics = plan["numerics"]
-        if self.dir is None:
-            return
-        self.model_fp, reason = _fingerprint_or_reason(model)
-        if self.model_fp is None:
-            warnings.warn(f"{fn}: the model is not cached ({reason}); give it plain settings "
-                          "(numbers, strings, torch functions) to have its results cached",
-                          UserWarning, stacklevel=3)
-            self.dir = None
-            return
-        self.name = getattr(model, "name", type(model).__name__)
-        self.images_fp = _images_fingerprint(images)
-
-    def key(self, image_size: int, scale: float, what: str) -> str:
-        return _entry_key(self.images_fp, self.model_fp, self.name, image_size, scale, f"{what}-{self.numerics}")
-
-    def path(self, key: str) -> Path:
-        return self.dir / f"{key}.pt"
-
-
-def _cache_load(path: Path, key: str, n: int):
-    """Load a cache entry, or None when it is missing, stale or corrupt (it is then rebuilt)."""
-    if not path.exists():
-        return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if obj.get("key") != key or obj.get("n") != n:
-            return None
-        return obj["data"]
-    except Exception as err:  # corrupt / truncated / foreign file: never trust it
-        warnings.warn(f"ignoring unreadable cache file {path} ({err.__class__.__name__}); rebuilding it")
-        return None
-
-
-def _cache_save(path: Path, key: str, n: int, data) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"key": key, "n": n, "data": data}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------- the core loop
@@ -522,12 +274,12 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
     images = _as_images(images, "extract_fmaps")
     n = _check_images(images, "extract_fmaps")
     plan = _plan(model, device, amp, fold_bn, channels_last)
-    cache = _Cache(cache_dir, images, model, "extract_fmaps", plan)
+    cache = ExtractionCache(cache_dir, images, model, "extract_fmaps", plan)
     path = key = None
     if cache.dir is not None:
         key = cache.key(image_size, scale, "fmaps")
         path = cache.path(key)
-        cached = _cache_load(path, key, n)
+        cached = load_entry(path, key, n)
         if cached is not None:
             return cached
     out: list = [None] * n
@@ -542,7 +294,7 @@ def extract_fmaps(model, images, image_size: int = 512, scale: float = 1.0, devi
     if len(skipped) == n:
         raise _none_readable(n, "extract_fmaps")
     if path is not None and not skipped:
-        _cache_save(path, key, n, out)
+        save_entry(path, key, n, out)
     return out
 
 
@@ -600,13 +352,13 @@ def pool_fmaps(fmaps: Sequence[torch.Tensor | None], pooling, normalize: bool = 
     return out
 
 
-def _pooling_tags(poolings: dict, cache: _Cache) -> dict:
+def _pooling_tags(poolings: dict, cache: ExtractionCache) -> dict:
     """``{label: cache tag}`` of every pooling whose state can be keyed; warn about the others."""
     tags = {}
     if cache.dir is None:
         return tags
     for label, pool in poolings.items():
-        fp, reason = _fingerprint_or_reason(pool)
+        fp, reason = fingerprint_or_reason(pool)
         if fp is None:
             name = "pooling" if label == "_" else f"pooling {label!r}"
             warnings.warn(
@@ -665,7 +417,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
     images = _as_images(images, "extract_descriptors")
     n = _check_images(images, "extract_descriptors")
     plan = _plan(model, device, amp, fold_bn, channels_last)
-    cache = _Cache(cache_dir, images, model, "extract_descriptors", plan)
+    cache = ExtractionCache(cache_dir, images, model, "extract_descriptors", plan)
     tags = _pooling_tags(poolings, cache)
     t0 = time.perf_counter()
     per_label: dict = {label: [] for label in poolings}  # label -> one (N, D) per scale
@@ -676,7 +428,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
         per_scale: dict = {}
         keys = {label: cache.key(image_size, s, tag) for label, tag in tags.items()}
         for label, key in keys.items():
-            cached = _cache_load(cache.path(key), key, n)
+            cached = load_entry(cache.path(key), key, n)
             if cached is not None:
                 per_scale[label] = cached
         todo = [label for label in poolings if label not in per_scale]
@@ -698,7 +450,7 @@ def extract_descriptors(model, images, pooling, scales: Iterable[float] = (1,), 
             if not skipped:
                 for label in todo:
                     if label in keys:
-                        _cache_save(cache.path(keys[label]), keys[label], n, per_scale[label])
+                        save_entry(cache.path(keys[label]), keys[label], n, per_scale[label])
         for label, X in per_scale.items():
             per_label[label].append(X)
     out = {label: Xs[0] if len(Xs) == 1 else multiscale_mean(Xs, multiscale_power(poolings[label]))
