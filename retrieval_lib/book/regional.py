@@ -22,7 +22,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from retrieval_lib.data.images import resize_longer_side
-from retrieval_lib.layers.functional import _check_int as _positive_int, rmac_regions
+from retrieval_lib.layers.checks import check_int
+from retrieval_lib.layers.functional import rmac_regions
 from retrieval_lib.layers.pooling import RMAC
 from retrieval_lib.search.evaluate import headline
 
@@ -57,9 +58,9 @@ def fmap_size(image_hw: Sequence[int], stride: int = 32) -> tuple[int, int]:
     """
     if len(image_hw) != 2:
         raise ValueError(f"fmap_size: image_hw must be (H, W), got {tuple(image_hw)!r}")
-    H = _positive_int(image_hw[0], "H", "fmap_size")
-    W = _positive_int(image_hw[1], "W", "fmap_size")
-    stride = _positive_int(stride, "stride", "fmap_size")
+    H = check_int(image_hw[0], "H", "fmap_size")
+    W = check_int(image_hw[1], "W", "fmap_size")
+    stride = check_int(stride, "stride", "fmap_size")
     return -(-H // stride), -(-W // stride)
 
 
@@ -80,7 +81,7 @@ def aspect_crop(img, aspect: float, long_side: Optional[int] = None):
     x0, y0 = (W - w) // 2, (H - h) // 2
     out = img.crop((x0, y0, x0 + w, y0 + h))
     if long_side is not None:
-        out = resize_longer_side(out, _positive_int(long_side, "long_side", "aspect_crop"))
+        out = resize_longer_side(out, check_int(long_side, "long_side", "aspect_crop"))
     return out
 
 
@@ -92,7 +93,7 @@ def region_levels(H: int, W: int, L: int = 3) -> torch.Tensor:
     ``l <= L``; the level of a region is the first ``l`` whose prefix contains it. Used to
     colour regions by level. Taught in ``notebooks/04_rmac.ipynb``.
     """
-    L = _positive_int(L, "L", "region_levels")
+    L = check_int(L, "L", "region_levels")
     counts = [0] + [rmac_regions(H, W, l).shape[0] for l in range(1, L + 1)]
     per_level = torch.tensor([b - a for a, b in zip(counts[:-1], counts[1:])], dtype=torch.int64)
     return torch.repeat_interleave(torch.arange(1, L + 1, dtype=torch.int64), per_level)
@@ -127,8 +128,8 @@ def region_count_table(aspects: Iterable, Ls: Iterable[int] = (1, 2, 3, 4), long
     Pass the result to :func:`retrieval_lib.book.report.markdown_table`.
     Taught in ``notebooks/04_rmac.ipynb``.
     """
-    long_side = _positive_int(long_side, "long_side", "region_count_table")
-    Ls = [_positive_int(L, "L", "region_count_table") for L in Ls]
+    long_side = check_int(long_side, "long_side", "region_count_table")
+    Ls = [check_int(L, "L", "region_count_table") for L in Ls]
     if not Ls:
         raise ValueError("region_count_table: give at least one L")
     header = ["aspect (w:h)", "H", "W"] + [f"L={L}" for L in Ls]
@@ -155,7 +156,7 @@ def map_vs_L(book, Ls: Iterable[int] = (1, 2, 3, 4, 5), include_global: bool = T
     ``KeyError`` naming the available metrics when ``key`` is not one of them. Taught in
     ``notebooks/04_rmac.ipynb``.
     """
-    Ls = [_positive_int(L, "L", "map_vs_L") for L in Ls]
+    Ls = [check_int(L, "L", "map_vs_L") for L in Ls]
     if not Ls:
         raise ValueError("map_vs_L: give at least one L")
     key = book.benchmark.headline_key if key is None else key

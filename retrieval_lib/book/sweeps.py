@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval_lib.layers import functional
+from retrieval_lib.layers.checks import check_fmap, check_int, check_p
 from retrieval_lib.layers.pooling import GeM
 from retrieval_lib.search.evaluate import headline, map_by_labels
 from retrieval_lib.search.nearest import rank_database
@@ -55,8 +56,8 @@ def spoc_weights(H: int, W: int, center_prior: bool = True, dtype=torch.float64)
     computes -- the Gaussian centre prior of Babenko & Lempitsky (ICCV 2015) with
     ``center_prior=True``, ``1 / (H W)`` everywhere without. Taught in ``02_spoc``.
     """
-    H = functional._check_int(H, "H", "spoc_weights")
-    W = functional._check_int(W, "W", "spoc_weights")
+    H = check_int(H, "H", "spoc_weights")
+    W = check_int(W, "W", "spoc_weights")
     onehot = torch.eye(H * W, dtype=dtype).reshape(1, H * W, H, W)  # channel k = position k
     return functional.spoc(onehot, center_prior=center_prior).reshape(H, W)
 
@@ -76,8 +77,8 @@ def gem_contributions(fmap: torch.Tensor, p: float, eps: float = 1e-6) -> torch.
     """
     single = fmap.dim() == 3
     x = fmap.unsqueeze(0) if single else fmap
-    functional._check_fmap(x, "gem_contributions")
-    functional._check_p(p, x.shape[1], "gem_contributions")
+    check_fmap(x, "gem_contributions")
+    check_p(p, x.shape[1], "gem_contributions")
     B, C, h, w = x.shape
     logits = float(p) * x.clamp(min=eps).log().reshape(B, C, h * w)
     share = torch.softmax(logits, dim=-1).mean(dim=1).reshape(B, h, w)  # (B, h, w)
