@@ -106,6 +106,7 @@ class ReadmeRun:
     seconds: float
     log: str = field(repr=False)           # stdout + stderr
     files_before: set = field(repr=False)  # files of the copy before the run (relative paths)
+    widget_log: Path = None                # book.widget_check's records of the run's live widgets
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.splitlines()[-n:])
@@ -139,6 +140,9 @@ def readme_run(tmp_path_factory, readme_commands) -> ReadmeRun:
            if k not in ("RETRIEVAL_DATA", "RETRIEVAL_SCALE", "RETRIEVAL_PROGRESS", "MPLBACKEND")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["RETRIEVAL_CACHE"] = str(base / "cache")  # not the user's ~/.cache
+    # the one addition to a user's environment: each live widget is moved once and its redraw
+    # recorded (book/widget_check.py), which tests/test_notebooks.py reads; outputs are unchanged
+    env["RETRIEVAL_WIDGET_CHECK"] = str(base / "widgets.jsonl")
     log_path = base / "log.txt"
     t0 = time.perf_counter()
     with open(log_path, "wb") as log:
@@ -154,7 +158,7 @@ def readme_run(tmp_path_factory, readme_commands) -> ReadmeRun:
     log_text = log_path.read_text(errors="replace")
     if returncode == -1:
         log_text += f"\n[killed after {README_RUN_TIMEOUT_S} s]"
-    return ReadmeRun(command, root, returncode, seconds, log_text, files_before)
+    return ReadmeRun(command, root, returncode, seconds, log_text, files_before, base / "widgets.jsonl")
 
 
 # ---------------------------------------------------------------- the full-scale dry run

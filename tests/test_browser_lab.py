@@ -1,7 +1,7 @@
 """The interactive path in a real browser: JupyterLab 4 + headless Chromium (selenium).
 
-One JupyterLab server runs on a copy of every notebook that has widgets (autosave would
-otherwise write into the checkout), at smoke scale on the offline default, with the
+One JupyterLab server runs on a copy of the widget notebooks of ``LAB_NOTEBOOKS`` (02 and 03
+by default, see ``lab_notebooks``; autosave would otherwise write into the checkout), at smoke scale on the offline default, with the
 feature cache the README's smoke run (the ``readme_run`` fixture, which the notebook tests
 need anyway) filled: the notebooks read their feature maps instead of extracting them again.
 Each notebook is opened in the same page, all its cells are run (the notebook's
@@ -39,10 +39,35 @@ from pathlib import Path
 import pytest
 
 from _browser import artefact_dir, require_browser, start_chrome
+from test_sliders import control_calls
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 WIDGET_NOTEBOOKS = [nb for nb in NOTEBOOKS if "live_figure(" in nb.read_text(encoding="utf-8")]
+# What runs here by default: two notebooks whose controls are every kind the curriculum uses
+# (ToggleButtons and IntSlider in 02, FloatLogSlider in 03). Every widget goes through the one
+# helper viz.live_figure (test_notebooks.test_one_widget_helper), and every control of every
+# notebook is moved once, headless, in the README run (test_notebooks.test_every_live_widget_redraws),
+# so the browser is left to check what only a browser can: the front end draws the controls and a
+# moved one redraws its figure. RETRIEVAL_BROWSER_NOTEBOOKS=all runs every widget notebook here
+# (about half a minute each at smoke on 2 cores), or a comma list of names (02_spoc,05_wgem).
+DEFAULT_LAB_NOTEBOOKS = ("02_spoc", "03_gem")
+
+
+def lab_notebooks(choice=None) -> list:
+    """The widget notebooks the browser runs: ``DEFAULT_LAB_NOTEBOOKS``, ``"all"`` or a comma list."""
+    choice = os.environ.get("RETRIEVAL_BROWSER_NOTEBOOKS", "") if choice is None else choice
+    if choice.strip() == "all":
+        return list(WIDGET_NOTEBOOKS)
+    names = [n.strip() for n in choice.split(",") if n.strip()] or list(DEFAULT_LAB_NOTEBOOKS)
+    known = {nb.stem: nb for nb in WIDGET_NOTEBOOKS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"RETRIEVAL_BROWSER_NOTEBOOKS: no widget notebook {unknown}; there are {sorted(known)}")
+    return [known[n] for n in names]
+
+
+LAB_NOTEBOOKS = lab_notebooks()
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 LABEL = re.compile(r"^\S[^()]*\s\(\S[^()]*\)$")  # "name (unit or meaning)", as tests/test_sliders.py
 RUN_TIMEOUT_S = 300   # one notebook at smoke scale (the target is 30 s; CI machines are loaded)
@@ -287,7 +312,7 @@ def lab(tmp_path_factory, readme_run):
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "root"
     (root / "notebooks").mkdir(parents=True)
-    for nb in WIDGET_NOTEBOOKS:  # a copy: the notebooks run and may be saved here, never in the checkout
+    for nb in LAB_NOTEBOOKS:  # a copy: the notebooks run and may be saved here, never in the checkout
         shutil.copy2(nb, root / "notebooks" / nb.name)
     (root / "notebooks" / "broken_widgets.ipynb").write_text(json.dumps(BROKEN_NOTEBOOK))
     settings = tmp / "settings"
@@ -365,7 +390,20 @@ def test_the_live_check_catches_a_broken_redraw(lab):
     assert "control label 'k' is not 'name (unit)'" in text, text
 
 
-@pytest.mark.parametrize("nb", WIDGET_NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_lab_notebooks_cover_every_kind_of_control():
+    """The default pair holds every kind of control the widget notebooks build."""
+    def kinds(nbs):
+        return {call[0] for nb in nbs for cell in json.loads(nb.read_text(encoding="utf-8"))["cells"]
+                if cell["cell_type"] == "code" for call in control_calls("".join(cell["source"]))}
+
+    # a FloatSlider's handle is the same slider view, moved the same way, as 03's FloatLogSlider
+    assert kinds(lab_notebooks("")) >= kinds(WIDGET_NOTEBOOKS) - {"FloatSlider"}
+    assert [nb.stem for nb in lab_notebooks("all")] == [nb.stem for nb in WIDGET_NOTEBOOKS]
+    with pytest.raises(ValueError, match="no widget notebook"):
+        lab_notebooks("99_none")
+
+
+@pytest.mark.parametrize("nb", LAB_NOTEBOOKS, ids=lambda p: p.stem)
 def test_sliders_redraw_live(lab, nb):
     result = _exercise(lab, f"notebooks/{nb.name}")
     print(f"{nb.stem}: opened in {result['open_s']:.1f} s, ran in {result['run_s']:.1f} s, "

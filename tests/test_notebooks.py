@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from retrieval_lib.book.widget_check import read_checks
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SMOKE_SECONDS = 90  # the target is 30 s on a 2-core laptop; this leaves room for a noisy CI machine
@@ -404,6 +406,22 @@ def test_executed_without_noise(nb, readme_run):
                     f"{nb.name}: code cell {i} shows a widget {text[:80]!r} outside viz.live_figure or the explorer"
             assert "PosixPath(" not in text, (f"{nb.name}: code cell {i} ends with a path's repr {text!r}; "
                                               "end the line with ';'")
+
+
+LIVE_NOTEBOOKS = [nb for nb in NOTEBOOKS if "live_figure(" in nb.read_text(encoding="utf-8")]
+
+
+@pytest.mark.parametrize("nb", LIVE_NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_live_widget_redraws(nb, readme_run):
+    """In the README run each control of each ``live_figure`` was moved once (book/widget_check.py):
+    the redraw raised nothing and drew a figure. The browser test moves them through JupyterLab."""
+    records = [r for r in read_checks(readme_run.widget_log) if r["notebook"] == nb.stem]
+    built = sum(_src(c).count("live_figure(") for c in _code_cells(_load(nb)))
+    assert records, (f"{nb.name} builds {built} live figure(s) but the README run recorded no widget check "
+                     f"(exit code {readme_run.returncode})")
+    broken = [r for r in records if r["moved"] and (r["error"] or not r["drew"])]
+    assert not broken, "\n".join(f"{nb.name}: moving {r['control']!r} ({r['kind']}) to {r['value']} "
+                                 f"{'raised ' + r['error'] if r['error'] else 'drew no figure'}" for r in broken)
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)

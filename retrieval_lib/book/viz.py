@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .widget_check import check_controls
+
 __all__ = ["pyplot", "to_numpy_image", "overlay", "draw_heat", "show_fmap_grid", "show_ranked", "fmap_to_image_box",
            "draw_boxes", "show_ap_trapezoids", "show_images", "show_two_rankings", "show_gem_view", "live_figure"]
 
@@ -307,4 +309,5 @@ def live_figure(draw, **controls):
 
     for w in controls.values():
         w.observe(redraw, names="value")
+    check_controls(draw, controls)  # only when RETRIEVAL_WIDGET_CHECK names a file (headless test runs)
     return VBox([*controls.values(), out])
