@@ -29,11 +29,7 @@ from typing import Sequence, Union
 
 import torch
 
-# The checks live in checks; the underscore names stay importable from here for the book.
-from retrieval_lib.layers.checks import check_eps as _check_eps
-from retrieval_lib.layers.checks import check_fmap as _check_fmap
-from retrieval_lib.layers.checks import check_int as _check_int
-from retrieval_lib.layers.checks import check_p as _check_p
+from retrieval_lib.layers.checks import check_eps, check_fmap, check_int, check_p
 from retrieval_lib.layers.cells import cell_maxima, cell_plan, region_mac_from_cells
 
 __all__ = [
@@ -84,7 +80,7 @@ def mac(x: torch.Tensor) -> torch.Tensor:
     of CNN activations", ICLR 2016; Razavian et al., "Visual instance retrieval with
     deep convolutional networks", ITE Trans. MTA 2016. Taught in ``notebooks/01_mac.ipynb``.
     """
-    _check_fmap(x, "mac")
+    check_fmap(x, "mac")
     return x.amax(dim=(-2, -1))
 
 
@@ -120,7 +116,7 @@ def spoc(x: torch.Tensor, center_prior: bool = False) -> torch.Tensor:
     Source: Babenko & Lempitsky, "Aggregating local deep features for image retrieval",
     ICCV 2015. Taught in ``notebooks/02_spoc.ipynb``.
     """
-    _check_fmap(x, "spoc")
+    check_fmap(x, "spoc")
     if not center_prior:
         return x.mean(dim=(-2, -1))
     weights = _center_prior(x.shape[-2], x.shape[-1], x)  # (H, W)
@@ -163,9 +159,9 @@ def gem(x: torch.Tensor, p: Union[float, torch.Tensor] = 3.0, eps: float = 1e-6)
     Source: Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with no human
     annotation", TPAMI 2018. Taught in ``notebooks/03_gem.ipynb``.
     """
-    _check_fmap(x, "gem")
-    _check_eps(eps, "gem")
-    _check_p(p, x.shape[1], "gem")
+    check_fmap(x, "gem")
+    check_eps(eps, "gem")
+    check_p(p, x.shape[1], "gem")
     return power_mean(x, p, eps)
 
 
@@ -201,10 +197,10 @@ def wgem(
     Source: Eq. (2), Wu et al., ICIP 2018 (weighted generalized mean pooling).
     Taught in ``notebooks/05_wgem.ipynb``.
     """
-    _check_fmap(x, "wgem")
+    check_fmap(x, "wgem")
     _check_weights(weights, x, "wgem")
-    _check_eps(eps, "wgem")
-    _check_p(p, x.shape[1], "wgem")
+    check_eps(eps, "wgem")
+    check_p(p, x.shape[1], "wgem")
     return power_mean(x, p, eps, weights)
 
 
@@ -251,7 +247,7 @@ def multiscale_mean(descs: Union[torch.Tensor, Sequence[torch.Tensor]],
         elif p.dim() != 1 or p.shape[0] != shape[1]:
             raise ValueError(f"{fn}: a tensor p must hold one exponent or one per dimension "
                              f"({shape[1]},), got shape {tuple(p.shape)}")
-    _check_p(p, shape[1], fn)
+    check_p(p, shape[1], fn)
     if isinstance(p, torch.Tensor):
         p = p.to(device=descs[0].device, dtype=descs[0].dtype)
     elif p == 1:
@@ -324,9 +320,9 @@ def rmac_regions(H: int, W: int, L: int = 3) -> torch.Tensor:
     float32 picks 2 steps, float64 picks 3) and can floor a start differently.
     Cached per ``(H, W, L)``. Taught in ``notebooks/04_rmac.ipynb``.
     """
-    H = _check_int(H, "H", "rmac_regions")
-    W = _check_int(W, "W", "rmac_regions")
-    L = _check_int(L, "L", "rmac_regions")
+    H = check_int(H, "H", "rmac_regions")
+    W = check_int(W, "W", "rmac_regions")
+    L = check_int(L, "L", "rmac_regions")
     return torch.tensor(rmac_regions_tuple(H, W, L), dtype=torch.int64).reshape(-1, 4)
 
 
@@ -379,7 +375,7 @@ def region_mac(x: torch.Tensor, regions: Regions) -> torch.Tensor:
     Source: regional MAC of Tolias, Sicre & Jégou, ICLR 2016.
     Taught in ``notebooks/04_rmac.ipynb``.
     """
-    _check_fmap(x, "region_mac")
+    check_fmap(x, "region_mac")
     H, W = x.shape[-2:]
     regions = _regions_tuple(regions, H, W, "region_mac")
     if not regions:
@@ -405,9 +401,9 @@ def rmac(
     Source: Tolias, Sicre & Jégou, "Particular object retrieval with integral max-pooling
     of CNN activations", ICLR 2016. Taught in ``notebooks/04_rmac.ipynb``.
     """
-    _check_fmap(x, "rmac")
-    L = _check_int(L, "L", "rmac")
-    _check_eps(eps, "rmac")
+    check_fmap(x, "rmac")
+    L = check_int(L, "L", "rmac")
+    check_eps(eps, "rmac")
     H, W = x.shape[-2:]
     regions = rmac_regions_tuple(H, W, L)
     plan = cell_plan(H, W, regions, x.device)
