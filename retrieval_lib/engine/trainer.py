@@ -331,11 +331,16 @@ class Trainer:
         owns_group = init_process_group()
         env = dist_env()
         self.rank, self.world_size = env["rank"], env["world_size"]
+        finished = False
         try:
-            return self._fit(resume, env["local_rank"])
+            history = self._fit(resume, env["local_rank"])
+            finished = True
+            return history
         finally:
-            if owns_group:
-                close_process_group()
+            if owns_group and finished:
+                close_process_group()  # after a last barrier, so no rank leaves early
+            elif owns_group and dist.is_initialized():
+                dist.destroy_process_group()  # a failed rank leaves at once: its error is the one to see
 
     def _settle_device(self, local_rank: int) -> None:
         self.device = self._resolve_device(local_rank)
