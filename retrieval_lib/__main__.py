@@ -20,6 +20,9 @@ import traceback
 
 from retrieval_lib.book.config import SCALES
 from retrieval_lib.book.downloads import add_download_parser, main_download
+from retrieval_lib.book.reproduce import main_reproduce
+from retrieval_lib.book.site import main_site
+from retrieval_lib.engine.allocator import tune_allocator
 from retrieval_lib.errors import EXIT_CODES, ExpectedError
 
 _EXIT_HELP = "exit codes:\n" + "\n".join(f"  {code}  {what}" for code, what in EXIT_CODES.items())
@@ -101,18 +104,12 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from retrieval_lib.engine.allocator import tune_allocator
-
     logging.basicConfig(format="%(name)s: %(message)s")  # the library's INFO lines on stderr, no one else's
     logging.getLogger("retrieval_lib").setLevel(logging.INFO)
     tune_allocator()  # once per process (a faster CPU forward); RETRIEVAL_ALLOCATOR=system keeps glibc's malloc
     if args.command == "reproduce":
-        from retrieval_lib.book.reproduce import main_reproduce
-
         return main_reproduce(args)
     if args.command == "site":
-        from retrieval_lib.book.site import main_site
-
         return main_site(args)
     if args.command == "download":
         return main_download(args)

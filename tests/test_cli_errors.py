@@ -107,12 +107,12 @@ def test_notebook_selection_accepts_numbers_and_names():
 
 
 def test_unexpected_exceptions_keep_their_traceback(monkeypatch):
-    import retrieval_lib.book.reproduce as reproduce
+    import retrieval_lib.__main__ as cli
 
     def boom(args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(reproduce, "main_reproduce", boom)
+    monkeypatch.setattr(cli, "main_reproduce", boom)
     with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line error
         main(["reproduce", "--scale", "smoke", "--notebooks", "none"])
 
