@@ -1,13 +1,15 @@
-"""book.whitening_study: Mahalanobis = Euclidean after whitening, the whitenings compared, the sweeps, patches."""
+"""book.whitening_study and whitening_indomain: Mahalanobis = Euclidean after whitening, the whitenings compared,
+the sweeps, patches, and the in-domain N-sweep."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from retrieval_lib.book.whitening_study import (comparison_rows, evaluate_descriptors, fit_whitening, fold_aps,
-                                                group_folds, image_patches, indomain_sweep, learn_whitenings,
-                                                mahalanobis_sq, plot_indomain_sweep, region_vectors,
-                                                show_whitening_2d, sweep_codecs, sweep_dims, thin_spectrum,
+from retrieval_lib.book.whitening_indomain import (fit_whitening, fold_aps, group_folds, indomain_sweep,
+                                                   plot_indomain_sweep, region_vectors, thin_spectrum,
+                                                   where_it_helps)
+from retrieval_lib.book.whitening_study import (comparison_rows, evaluate_descriptors, image_patches, learn_whitenings,
+                                                mahalanobis_sq, show_whitening_2d, sweep_codecs, sweep_dims,
                                                 training_descriptors, zca_filter_image)
 from retrieval_lib.engine.extract import extract_fmaps, pool_fmaps
 from retrieval_lib.layers.functional import gem, l2n, rmac_regions
@@ -174,7 +176,10 @@ def test_fold_aps_search_only_the_own_fold():
 def test_thin_spectrum_is_the_covariance_spectrum_where_it_is_kept():
     V, _ = _grouped(4, 3, 20, 8)                              # 12 vectors in 20 dims
     thin, full = thin_spectrum(V), covariance_spectrum(V)
-    assert thin.rank == full.rank == 11 and thin.eigvecs.shape == (20, 12)
+    assert thin.rank == full.rank == 11 and thin.eigvecs.shape == (20, 11)
+    torch.testing.assert_close(thin.eigvecs.T @ thin.eigvecs, torch.eye(11, dtype=torch.float64), atol=1e-10, rtol=0)
+    W30, _ = _grouped(6, 5, 20, 9)                            # N = 30 > D = 20: the D x D route
+    torch.testing.assert_close(thin_spectrum(W30).eigvals, covariance_spectrum(W30).eigvals)
     torch.testing.assert_close(thin.eigvals, full.eigvals, atol=1e-12, rtol=0)
     for s in (0.0, 0.05):
         a, b = (pca_whitening(sp, dim=11, shrinkage=s) for sp in (thin, full))
@@ -235,6 +240,10 @@ def test_indomain_sweep_matches_a_plain_cross_fit():
     lw = indomain_sweep(X, labels, fold, {"g": (X, np.arange(12))}, [("g", "lw_shrink")], Ns=(2, 4), out_dim=4,
                         shrinkage=0.1, seed=2)
     assert [r["N"] for r in lw["rows"]] == [2, 4, 6] and all(np.isfinite(r["aps"]).all() for r in lw["rows"])
+    text = where_it_helps(res, {("both", "pca_shrink"): "PCA"})
+    first = next((r for r in res["rows"] if r["cmp"]["significant"] and r["cmp"]["delta"] > 0), None)
+    assert text.startswith("PCA: ") and (f"from N = {first['N']} vectors" in text if first else "at no N" in text)
+    assert f"at N = {res['rows'][-1]['N']})." in text
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
