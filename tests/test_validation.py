@@ -1,17 +1,20 @@
-"""engine.validation.train_with_validation: the kept head is the best epoch's (a tie keeps the earlier),
-its record reproduces each epoch, keep="last", measures, and its errors."""
-import copy
+"""engine.validation.train_with_validation: the kept head is the best epoch's (a tie goes to the trained,
+later head, so the untrained head is never kept while a trained epoch validates as well), the record says
+which epoch and why, a saturated validation set warns, its record reproduces each epoch, keep="last",
+measures, and its errors."""
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from retrieval_lib.book.sweeps import map_on_subset
+from retrieval_lib.engine import validation
 from retrieval_lib.engine.extract import pool_fmaps
 from retrieval_lib.engine.mining import TupleMiner
 from retrieval_lib.engine.objectives import TupleLoss
 from retrieval_lib.engine.sources import MapSource
-from retrieval_lib.engine.validation import train_with_validation
+from retrieval_lib.engine.validation import SaturatedValidationWarning, train_with_validation
 from retrieval_lib.layers.pooling import GeM, WGeM
 
 
@@ -36,7 +39,9 @@ def test_train_with_validation_keeps_the_best_epoch():
     assert rec["epoch"] == [0, 1, 2, 3, 4] and len(rec["val_mAP"]) == len(rec["p"]) == len(rec["loss"]) == 5
     assert rec["steps_per_epoch"] == 2 and len(rec["history"]["loss"]) == 8
     best = rec["kept_epoch"]
-    assert rec["val_mAP"][best] == max(rec["val_mAP"]) and rec["val_mAP"].index(max(rec["val_mAP"])) == best
+    top = max(rec["val_mAP"])
+    assert rec["val_mAP"][best] == top and max(e for e, v in enumerate(rec["val_mAP"]) if v == top) == best
+    assert rec["saturated"] is False and f"{top:.4f}" in rec["kept_why"]
     # the returned head is the best epoch's: its validation mAP and p are the recorded ones
     X = pool_fmaps(val_maps, layer)
     assert map_on_subset(X, val_labels, np.ones(len(val_labels), bool)) == pytest.approx(rec["val_mAP"][best], abs=1e-12)
@@ -54,21 +59,77 @@ def test_train_with_validation_keeps_the_best_epoch():
     assert not torch.equal(rec["states"][0]["conv.weight"], rec["states"][-1]["conv.weight"])  # the mask moved
 
 
-def test_train_with_validation_keeps_the_untrained_head_when_nothing_beats_it():
+def _problem():
+    maps, labels = _maps()
+    val_maps, val_labels = _maps(n_groups=3, seed=1)
+    miner = TupleMiner(labels, n_neg=2, n_queries=8, pool_size=12, batch_size=4)
+    return MapSource(maps, labels), miner, TupleLoss("contrastive", 0.7), val_maps, val_labels
+
+
+def _scripted(monkeypatch, trajectory):
+    """Replace the validation mAP by ``trajectory`` (one value per epoch, 0 = before training)."""
+    values = iter(trajectory)
+    monkeypatch.setattr(validation, "map_by_labels", lambda *a, **k: {"mAP": next(values)})
+
+
+@pytest.mark.parametrize("trajectory, kept, why", [
+    ([0.5, 0.5, 0.4], 1, "tie with epoch 0 at validation mAP 0.5000 resolved towards the trained head (epoch 1)"),
+    ([0.5, 0.4, 0.5], 2, "tie with epoch 0 at validation mAP 0.5000 resolved towards the trained head (epoch 2)"),
+    ([0.5, 0.6, 0.6], 2, "tie with epoch 1 at validation mAP 0.6000 resolved towards the trained head (epoch 2)"),
+    ([0.5, 0.5, 0.5], 2, "tie with epochs 0, 1 at validation mAP 0.5000 resolved towards the trained head (epoch 2)"),
+    ([0.5, 0.7, 0.6], 1, "best validation mAP 0.7000 at epoch 1"),
+    ([0.5, 0.4, 0.3], 0, "best validation mAP 0.5000 at epoch 0 (the untrained head): no trained epoch reached it"),
+])
+def test_a_tie_goes_to_the_trained_head_and_a_better_epoch_wins(monkeypatch, trajectory, kept, why):
+    _scripted(monkeypatch, trajectory)
+    source, miner, objective, val_maps, val_labels = _problem()
+    layer, rec = train_with_validation(WGeM(6, p=3.0), source, miner, objective, val_maps, val_labels,
+                                       epochs=len(trajectory) - 1, lr=0.05, seed=0)
+    assert rec["val_mAP"] == trajectory and rec["kept_epoch"] == kept and rec["kept_why"] == why
+    assert rec["saturated"] is False
+    # the returned head is the kept epoch's, and training did move it (so epoch 0 is a real alternative)
+    assert all(torch.equal(rec["states"][kept][k], v) for k, v in layer.state_dict().items())
+    assert not torch.equal(rec["states"][0]["conv.weight"], rec["states"][-1]["conv.weight"])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_untrained_head_is_never_kept_while_a_trained_epoch_validates_as_well(monkeypatch, seed):
+    rng = np.random.default_rng(seed)
+    trajectory = list(rng.choice([0.25, 0.5, 0.75], size=4))  # coarse values: ties are common
+    _scripted(monkeypatch, trajectory)
+    source, miner, objective, val_maps, val_labels = _problem()
+    _, rec = train_with_validation(GeM(p=3.0), source, miner, objective, val_maps, val_labels, epochs=3, lr=0.05)
+    kept = rec["kept_epoch"]
+    assert trajectory[kept] == max(trajectory)                      # the best validation mAP ...
+    assert kept == max(e for e, v in enumerate(trajectory) if v == max(trajectory))  # ... at its latest epoch
+    if max(trajectory[1:]) >= trajectory[0]:
+        assert kept >= 1, f"the untrained head was kept although a trained epoch validated as well: {trajectory}"
+
+
+def test_a_saturated_validation_set_warns_and_is_recorded():
     maps, labels = _maps()
     # two validation groups that any pooling separates perfectly: mAP 1 before training already
     val_maps = [torch.zeros(6, 3, 4) for _ in range(4)]
     for i, m in enumerate(val_maps):
         m[0 if i < 2 else 1] = 1.0 + 0.1 * i
     val_labels = np.array([0, 0, 1, 1])
-    layer = GeM(p=3.0)
-    start = copy.deepcopy(layer.state_dict())
     miner = TupleMiner(labels, n_neg=2, n_queries=8, pool_size=12, batch_size=4)
-    layer, rec = train_with_validation(layer, MapSource(maps, labels), miner, TupleLoss("contrastive", 0.7),
-                                       val_maps, val_labels, epochs=2, lr=0.1, seed=0)
-    assert rec["val_mAP"][0] == 1.0 and rec["kept_epoch"] == 0
-    assert rec["p"][-1] != rec["p"][0]  # training did move p ...
-    assert torch.equal(layer.p, start["p"])  # ... but the untrained head is the one kept
+    with pytest.warns(SaturatedValidationWarning, match=r"saturated.*hold out more or harder groups.*never UKBench"):
+        layer, rec = train_with_validation(GeM(p=3.0), MapSource(maps, labels), miner, TupleLoss("contrastive", 0.7),
+                                           val_maps, val_labels, epochs=2, lr=0.1, seed=0)
+    assert rec["saturated"] is True and rec["val_mAP"] == [1.0, 1.0, 1.0]
+    # nothing to select on: the ties go to the trained head, which training did move
+    assert rec["kept_epoch"] == 2 and rec["p"][-1] != rec["p"][0]
+    assert all(torch.equal(rec["states"][2][k], v) for k, v in layer.state_dict().items())
+    assert rec["kept_why"].startswith("tie with epochs 0, 1") and "saturated" in rec["kept_why"]
+
+
+def test_an_unsaturated_validation_set_does_not_warn():
+    source, miner, objective, val_maps, val_labels = _problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SaturatedValidationWarning)
+        _, rec = train_with_validation(GeM(p=3.0), source, miner, objective, val_maps, val_labels, epochs=1, lr=0.05)
+    assert rec["val_mAP"][0] < 1.0 and rec["saturated"] is False and "saturated" not in rec["kept_why"]
 
 
 def test_train_with_validation_keep_last_and_measure():
@@ -87,6 +148,17 @@ def test_train_with_validation_keep_last_and_measure():
     assert rec["kept_epoch"] == 3 and rec["conv_norm"][0] == 0.0 and len(rec["conv_norm"]) == 4
     assert torch.equal(layer.conv.weight.detach(), seen[-1])  # the last epoch's head is the one returned
     assert rec["conv_norm"][-1] == pytest.approx(float(seen[-1].norm()))
+    assert rec["kept_why"].startswith("keep='last': the last epoch (3)")
+
+
+def test_keep_last_keeps_the_last_epoch_even_when_an_earlier_one_validates_better(monkeypatch):
+    _scripted(monkeypatch, [0.5, 0.9, 0.6, 0.4])
+    source, miner, objective, val_maps, val_labels = _problem()
+    layer, rec = train_with_validation(WGeM(6, p=3.0), source, miner, objective, val_maps, val_labels, epochs=3,
+                                       lr=0.05, keep="last")
+    assert rec["kept_epoch"] == 3 and rec["kept_why"] == "keep='last': the last epoch (3) is kept whatever its " \
+                                                         "validation mAP (0.4000)"
+    assert all(torch.equal(rec["states"][3][k], v) for k, v in layer.state_dict().items())
 
 
 def test_train_with_validation_errors():
