@@ -17,6 +17,7 @@ from retrieval_lib.book.cgd import (compare, comparison_table, describe, heldout
 from retrieval_lib.engine.objectives import BranchBatchHardLoss, ClassificationLoss, cgd_objective
 from retrieval_lib.engine.optim import SCHEDULES, StepSchedule
 from retrieval_lib.engine.recipes import RECIPES, CGD_RECIPE, cgd_trainer, describe_images, remap_labels
+from retrieval_lib.search.compare import paired_comparison
 from retrieval_lib.engine.sources import CropSource, MapSource
 from retrieval_lib.models.cgd_net import CGDNet, build_head
 from retrieval_lib.layers.cgd import CGD, CGD_CONFIGS, parse_config, unit
@@ -405,6 +406,13 @@ def test_train_and_score_compare_and_table():
     assert same["R@1"]["delta"] == 0 and not same["mAP"]["significant"]
     table, cmps = comparison_table(res, [("SMG", "G")], names={"SMG": "CGD SMG"})
     assert "CGD SMG − G" in table and cmps[("SMG", "G")]["R@1"]["n"] == 9
+    # the queries of one class are resampled together: the comparison is the group bootstrap's
+    assert np.array_equal(res["SMG"]["groups"], test_lab) and np.array_equal(res["G"]["groups"], test_lab)
+    by_class = paired_comparison(res["SMG"]["aps"], res["G"]["aps"], seed=0, groups=test_lab)
+    assert cmps[("SMG", "G")]["mAP"]["ci"] == by_class["ci"]
+    res["G"]["groups"] = test_lab[::-1].copy()
+    with pytest.raises(ValueError, match="different queries"):
+        compare(res, "SMG", "G")
 
 
 def test_channel_scale_equals_scaling_the_map_before_pooling():

@@ -120,7 +120,8 @@ def heldout_scores(X: torch.Tensor, labels, ks: Sequence[int] = (1, 2, 4, 8)) ->
     image count (a single-image group is a distractor). Returns ``{"R@K": fraction}`` for every
     ``K`` in ``ks`` (at least one image of the query's label among its K nearest others: the
     CUB/Cars/SOP protocol), ``"mAP"``, and per counted query ``"hits"`` ``{K: (n,) 0/1 array}``,
-    ``"aps"`` ``(n,)`` and ``"queries"`` (their indices), for
+    ``"aps"`` ``(n,)``, ``"queries"`` (their indices) and ``"groups"`` (their labels: queries of
+    one label are not independent, so :func:`compare` resamples labels), for
     :func:`~retrieval_lib.search.compare.paired_comparison`.
     """
     lab = np.asarray(labels)
@@ -142,7 +143,7 @@ def heldout_scores(X: torch.Tensor, labels, ks: Sequence[int] = (1, 2, 4, 8)) ->
     hits = {k: (hit_rank < k).astype(np.float64) for k in ks}  # K >= N - 1: every counted query hits
     aps = map_by_labels(R, lab)["aps"][q]
     out = {f"R@{k}": float(hits[k].mean()) for k in ks}
-    out.update({"mAP": float(np.mean(aps)), "aps": aps, "queries": q,
+    out.update({"mAP": float(np.mean(aps)), "aps": aps, "queries": q, "groups": lab[q],
                 "hits": hits})
     return out
 
@@ -152,15 +153,15 @@ def summarize(runs: Sequence[dict], ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
 
     ``"R@K"``, ``"mAP"``: means over the runs, with ``"R@K/min"``, ``"R@K/max"``, ``"mAP/min"``,
     ``"mAP/max"`` (the spread over seeds); ``"hits"`` ``{K: (n,)}`` and ``"aps"`` ``(n,)``: the
-    per-query values averaged over the runs (what a paired bootstrap over queries resamples);
-    ``"n_runs"``.
+    per-query values averaged over the runs (what a paired bootstrap resamples, by ``"groups"``,
+    the queries' labels); ``"n_runs"``.
     """
     if not runs:
         raise ValueError("summarize: no runs")
     q = runs[0]["queries"]
     if any(not np.array_equal(r["queries"], q) for r in runs):
         raise ValueError("summarize: the runs were scored on different queries")
-    out = {"n_runs": len(runs), "queries": q,
+    out = {"n_runs": len(runs), "queries": q, "groups": runs[0].get("groups"),
            "hits": {k: np.mean([r["hits"][k] for r in runs], axis=0) for k in ks},
            "aps": np.mean([r["aps"] for r in runs], axis=0)}
     for key in [f"R@{k}" for k in ks] + ["mAP"]:
@@ -204,10 +205,15 @@ def train_and_score(config: str, train_pooled: torch.Tensor, labels, test_pooled
 def compare(results: dict, a: str, b: str, n_boot: int = 2000, seed: int = 0) -> dict:
     """Paired bootstraps over the held-out queries of setting ``a`` minus setting ``b``
     (:func:`summarize` dicts in ``results``): ``{"R@1": ..., "mAP": ...}``, each a
-    :func:`~retrieval_lib.search.compare.paired_comparison` of the per-query R@1 hits and APs."""
+    :func:`~retrieval_lib.search.compare.paired_comparison` of the per-query R@1 hits and APs.
+    The queries' labels (``"groups"``, when the results carry them) are what is resampled: the
+    queries of one class share their matches, so they are not independent draws."""
     ra, rb = results[a], results[b]
-    return {"R@1": paired_comparison(ra["hits"][1], rb["hits"][1], n_boot=n_boot, seed=seed),
-            "mAP": paired_comparison(ra["aps"], rb["aps"], n_boot=n_boot, seed=seed)}
+    groups = ra.get("groups")
+    if groups is not None and (rb.get("groups") is None or not np.array_equal(groups, rb["groups"])):
+        raise ValueError(f"compare: {a!r} and {b!r} were scored on different queries; score both on the same test set")
+    return {"R@1": paired_comparison(ra["hits"][1], rb["hits"][1], n_boot=n_boot, seed=seed, groups=groups),
+            "mAP": paired_comparison(ra["aps"], rb["aps"], n_boot=n_boot, seed=seed, groups=groups)}
 
 
 def comparison_table(results: dict, pairs: Sequence[tuple], names: Optional[dict] = None, n_boot: int = 2000,
