@@ -13,8 +13,8 @@
   ``TORCH_HOME`` pointing there. Their BatchNorm statistics are re-estimated on a few images, so the
   maps have a trained network's magnitude (raw statistics give maps of ~1e5, which GeM/wGeM powers
   overflow; the real weights never do).
-- with ``extra=True``: ``data/train/retrieval-SfM-120k/`` (cirtorch's layout: 4 clusters x 4
-  images for ``train``, 2 x 3 for ``val``) and ``data/CUB_200_2011/`` (classes 1-8 and 101-104,
+- with ``extra=True``: ``data/train/retrieval-SfM-120k/`` (cirtorch's layout: 10 clusters x 2
+  images for ``train``, 3 x 2 for ``val``) and ``data/CUB_200_2011/`` (classes 1-8 and 101-104,
   4 images each): what 05's section 7 and 07's section 6 need.
 
 Nothing is downloaded. Numbers measured on it mean nothing; only whether the code runs counts.
@@ -121,13 +121,16 @@ def write_roxford(data: Path, shared: Path | None) -> dict:
 
 
 def write_sfm120k(data: Path, shared: Path | None) -> None:
-    """rSfM-120k in cirtorch's layout: ``train`` 4 clusters x 4 images, ``val`` 2 x 3; pairs within clusters."""
+    """rSfM-120k in cirtorch's layout: ``train`` 10 clusters x 2 images, ``val`` 3 x 2; pairs within clusters.
+
+    Ten clusters, so that a dry run's pool of 16 images always holds the 5 negatives of other clusters the
+    recipe mines per tuple (four clusters could not: ``hardest_negatives`` refuses such a pool)."""
     from retrieval_lib.data.sfm120k import SFM_NAME, cid2filename
 
     base = data / "train" / SFM_NAME
-    photos = _photos(None, 22, seed=5)
+    photos = _photos(None, 26, seed=5)
     db, k = {}, 0
-    for mode, (n_clusters, per) in (("train", (4, 4)), ("val", (2, 3))):
+    for mode, (n_clusters, per) in (("train", (10, 2)), ("val", (3, 2))):
         cids, cluster, qidxs, pidxs = [], [], [], []
         for c in range(n_clusters):
             first = len(cids)
@@ -140,7 +143,7 @@ def write_sfm120k(data: Path, shared: Path | None) -> None:
                 cluster.append(c)
                 k += 1
             qidxs += [first, first + 1]
-            pidxs += [first + 1, first + 2]
+            pidxs += [first + 1, first]
         db[mode] = {"cids": cids, "cluster": cluster, "qidxs": qidxs, "pidxs": pidxs}
     with open(base / f"{SFM_NAME}.pkl", "wb") as f:
         pickle.dump(db, f, protocol=2)

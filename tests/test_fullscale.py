@@ -155,10 +155,10 @@ def test_with_rsfm_and_cub_the_end_to_end_cells_train_in_resumable_chunks(standi
     assert [d["notebook"] for d in docs] == ["05_wgem", "07_cgd"]  # this folder's runs only, both kept
 
 
-@pytest.mark.fullscale
-def test_without_revisited_oxford_nothing_runs_and_the_command_is_named(standin, tmp_path):
+def test_without_revisited_oxford_nothing_runs_and_the_command_is_named(tmp_path):
+    """Refused before anything runs (no weights needed): exit 3 and the command that fetches the benchmark."""
     empty = tmp_path / "data"
     empty.mkdir()
-    run = _reproduce(standin, tmp_path / "r", data=empty)
+    run = _reproduce({"torch_home": tmp_path / "torch", "cache": tmp_path / "cache"}, tmp_path / "r", data=empty)
     assert run.returncode == 3 and f"python -m retrieval_lib download roxford5k --data {empty}" in run.stderr
     assert not (tmp_path / "r" / "results.md").exists()
