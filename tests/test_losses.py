@@ -194,5 +194,5 @@ def test_smoothed_cross_entropy_errors(logits, target, kwargs, match):
 
 def test_losses_are_one_import_away():
     for name in ("contrastive_loss", "triplet_loss", "batch_hard_triplet_loss", "smoothed_cross_entropy"):
-        assert getattr(retrieval_lib, name) is getattr(retrieval_lib.layers, name)
-    assert retrieval_lib.contrastive_loss is contrastive_loss
+        assert getattr(retrieval_lib.layers, name) is getattr(retrieval_lib.layers.losses, name)
+    assert retrieval_lib.layers.contrastive_loss is contrastive_loss
