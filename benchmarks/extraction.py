@@ -107,7 +107,7 @@ def run(quick: bool = False, repeats: int | None = None, image_size: int | None 
     exercise the code (its ratio is not a claim).
     """
     from retrieval_lib.models.backbones import load_backbone
-    from retrieval_lib.engine.extract import _default_workers
+    from retrieval_lib.engine.batching import default_workers
 
     repeats = repeats or (1 if quick else 5)
     image_size = image_size or (256 if quick else 512)
@@ -126,7 +126,7 @@ def run(quick: bool = False, repeats: int | None = None, image_size: int | None 
                                            num_workers=workers, progress=False)
 
     # the default, and the other choice: decoding in the main process vs in one worker process
-    default = _default_workers(torch.device("cpu"))
+    default = default_workers(torch.device("cpu"))
     other = 1 if default == 0 else 0
     variants = {f"default ({default} DataLoader workers)": None, f"num_workers={other}": other}
     ours(None)()  # warm-up of both, over every batch shape (allocator, first-touch pages)

@@ -321,8 +321,8 @@ def test_parse_junit(tmp_path):
     (1, 1, "cuda", 0),
 ])
 def test_default_workers_leave_the_forward_its_cores(monkeypatch, cores, threads, device, expected):
-    from retrieval_lib.engine import extract
+    from retrieval_lib.engine import batching
 
-    monkeypatch.setattr(extract.os, "cpu_count", lambda: cores)
-    monkeypatch.setattr(extract.torch, "get_num_threads", lambda: threads)
-    assert extract._default_workers(torch.device(device)) == expected
+    monkeypatch.setattr(batching.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(batching.torch, "get_num_threads", lambda: threads)
+    assert batching.default_workers(torch.device(device)) == expected

@@ -17,8 +17,7 @@ from _fakes import TinyBackbone, write_groups
 from retrieval_lib.book.explorer import (MAX_PIXELS, Collection, Explorer, ExplorerInputError, collection_from_folder,
                                          huge_png, measure_redraws, read_photo, show_rows, try_bad_inputs)
 from retrieval_lib.book.sweeps import gem_contributions
-from retrieval_lib.data.images import load_image
-from retrieval_lib.engine.extract import resize_longer_side
+from retrieval_lib.data.images import load_image, resize_longer_side
 from retrieval_lib.errors import UsageError
 from retrieval_lib.layers.contributions import rmac_contributions
 from retrieval_lib.layers.functional import gem, l2n, mac, rmac, spoc

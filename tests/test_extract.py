@@ -11,7 +11,6 @@ from PIL import Image
 import retrieval_lib.engine.extract as extract_mod
 from retrieval_lib.models.backbones import efficientnet_lite
 from retrieval_lib.engine.extract import (
-    _size_batches,
     extract_descriptors,
     extract_fmaps,
     multiscale_power,
@@ -19,6 +18,7 @@ from retrieval_lib.engine.extract import (
 )
 from retrieval_lib.layers.functional import gem, l2n, mac
 from retrieval_lib.data.images import ImageList, load_image, resize_longer_side
+from retrieval_lib.engine.batching import size_batches
 from retrieval_lib.layers.pooling import GeM, MAC, RMAC, WGeM
 
 SIZE = 96  # small inputs keep the real backbone fast
@@ -71,7 +71,7 @@ def test_resize_longer_side():
 
 
 def test_size_batches_group_equal_sizes(image_files):
-    batches = _size_batches(ImageList(image_files), SIZE, batch_size=2)
+    batches = size_batches(ImageList(image_files), SIZE, batch_size=2)
     assert sorted(i for b in batches for i in b) == list(range(7))
     assert all(len(b) <= 2 for b in batches)
     assert [0, 1] in batches and [2] in batches and [3, 4] in batches

@@ -11,7 +11,7 @@ from PIL import Image
 import retrieval_lib.layers.functional as F
 from _fakes import cub_benchmark, group_benchmark, group_map_loop, recall1_loop, revisited_benchmark, tiny_book
 from retrieval_lib.book.regional import aspect_crop, fmap_size, map_vs_L, region_count_table, region_levels
-from retrieval_lib.engine.extract import resize_longer_side
+from retrieval_lib.data.images import resize_longer_side
 from retrieval_lib.layers.pooling import RMAC
 from retrieval_lib.search.rerank import exclude_self, expand
 

@@ -59,8 +59,8 @@ from retrieval_lib.book.explorer_page import ExplorerPage, huge_png, measure_red
 from retrieval_lib.book.explorer_why import BASE_METHODS, show_rows, show_why
 from retrieval_lib.data.datasets import cache_root, offline_default, real171
 from retrieval_lib.data.datasets import data_root as default_data_root
-from retrieval_lib.data.images import ImageList, load_image
-from retrieval_lib.engine.extract import extract_fmaps, resize_longer_side
+from retrieval_lib.data.images import ImageList, load_image, resize_longer_side
+from retrieval_lib.engine.extract import extract_fmaps
 from retrieval_lib.layers.functional import l2n, mac, region_mac, rmac_regions
 from retrieval_lib.layers.pooling import MAC, RMAC, GeM, SPoC
 from retrieval_lib.search.topk import TopK, top_k_rows

@@ -20,8 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrieval_lib.data.datasets import IMAGE_EXTENSIONS, GroupDataset
-from retrieval_lib.data.images import MAX_ASPECT, ImageList
-from retrieval_lib.engine.extract import resize_longer_side
+from retrieval_lib.data.images import MAX_ASPECT, ImageList, resize_longer_side
 from retrieval_lib.errors import UsageError
 
 __all__ = ["ExplorerInputError", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "STORE_SIDE", "THUMB_SIDE", "L_MAX", "read_photo",

@@ -69,7 +69,7 @@ def aspect_crop(img, aspect: float, long_side: Optional[int] = None):
 
     The largest centred box of that shape is kept; with ``long_side`` the crop is then
     resized so that its longer side has ``long_side`` pixels, exactly as the network input
-    is (:func:`retrieval_lib.engine.extract.resize_longer_side`). Used to show how the R-MAC grid follows the image's shape.
+    is (:func:`retrieval_lib.data.images.resize_longer_side`). Used to show how the R-MAC grid follows the image's shape.
     Taught in ``notebooks/04_rmac.ipynb``.
     """
     aspect = _positive_float(aspect, "aspect", "aspect_crop")

@@ -27,11 +27,12 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from retrieval_lib.data.images import ImageList, resize_longer_side, to_tensor
+from retrieval_lib.data.images import ImageList
+from retrieval_lib.data.images import resize_longer_side  # noqa: F401  (its old home: notebook 08 imports it here)
+from retrieval_lib.engine.batching import ResizedImages, collate_by_size, default_workers, size_batches
 from retrieval_lib.engine.cache import ExtractionCache, cache_key, load_entry, save_entry
 from retrieval_lib.engine.fingerprint import Unkeyable, fingerprint_or_reason, module_fingerprint
 from retrieval_lib.engine.fold import fold_batchnorm, foldable
@@ -47,93 +48,6 @@ __all__ = [
     "module_fingerprint",
     "Unkeyable",
 ]
-
-
-# --------------------------------------------------------------------------- preprocessing
-class _Resized(Dataset):
-    """Wraps an image list: item i -> (i, uint8 (3, h, w)) or (i, None) when skipped."""
-
-    def __init__(self, images, image_size: int):
-        self.images = images
-        self.image_size = int(image_size)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = self.images[i]
-        if img is None:  # the image list skipped an unreadable file (on_error="skip")
-            return i, None
-        return i, to_tensor(resize_longer_side(img, self.image_size))  # uint8 (3, h, w)
-
-
-def _collate_by_size(items):
-    """Group a list of (index, tensor) by spatial size -> list of (indices, (b, 3, h, w))."""
-    groups: dict[tuple, list] = {}
-    skipped = []
-    for i, t in items:
-        if t is None:
-            skipped.append(i)
-            continue
-        groups.setdefault(tuple(t.shape), []).append((i, t))
-    batches = [([i for i, _ in g], torch.stack([t for _, t in g])) for g in groups.values()]
-    return batches, skipped
-
-
-def _probe_size(images, i: int, image_size: int):
-    """The (h, w) image i will have after resizing, read from the file header only.
-
-    Returns None when it cannot be told cheaply (then the image gets a batch of its own
-    size group at collate time anyway).
-    """
-    paths = getattr(images, "paths", None)
-    if paths is None:
-        return None
-    boxes = getattr(images, "boxes", None)
-    try:
-        with Image.open(paths[i]) as im:
-            w, h = im.size
-            orientation = im.getexif().get(274, 1)
-        if orientation in (5, 6, 7, 8):
-            w, h = h, w
-        if boxes is not None and boxes[i] is not None:
-            x0, y0, x1, y1 = boxes[i]
-            w, h = x1 - x0, y1 - y0
-        s = image_size / max(w, h)
-        return (max(1, round(h * s)), max(1, round(w * s)))
-    except Exception:
-        return None
-
-
-def _size_batches(images, image_size: int, batch_size: int) -> list[list[int]]:
-    """Indices grouped by expected output size, in chunks of ``batch_size``."""
-    n = len(images)
-    if batch_size <= 1:
-        return [[i] for i in range(n)]
-    by_size: dict = {}
-    for i in range(n):
-        key = _probe_size(images, i, image_size)
-        by_size.setdefault(key if key is not None else ("unknown", i), []).append(i)
-    batches = []
-    for idx in by_size.values():
-        batches += [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
-    return batches
-
-
-def _default_workers(device: torch.device) -> int:
-    """DataLoader workers used when ``num_workers`` is None.
-
-    On CUDA the forward leaves the CPU free: up to 4 workers, one core kept for the main
-    process. On CPU the forward already keeps ``torch.get_num_threads()`` cores busy; a
-    decoding worker beside it competes for them and the intra-op threads stall waiting
-    for each other (on 2 cores: +50 % CPU time and 0.7x the images/s of decoding in the
-    main process, see ``benchmarks/extraction.py``). So on CPU only the cores the forward
-    leaves idle get workers: none with torch's default thread count on most machines.
-    """
-    cores = os.cpu_count() or 1
-    if device.type == "cpu":
-        return max(0, min(4, cores - torch.get_num_threads()))
-    return max(0, min(4, cores - 1))
 
 
 def _plan(model, device, amp: bool | None, fold_bn: bool | None, channels_last: bool | None) -> dict:
@@ -178,13 +92,13 @@ def _iterate_fmaps(model, images, image_size, scale, device, batch_size, num_wor
     device = torch.device(device) if device is not None else next(model.parameters()).device
     is_cuda = device.type == "cuda"
     amp, channels_last = plan["amp"], plan["channels_last"]
-    workers = _default_workers(device) if num_workers is None else int(num_workers)
+    workers = default_workers(device) if num_workers is None else int(num_workers)
     mean = torch.tensor(model.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(model.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     loader = DataLoader(
-        _Resized(images, image_size),
-        batch_sampler=_size_batches(images, image_size, batch_size),
-        collate_fn=_collate_by_size,
+        ResizedImages(images, image_size),
+        batch_sampler=size_batches(images, image_size, batch_size),
+        collate_fn=collate_by_size,
         num_workers=workers,
         pin_memory=is_cuda,
         persistent_workers=False,
