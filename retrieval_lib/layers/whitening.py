@@ -26,7 +26,6 @@ factorisation as in the reference implementation.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -36,54 +35,11 @@ from torch import nn
 
 from retrieval_lib.layers.checks import as_descriptors
 from retrieval_lib.layers.functional import l2n
+from retrieval_lib.layers.spectrum import Spectrum, covariance_spectrum, sorted_eigh
 
 __all__ = ["Whitening", "Spectrum", "covariance_spectrum", "pca_whitening", "zca_whitening", "learned_whitening"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
-
-
-def _canonical_sign(E: torch.Tensor) -> torch.Tensor:
-    """Flip each column of ``E`` so that its largest-magnitude entry is positive.
-
-    Eigenvectors are defined up to sign; fixing it makes results repeatable across
-    LAPACK builds and devices.
-    """
-    idx = E.abs().argmax(dim=0, keepdim=True)  # (1, K)
-    sign = torch.sign(torch.gather(E, 0, idx))
-    sign[sign == 0] = 1
-    return E * sign
-
-
-@contextmanager
-def _one_cpu_thread(t: torch.Tensor):
-    """Run LAPACK on one thread for CPU tensors (the thread count is restored afterwards).
-
-    The symmetric eigensolver gains little from a second thread and stalls when other
-    processes share the cores: on a loaded 2-core machine a 1280 x 1280 float64 ``eigh``
-    took about 1 s on one thread and 7-24 s on two.
-    """
-    if t.device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _sorted_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of a symmetric matrix, eigenvalues descending, columns sign-fixed."""
-    with _one_cpu_thread(C):
-        lam, U = torch.linalg.eigh(C)  # ascending
-    lam, U = lam.flip(0), U.flip(1)
-    return lam, _canonical_sign(U)
-
-
-def _rank_tol(lam: torch.Tensor, n: int) -> float:
-    """Eigenvalues at or below this are zero up to round-off (same rule as numpy.matrix_rank)."""
-    return float(lam.abs().max()) * max(n, lam.numel()) * torch.finfo(torch.float64).eps
 
 
 @dataclass(repr=False)
@@ -216,62 +172,6 @@ class Whitening:
             f"Whitening(kind={self.kind!r}, dim_in={self.dim_in}, dim_out={self.dim_out}"
             f"{extra}, dtype={self.P.dtype}, device={self.P.device})"
         )
-
-
-@dataclass(repr=False)
-class Spectrum:
-    """Mean and eigen-decomposition of the covariance of ``n`` training descriptors (float64).
-
-    Attributes:
-        m: (D,) mean.
-        eigvals: (D,) eigenvalues of ``C = (1/n) (X - m)^T (X - m)``, descending, clamped at 0.
-        eigvecs: (D, D) eigenvectors as columns ``U`` (``C = U diag(eigvals) U^T``), signs fixed.
-        n: number of training descriptors.
-        dtype, device: those of the descriptors it was computed from (whitenings built from
-            it are returned in them).
-
-    Made by :func:`covariance_spectrum`; :func:`pca_whitening` and :func:`zca_whitening`
-    accept it in place of the descriptors, so a sweep over ``dim``, ``shrinkage`` and
-    ``power`` needs one eigen-decomposition. Taught in ``notebooks/08_whitening.ipynb``.
-    """
-
-    m: torch.Tensor
-    eigvals: torch.Tensor
-    eigvecs: torch.Tensor
-    n: int
-    dtype: torch.dtype = torch.float64
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def dim(self) -> int:
-        """Descriptor dimension D."""
-        return int(self.m.shape[0])
-
-    @property
-    def rank(self) -> int:
-        """Number of eigenvalues above round-off (at most ``n - 1`` for a centred covariance)."""
-        return int((self.eigvals > _rank_tol(self.eigvals, self.n)).sum())
-
-    def __repr__(self) -> str:
-        return f"Spectrum(n={self.n}, D={self.dim}, rank={self.rank})"
-
-
-def covariance_spectrum(X: ArrayLike) -> Spectrum:
-    """Mean and descending eigen-decomposition of the covariance of descriptors ``X`` (N, D).
-
-    ``C = (1/N) (X - m)^T (X - m) = U diag(lam) U^T``, computed in float64. Pass the result
-    to :func:`pca_whitening` / :func:`zca_whitening` to try many settings for the price of
-    one decomposition. Raises ``ValueError`` for ``X`` not 2-D, with fewer than 2 rows, or
-    holding NaN/inf. Taught in ``notebooks/08_whitening.ipynb``.
-    """
-    Xt = as_descriptors(X, "X", "covariance_spectrum", min_rows=2)
-    X64 = Xt.to(torch.float64)
-    m = X64.mean(dim=0)  # (D,)
-    Xc = X64 - m  # (N, D)
-    C = Xc.T @ Xc / Xc.shape[0]  # (D, D) population covariance
-    lam, U = _sorted_eigh(C)
-    return Spectrum(m=m, eigvals=lam.clamp_min(0), eigvecs=U, n=int(Xt.shape[0]), dtype=Xt.dtype,
-                    device=Xt.device)
 
 
 def _spectrum(X: Union[ArrayLike, Spectrum], fn: str) -> Spectrum:
@@ -478,7 +378,7 @@ def learned_whitening(X: ArrayLike, qidx: ArrayLike, pidx: ArrayLike, shrinkage:
     P1 = torch.linalg.solve_triangular(L, eye, upper=False)  # L^-1, (D, D)
     Y = (X64 - m) @ P1.T  # (N, D)
     C = Y.T @ Y / N
-    lam, E = _sorted_eigh(C)
+    lam, E = sorted_eigh(C)
     P = E.T @ P1
     dtype = Xt.dtype
     return Whitening(m=m.to(dtype), P=P.to(dtype), kind="lw", eigvals=lam.clamp_min(0).to(dtype),
