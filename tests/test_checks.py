@@ -98,8 +98,8 @@ def test_check_fmap_channels_names_the_argument_to_change():
     with pytest.raises(ValueError, match=r"CGD: built for 8 channels but the feature map has 4 \(shape \(2, 4, 3, 3\)\); "
                                          r"build it with in_channels=4"):
         checks.check_fmap(x, "CGD", 8)
-    with pytest.raises(ValueError, match=r"build it with channels=4"):
-        checks.check_fmap(x, "TrainableRMAC", 3, "channels")
+    with pytest.raises(ValueError, match=r"build it with channels=4"):  # a layer whose argument has another name
+        checks.check_fmap(x, "Layer", 3, "channels")
 
 
 def test_check_int_with_a_maximum():

@@ -231,7 +231,7 @@ def test_cache_is_keyed_on_pooling_state_not_its_repr(model, image_files, tmp_pa
     if change == "wgem_conv":
         pool = WGeM(model.out_channels, learn_p=False)
     elif change == "per_channel_p_same_mean":
-        pool = GeM(p=3.0, per_channel=True, channels=model.out_channels, learn_p=False)
+        pool = GeM(p=3.0, per_channel=True, in_channels=model.out_channels, learn_p=False)
     else:
         pool = GeM(p=3.0, learn_p=False)
     first = extract_descriptors(model, images, pool, cache_dir=tmp_path, **kw)
@@ -357,7 +357,7 @@ def test_multiscale_float64_gem_of_the_sweeps_equals_gem(model, image_files):
 def test_multiscale_per_channel_gem_uses_each_channels_p(model, image_files):
     images = ImageList(image_files[:2])
     scales = (1.0, 0.5)
-    pool = GeM(p=3.0, per_channel=True, channels=model.out_channels, learn_p=False)
+    pool = GeM(p=3.0, per_channel=True, in_channels=model.out_channels, learn_p=False)
     with torch.no_grad():
         pool.p[::2] = 2.0
     X = extract_descriptors(model, images, pool, scales=scales, image_size=SIZE, num_workers=0, progress=False)

@@ -34,7 +34,7 @@ def test_only_rmac_output_is_normalised():
 def test_extra_repr():
     assert repr(GeM()) == "GeM(p=3.0000, eps=1e-06, learnable)"
     assert repr(GeM(p=2.5, eps=1e-3, learn_p=False)) == "GeM(p=2.5000, eps=1e-03, fixed)"
-    assert repr(GeM(per_channel=True, channels=8)) == (
+    assert repr(GeM(per_channel=True, in_channels=8)) == (
         "GeM(p=per-channel(8, mean=3.0000), eps=1e-06, learnable)"
     )
     assert repr(SPoC(center_prior=True)) == "SPoC(center_prior=True)"
@@ -57,7 +57,7 @@ def test_gem_learnable_p_gets_gradient():
 
 def test_gem_per_channel_p():
     x = _fmap(C=4)
-    m = GeM(p=2.0, per_channel=True, channels=4)
+    m = GeM(p=2.0, per_channel=True, in_channels=4)
     assert m.p.shape == (4,)
     with torch.no_grad():
         m.p.copy_(torch.tensor([1.0, 2.0, 3.0, 8.0]))
@@ -151,7 +151,7 @@ def test_module_errors():
     with pytest.raises(ValueError, match="eps"):
         GeM(eps=0.0)
     with pytest.raises(ValueError, match="4 per-channel exponents but the feature map has 3"):
-        GeM(per_channel=True, channels=4)(_fmap(C=3))
+        GeM(per_channel=True, in_channels=4)(_fmap(C=3))
     with pytest.raises(ValueError, match="L must be an integer"):
         RMAC(L=0)
     with pytest.raises(ValueError, match="in_channels must be"):
@@ -176,7 +176,7 @@ def test_each_pooling_declares_its_multiscale_exponent():
     with torch.no_grad():
         g.p.fill_(0.5)  # learned below p_min: the forward uses p_min, so does the multi-scale mean
     assert g.multiscale_p == 1.0
-    per = GeM(p=2.0, per_channel=True, channels=3)
+    per = GeM(p=2.0, per_channel=True, in_channels=3)
     with torch.no_grad():
         per.p.copy_(torch.tensor([2.0, 3.0, 5.0]))
     assert torch.equal(per.multiscale_p, torch.tensor([2.0, 3.0, 5.0]))

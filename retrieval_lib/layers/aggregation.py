@@ -170,26 +170,26 @@ class TrainableRMAC(nn.Module):
     #: exponent of the mean over input scales (:func:`functional.multiscale_mean`)
     multiscale_p = 1.0
 
-    def __init__(self, channels: int, L: int = 3, include_global: bool = True, dim: int | None = None,
+    def __init__(self, in_channels: int, L: int = 3, include_global: bool = True, dim: int | None = None,
                  eps: float = 1e-6):
         super().__init__()
-        self.channels = checks.check_int(channels, "channels", "TrainableRMAC")
-        dim = self.channels if dim is None else checks.check_int(dim, "dim", "TrainableRMAC")
-        if dim > self.channels:
-            raise ValueError(f"TrainableRMAC: dim={dim} exceeds the {self.channels} channels; the FC layer "
+        self.in_channels = checks.check_int(in_channels, "in_channels", "TrainableRMAC")
+        dim = self.in_channels if dim is None else checks.check_int(dim, "dim", "TrainableRMAC")
+        if dim > self.in_channels:
+            raise ValueError(f"TrainableRMAC: dim={dim} exceeds the {self.in_channels} channels; the FC layer "
                              "projects onto at most as many dimensions as it gets")
         self.L = checks.check_int(L, "L", "TrainableRMAC")
         checks.check_eps(eps, "TrainableRMAC")
         self.include_global = bool(include_global)
         self.eps = eps
-        self.shift = nn.Parameter(torch.zeros(self.channels))
-        self.fc = nn.Linear(self.channels, dim, bias=False)
+        self.shift = nn.Parameter(torch.zeros(self.in_channels))
+        self.fc = nn.Linear(self.in_channels, dim, bias=False)
         with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(dim, self.channels))
+            self.fc.weight.copy_(torch.eye(dim, self.in_channels))
 
     def region_vectors(self, x: torch.Tensor) -> torch.Tensor:
         """The L2-normalised region MACs ``(B, R, C)`` (the whole map last when ``include_global``)."""
-        checks.check_fmap(x, "TrainableRMAC", self.channels, "channels")
+        checks.check_fmap(x, "TrainableRMAC", self.in_channels, "in_channels")
         H, W = x.shape[-2:]
         regions = rmac_regions_tuple(H, W, self.L)
         plan = cell_plan(H, W, regions, x.device)
@@ -245,15 +245,15 @@ class TrainableRMAC(nn.Module):
         return self
 
     @classmethod
-    def from_pca(cls, fmaps, channels: int | None = None, L: int = 3, include_global: bool = True,
+    def from_pca(cls, fmaps, in_channels: int | None = None, L: int = 3, include_global: bool = True,
                  dim: int | None = None, shrinkage: float = 0.0) -> "TrainableRMAC":
         """A layer built for the maps' channels and initialised by :meth:`fit_pca` on ``fmaps``."""
-        if channels is None:
-            channels = int(fmaps[0].shape[-3])
-        return cls(channels, L=L, include_global=include_global, dim=dim).fit_pca(fmaps, shrinkage)
+        if in_channels is None:
+            in_channels = int(fmaps[0].shape[-3])
+        return cls(in_channels, L=L, include_global=include_global, dim=dim).fit_pca(fmaps, shrinkage)
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, dim={self.fc.out_features}, L={self.L}, "
+        return (f"in_channels={self.in_channels}, dim={self.fc.out_features}, L={self.L}, "
                 f"include_global={self.include_global}")
 
 

@@ -113,8 +113,8 @@ class GeM(nn.Module):
 
     * ``learn_p=True`` makes ``p`` an ``nn.Parameter`` (as in Radenović et al., TPAMI 2018,
       where it is learned with the network); ``learn_p=False`` keeps it as a buffer.
-    * ``per_channel=True`` learns one exponent per channel (``channels`` required), else one
-      exponent is shared: ``self.p`` has shape ``(channels,)`` or ``(1,)``.
+    * ``per_channel=True`` learns one exponent per channel (``in_channels`` required), else one
+      exponent is shared: ``self.p`` has shape ``(in_channels,)`` or ``(1,)``.
     * Positivity: the forward pass uses ``max(p, p_min)`` (default ``p_min=1``, the
       average-pooling end of GeM). The stored parameter is not changed; while it sits
       strictly below ``p_min`` it acts as ``p_min`` and gets no gradient from the pooling
@@ -136,7 +136,7 @@ class GeM(nn.Module):
         eps: float = 1e-6,
         learn_p: bool = True,
         per_channel: bool = False,
-        channels: int | None = None,
+        in_channels: int | None = None,
         p_min: float = 1.0,
         dtype: torch.dtype | None = None,
     ):
@@ -145,12 +145,12 @@ class GeM(nn.Module):
         checks.check_eps(eps, "GeM")
         dtype = _check_dtype(dtype, "GeM")
         if per_channel:
-            if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
                 raise ValueError(
                     "GeM: per_channel=True needs the number of channels, e.g. "
-                    f"GeM(per_channel=True, channels=1280); got channels={channels!r}"
+                    f"GeM(per_channel=True, in_channels=1280); got in_channels={in_channels!r}"
                 )
-            init = torch.full((channels,), float(p), dtype=dtype)
+            init = torch.full((in_channels,), float(p), dtype=dtype)
         else:
             init = torch.full((1,), float(p), dtype=dtype)
         _register_p(self, init, learn_p)
@@ -171,7 +171,7 @@ class GeM(nn.Module):
             raise ValueError(
                 f"GeM: this layer has {self.p.shape[0]} per-channel exponents but the feature "
                 f"map has {x.shape[1]} channels (shape {tuple(x.shape)}); build it with "
-                f"channels={x.shape[1]}"
+                f"in_channels={x.shape[1]}"
             )
         xc = x if self.dtype is None else x.to(self.dtype)
         out = functional.power_mean(xc, _clamp_p(self.p, self.p_min), self.eps)  # (B, C)
