@@ -164,7 +164,7 @@ def readme_run(tmp_path_factory, readme_commands) -> ReadmeRun:
 # ---------------------------------------------------------------- the full-scale dry run
 def pytest_configure(config):
     config.addinivalue_line("markers", "fullscale: the full scale's dry run on a CPU stand-in (minutes); skipped "
-                                       "unless selected with -m fullscale (.ci/run runs it as a second command)")
+                                       "unless selected with -m fullscale (tens of minutes on 2 cores; not part of `pytest`)")
 
 
 def pytest_collection_modifyitems(config, items):

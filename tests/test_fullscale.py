@@ -13,8 +13,9 @@ also after a rerun of some; each notebook says what it measures at ``full``; wit
 05 and 07 run their other sections and print the ``download`` command; with them, 05's and 07's
 end-to-end cells train, checkpoint under the run's output, and a rerun resumes.
 
-The runs are marked ``fullscale`` (minutes on two cores; ``tests/conftest.py`` skips them unless asked
-for): ``.ci/run`` runs them as a second command, ``python -m pytest -m fullscale tests/test_fullscale.py``.
+The runs are marked ``fullscale`` (tens of minutes on two cores, most of it the notebooks' own full
+settings; ``tests/conftest.py`` leaves them out of ``pytest`` unless asked for):
+``python -m pytest -m fullscale tests/test_fullscale.py``.
 The dry-run settings themselves are checked first, in the default suite.
 """
 from __future__ import annotations
