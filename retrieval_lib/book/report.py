@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
+
+from retrieval_lib.files import write_atomic
 
 __all__ = ["write_metrics", "read_metrics", "markdown_table", "paper_vs_ours", "results_table",
            "paper_result", "measured", "SETTING_FIELDS", "OFF_THE_SHELF", "paper_catalogue", "PAPERS_FILE", "closest_measurement",
@@ -69,12 +69,7 @@ def write_metrics(out_dir, notebook: str, ours: Mapping, paper=None,
     doc = {"notebook": notebook, "scale": scale, "data": data, "ours": _clean(dict(ours)),
            "measured": _clean([_check_entry(e, "measured") for e in (measured or [])]),
            "paper": _clean(paper), "extra": _clean(dict(extra or {}))}
-    path = out_dir / "metrics.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(out_dir / "metrics.json", lambda f: f.write(json.dumps(doc, indent=2).encode("utf-8")))
 
 
 def read_metrics(path) -> dict:
