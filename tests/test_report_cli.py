@@ -305,8 +305,8 @@ def test_reproduce_hands_notebooks_absolute_paths_and_no_progress(tmp_path, monk
     assert "without encryption" not in capfd.readouterr().err  # the kernels talk over IPC, not TCP
 
 
-def test_smoke_cells_time_out_within_a_minute():
-    assert CELL_TIMEOUT_S["smoke"] <= 60 and CELL_TIMEOUT_S["cpu"] >= CELL_TIMEOUT_S["smoke"]
+def test_smoke_cells_time_out_within_two_minutes():
+    assert CELL_TIMEOUT_S["smoke"] <= 120 and CELL_TIMEOUT_S["cpu"] >= CELL_TIMEOUT_S["smoke"]
 
 
 def _failing_notebook(path, message="no rSfM-120k here; download it with `python -m retrieval_lib download rsfm120k`"):

@@ -32,8 +32,10 @@ __all__ = ["offtheshelf", "offtheshelf_table", "offtheshelf_measured", "gather_r
            "find_notebooks", "select_notebooks", "check_data_root", "check_table_backbone", "table_backbone",
            "merge_results", "write_results", "CELL_TIMEOUT_S"]
 
-# per-cell limit: a hang at smoke scale fails within a minute; cpu/full cells may extract for long
-CELL_TIMEOUT_S = {"smoke": 60, "cpu": 1800, "full": 4 * 3600}
+# per-cell limit: a hang at smoke scale fails within two minutes (a smoke cell takes seconds on an idle
+# 2-core machine; 04's cold multi-scale extraction passed a minute when two other jobs shared the cores);
+# cpu/full cells may extract for long
+CELL_TIMEOUT_S = {"smoke": 120, "cpu": 1800, "full": 4 * 3600}
 
 
 # what torchrun (torch.distributed.run) hands its processes: a notebook kernel started by process 0 must not
