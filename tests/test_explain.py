@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import retrieval_lib.book.receptive_field as rf_mod
+import retrieval_lib.book.receptive_fields as rf_mod
 from retrieval_lib.models.backbones import efficientnet_lite, resnet, tf_same_padding
 from retrieval_lib.models.effnet_lite import Conv2dSame
 from retrieval_lib.book.explain import (
@@ -25,7 +25,7 @@ from retrieval_lib.book.explain import (
     rank_channels,
     top_channels,
 )
-from retrieval_lib.book.receptive_field import (
+from retrieval_lib.book.receptive_fields import (
     ConvSpec,
     cell_boxes,
     cell_centers,

@@ -6,7 +6,7 @@ import each (``tests/test_public_api.py`` checks that every name a notebook take
 book is here). Each name lives in the module named after what it serves:
 
 * ``session``, ``config``, ``needs`` -- ``start``, the scales, what a notebook needs;
-* ``explain``, ``receptive_field``, ``viz``, ``viz_mac``, ``viz_regions``, ``region_maps`` -- where
+* ``explain``, ``receptive_fields``, ``viz``, ``viz_mac``, ``viz_regions``, ``region_maps`` -- where
   a descriptor looks, and the figures (01-04);
 * ``sweeps``, ``regional``, ``verdict`` -- mAP against a setting, R-MAC's regions, the sentence
   that ends a comparison;
@@ -19,7 +19,7 @@ from retrieval_lib.book.config import SCALES, capped_sizes, default_progress, de
 from retrieval_lib.book.needs import check_needs
 from retrieval_lib.book.explain import (argmax_locations, clipped_channels, count_clipped, fmap_of,
                                         implicit_correspondences, rank_channels, top_channels)
-from retrieval_lib.book.receptive_field import (cell_boxes, cell_centers, conv_chain, input_gradients, mass_box,
+from retrieval_lib.book.receptive_fields import (cell_boxes, cell_centers, conv_chain, input_gradients, mass_box,
                                                 receptive_field)
 from retrieval_lib.book.viz import (live_figure, overlay, show_ap_trapezoids, show_gem_view, show_images, show_ranked,
                                     show_two_rankings)

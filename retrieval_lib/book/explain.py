@@ -3,7 +3,7 @@
 A MAC descriptor keeps, per channel ``k``, only the largest activation of the feature map,
 ``f_k = max_p X_k(p)``. Each component therefore comes from one cell of the map, and
 through the network from one patch of the photo. This module finds those cells; the
-patches they see are in :mod:`retrieval_lib.book.receptive_field`:
+patches they see are in :mod:`retrieval_lib.book.receptive_fields`:
 
 * :func:`argmax_locations` -- the cell ``(row, col)`` holding each channel's maximum;
 * :func:`top_channels` and :func:`implicit_correspondences` -- the channels that

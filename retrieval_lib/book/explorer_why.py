@@ -19,7 +19,7 @@ from PIL import Image
 from retrieval_lib.book.darac import show_region_weights
 from retrieval_lib.book.explain import implicit_correspondences
 from retrieval_lib.book.explorer_inputs import ExplorerInputError
-from retrieval_lib.book.receptive_field import cell_centers, conv_chain, receptive_field
+from retrieval_lib.book.receptive_fields import cell_centers, conv_chain, receptive_field
 from retrieval_lib.book.sweeps import gem_contributions
 from retrieval_lib.book.viz import draw_boxes, fmap_to_image_box, overlay, show_two_rankings, to_numpy_image
 from retrieval_lib.book.viz_mac import show_correspondences

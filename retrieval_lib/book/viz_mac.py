@@ -1,6 +1,6 @@
 """Where a MAC descriptor looks, drawn (01_mac): arg-max cells, receptive fields, implicit correspondences.
 
-The pictures of :mod:`retrieval_lib.book.explain` and :mod:`retrieval_lib.book.receptive_field`:
+The pictures of :mod:`retrieval_lib.book.explain` and :mod:`retrieval_lib.book.receptive_fields`:
 a map drawn cell by cell where the network puts it (:func:`overlay_cells`), the arg-max locations
 of channels (:func:`show_argmax`), a cell's theoretical and effective receptive fields
 (:func:`show_receptive_field`) and the cells two photos match through (:func:`show_correspondences`).
@@ -37,7 +37,7 @@ def overlay_cells(ax, img, heat, rf_y, rf_x, alpha: float = 0.5, cmap: str = "je
     """Like :func:`overlay`, but each cell of ``heat`` (h, w) is drawn where the network puts it.
 
     ``rf_y`` / ``rf_x`` are the receptive fields of the map's rows and columns
-    (:func:`retrieval_lib.book.receptive_field.receptive_field`): cell ``(r, c)`` becomes a
+    (:func:`retrieval_lib.book.receptive_fields.receptive_field`): cell ``(r, c)`` becomes a
     stride x stride block centred on its receptive field. With TensorFlow "SAME" padding
     (EfficientNet-Lite) or an input size that is not a multiple of the stride, this
     differs from stretching the map over the image by up to half a cell (01_mac).
@@ -56,7 +56,7 @@ def show_argmax(img, centers, boxes=None, labels: Sequence[str] | None = None, c
     """Arg-max locations of channels drawn on the photo (01_mac).
 
     ``centers`` (K, 2) pixel ``(x, y)`` of each channel's maximum (e.g. the receptive-field
-    centres from :func:`retrieval_lib.book.receptive_field.cell_centers`), ``boxes`` optional (K, 4)
+    centres from :func:`retrieval_lib.book.receptive_fields.cell_centers`), ``boxes`` optional (K, 4)
     ``(x, y, w, h)`` around them, ``labels`` one string per point. With ``count_map``
     (h, w), a first panel shows how many channels have their maximum in each cell, drawn
     with :func:`overlay_cells` when ``rf = (rf_y, rf_x)`` is given (else stretched).

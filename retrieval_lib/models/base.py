@@ -11,7 +11,7 @@ A backbone is an ``nn.Module`` with:
 * two declarations the book reads instead of the backbone's private attributes (as timm's
   models declare ``feature_info`` and the library's poolings ``multiscale_p``):
   ``conv_path()``, the convolutions and max-pools on the longest path from the image to the
-  map (:func:`retrieval_lib.book.receptive_field.conv_chain` turns it into receptive
+  map (:func:`retrieval_lib.book.receptive_fields.conv_chain` turns it into receptive
   fields), and ``in_order_modules()``, the module classes whose forward applies their
   children in registration order, so that :func:`retrieval_lib.engine.fold.fold_batchnorm`
   may fold a BatchNorm into the convolution registered right before it.
@@ -47,7 +47,7 @@ class Backbone(nn.Module):
         """The ``Conv2d`` / ``MaxPool2d`` modules on the longest path from the image to the output
         of ``features``, in order, residual shortcuts left out (an identity or strided 1x1
         shortcut sees a subset of what the main path sees). Read by
-        :func:`retrieval_lib.book.receptive_field.conv_chain`; a backbone that does not list its
+        :func:`retrieval_lib.book.receptive_fields.conv_chain`; a backbone that does not list its
         path raises ``NotImplementedError``."""
         raise NotImplementedError(f"{type(self).__name__} does not list its convolution path")
 
