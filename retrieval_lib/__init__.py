@@ -42,6 +42,7 @@ from retrieval_lib.search.nearest import knn, rank_database
 from retrieval_lib.search.evaluate import (compare_aps, compute_map, evaluate_revisited, headline, map_by_labels,
                                            query_aps)
 from retrieval_lib.search.compare import mean_ap_excluding, paired_comparison
+from retrieval_lib.search.verdict import multiplicity_note, signed, verdict
 from retrieval_lib.search.rerank import dba, expanded_ranks
 from retrieval_lib.search.topk import compare_rows
 from retrieval_lib.search.compress import Float16Codec, Float32Codec, PCACodec, PQCodec, faiss_available
@@ -76,7 +77,8 @@ __all__ = [
     "localisation_composites", "mask_mass_in_box",
     # search
     "knn", "rank_database", "compute_map", "evaluate_revisited", "map_by_labels", "query_aps", "headline",
-    "compare_aps", "paired_comparison", "mean_ap_excluding", "dba", "expanded_ranks", "compare_rows",
+    "compare_aps", "paired_comparison", "verdict", "multiplicity_note", "signed", "mean_ap_excluding", "dba",
+    "expanded_ranks", "compare_rows",
     "Float32Codec", "Float16Codec", "PCACodec", "PQCodec", "faiss_available",
     # engine
     "get_device", "seed_everything", "tune_allocator", "fold_batchnorm", "extract_descriptors", "extract_fmaps",

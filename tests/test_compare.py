@@ -1,8 +1,8 @@
-"""search.compare and book.verdict against plain references and hand-worked cases."""
+"""search.compare and search.verdict against plain references and hand-worked cases."""
 import numpy as np
 import pytest
 
-from retrieval_lib.book.verdict import verdict
+from retrieval_lib.search.verdict import verdict
 from retrieval_lib.search.compare import mean_ap_excluding, paired_comparison
 
 
@@ -69,7 +69,7 @@ def test_mean_ap_excluding():
 
 
 def test_signed_never_prints_a_nonzero_gap_as_zero():
-    from retrieval_lib.book.verdict import signed
+    from retrieval_lib.search.verdict import signed
 
     assert signed(0.0123) == "+0.012" and signed(-0.5) == "-0.500" and signed(0.0) == "+0.000"
     assert signed(-2.1e-4) == "-2.1e-04" and signed(3e-6) == "+3.0e-06"
@@ -125,7 +125,7 @@ def test_sign_test_and_holm_by_hand():
 
 
 def test_verdict_never_claims_what_the_data_cannot_show():
-    from retrieval_lib.book.verdict import multiplicity_note
+    from retrieval_lib.search.verdict import multiplicity_note
 
     base = np.linspace(0.1, 0.9, 30)
     same = paired_comparison(base, base.copy())

@@ -8,8 +8,8 @@ book is here). Each name lives in the module named after what it serves:
 * ``session``, ``config``, ``needs`` -- ``start``, the scales, what a notebook needs;
 * ``explain``, ``receptive_fields``, ``viz``, ``viz_mac``, ``viz_regions``, ``region_maps`` -- where
   a descriptor looks, and the figures (01-04);
-* ``sweeps``, ``regional``, ``verdict`` -- mAP against a setting, R-MAC's regions, the sentence
-  that ends a comparison;
+* ``sweeps``, ``regional`` -- mAP against a setting, R-MAC's regions (the sentence that ends a
+  comparison, ``verdict``, is the library's: ``from retrieval_lib import verdict``);
 * ``wgem``, ``darac``, ``cgd``, ``whitening_study``, ``whitening_indomain`` -- the learned notebooks (05-08);
 * ``report``, ``reproduce``, ``paper_networks`` -- ``metrics.json``, the paper catalogue and the
   reproductions (09); ``explorer`` -- the explorer of 10.
@@ -29,7 +29,6 @@ from retrieval_lib.book.region_maps import show_region_map
 from retrieval_lib.book.sweeps import (evaluate_many, gem_contributions, gem_poolings, map_on_subset,
                                        pair_similarity_vs_p, self_similarity, spoc_weights, sweep_image_size)
 from retrieval_lib.book.regional import aspect_crop, fmap_size, map_vs_L, region_count_table, region_levels
-from retrieval_lib.book.verdict import multiplicity_note, signed, verdict
 from retrieval_lib.book.wgem import show_composite_masks, show_mask_pair
 from retrieval_lib.book.darac import (SIZE_STUDY, fixed_poolings, layout_checks, mean_contributions, show_contributions,
                                       show_heldout, show_region_weights, show_size_study)
@@ -58,7 +57,7 @@ __all__ = [
     "show_region_levels", "show_region_macs", "show_region_map",
     "evaluate_many", "sweep_image_size", "self_similarity", "spoc_weights", "gem_poolings", "gem_contributions",
     "map_on_subset", "pair_similarity_vs_p", "aspect_crop", "fmap_size", "map_vs_L", "region_count_table",
-    "region_levels", "verdict", "multiplicity_note", "signed",
+    "region_levels",
     "show_composite_masks", "show_mask_pair", "SIZE_STUDY", "fixed_poolings", "layout_checks", "mean_contributions",
     "show_contributions", "show_heldout", "show_region_weights", "show_size_study",
     "compare", "comparison_table", "describe", "heldout_scores", "pool_branches", "summarize", "take_branches",

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from retrieval_lib.book.report import markdown_table
-from retrieval_lib.book.verdict import signed
 from retrieval_lib.engine.extract import pool_fmaps
 from retrieval_lib.engine.mining import PKMiner
 from retrieval_lib.engine.objectives import cgd_objective
@@ -34,6 +33,7 @@ from retrieval_lib.engine.trainer import Trainer
 from retrieval_lib.layers.cgd import CGD, parse_config
 from retrieval_lib.models.cgd_net import CGDNet, build_head
 from retrieval_lib.search.compare import paired_comparison
+from retrieval_lib.search.verdict import signed
 from retrieval_lib.search.evaluate import map_by_labels
 from retrieval_lib.search.nearest import rank_database
 

@@ -14,7 +14,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from retrieval_lib.book.verdict import signed
 from retrieval_lib.book.whitening_study import matching_pairs
 from retrieval_lib.layers.functional import gem, l2n, rmac_regions
 from retrieval_lib.layers.whitening import (Spectrum, Whitening, covariance_spectrum, learned_whitening,
@@ -22,6 +21,7 @@ from retrieval_lib.layers.whitening import (Spectrum, Whitening, covariance_spec
 from retrieval_lib.search.compare import paired_comparison
 from retrieval_lib.search.evaluate import compute_map, gnd_from_labels
 from retrieval_lib.search.nearest import rank_database
+from retrieval_lib.search.verdict import signed
 
 __all__ = ["region_vectors", "group_folds", "fold_aps", "thin_spectrum", "fit_whitening", "indomain_sweep",
            "where_it_helps", "plot_indomain_sweep"]

@@ -1,9 +1,11 @@
 """One sentence that ends a comparison, computed from the run (never typed by hand).
 
+    from retrieval_lib import paired_comparison, verdict
     cmp = paired_comparison(aps_gem, aps_mac)
     display(Markdown(verdict("GeM", "MAC", cmp)))
 
-Taught first in ``02_spoc``; every "X vs. Y" section of the book ends with one.
+Pure text over :func:`~retrieval_lib.search.compare.paired_comparison`'s dict, so it sits on the
+search floor beside it. Taught first in ``02_spoc``; every "X vs. Y" section of the book ends with one.
 """
 from __future__ import annotations
 
