@@ -231,29 +231,121 @@ def test_identity_trainable_rmac_is_rmac(hw, L, glob):
     torch.testing.assert_close(layer(x), rmac(x, L=L, include_global=glob), rtol=0, atol=1e-6)
 
 
-def test_trainable_rmac_equals_a_plain_loop():
-    x = _maps(C=4, H=6, W=8)
-    layer = TrainableRMAC(4, L=2, dim=3).double()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        layer.shift.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
-        layer.fc.weight.copy_(torch.randn(3, 4, generator=gen, dtype=torch.float64))
-    regions = rmac_regions(6, 8, 2).tolist() + [[0, 0, 8, 6]]
+def _gordo_loop(x, shift, W, L, eps=1e-6):
+    """Gordo's trainable R-MAC by a loop over images and regions, with the FC matrix ``W`` given whole."""
+    H, Wd = x.shape[-2:]
+    regions = rmac_regions(H, Wd, L).tolist() + [[0, 0, Wd, H]]
+    out = []
     for b in range(x.shape[0]):
-        acc = torch.zeros(3, dtype=torch.float64)
+        acc = torch.zeros(W.shape[0], dtype=torch.float64)
         for x0, y0, w, h in regions:
             v = x[b, :, y0:y0 + h, x0:x0 + w].amax(dim=(1, 2))
-            v = v / (v.norm() + 1e-6)
-            u = layer.fc.weight.detach() @ (v + layer.shift.detach())
-            acc += u / (u.norm() + 1e-6)
-        torch.testing.assert_close(layer(x[b:b + 1])[0], acc / (acc.norm() + 1e-6), rtol=0, atol=1e-10)
+            v = v / (v.norm() + eps)
+            u = W @ (v + shift)
+            acc += u / (u.norm() + eps)
+        out.append(acc / (acc.norm() + eps))
+    return torch.stack(out)
+
+
+def _set_start(layer, seed=5):
+    """A random start: shift b and W0 (what fit_pca would set), Delta left at 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.shift.copy_(torch.randn(layer.in_channels, generator=gen, dtype=torch.float64))
+        layer.w0.copy_(torch.randn(layer.dim, layer.in_channels, generator=gen, dtype=torch.float64) * 30)
+    return gen
+
+
+def test_trainable_rmac_at_zero_delta_is_the_fc_layer_of_its_start():
+    """Delta = 0: the layer is W0 applied directly (the old parametrisation, an FC layer holding W0)."""
+    x = _maps(C=4, H=6, W=8)
+    layer = TrainableRMAC(4, L=2, dim=3).double()
+    _set_start(layer)
+    assert float(layer.delta.detach().abs().max()) == 0.0
+    ref = _gordo_loop(x, layer.shift.detach(), layer.w0, L=2)
+    torch.testing.assert_close(layer(x).detach(), ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.weight, layer.w0, rtol=0, atol=0)
+    assert layer.relative_change() == 0.0
+
+
+def test_trainable_rmac_equals_a_plain_loop_with_delta():
+    x = _maps(C=4, H=6, W=8)
+    layer = TrainableRMAC(4, L=2, dim=3).double()
+    gen = _set_start(layer)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(4, 4, generator=gen, dtype=torch.float64) * 0.1)
+    W = layer.w0 @ (torch.eye(4, dtype=torch.float64) + layer.delta.detach())  # W0 (I + Delta), by hand
+    torch.testing.assert_close(layer.weight, W, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(x).detach(), _gordo_loop(x, layer.shift.detach(), W, L=2), rtol=0, atol=1e-10)
+    rel = float((W - layer.w0).norm() / layer.w0.norm())
+    assert layer.relative_change() == pytest.approx(rel, rel=1e-12)
+
+
+def test_trainable_rmac_gradients_match_finite_differences():
+    x = _maps(B=2, C=4, H=5, W=7, seed=2)
+    layer = TrainableRMAC(4, L=2, dim=3).double()
+    gen = _set_start(layer)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(4, 4, generator=gen, dtype=torch.float64) * 0.1)
+    target = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+
+    def f(shift, delta):
+        return torch.func.functional_call(layer, {"shift": shift, "delta": delta}, (x,)) @ target.T
+
+    shift = layer.shift.detach().clone().requires_grad_(True)
+    delta = layer.delta.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (shift, delta), eps=1e-6, atol=1e-7)
+
+
+def _toy_groups(n_groups=6, per=3, C=8, seed=0):
+    """Maps of ``n_groups`` groups: each group shares one bright pattern, at a random place, over clutter."""
+    g = torch.Generator().manual_seed(seed)
+    maps, labels = [], []
+    for k in range(n_groups):
+        pattern = torch.rand(C, generator=g, dtype=torch.float64) * 4
+        for _ in range(per):
+            x = torch.rand(C, 6, 8, generator=g, dtype=torch.float64) * 2
+            r, c = int(torch.randint(0, 5, (1,), generator=g)), int(torch.randint(0, 7, (1,), generator=g))
+            x[:, r:r + 2, c:c + 2] += pattern[:, None, None]
+            maps.append(x)
+            labels.append(k)
+    return torch.stack(maps), torch.tensor(labels)
+
+
+@pytest.mark.parametrize("start", ["identity", "pca"])
+def test_a_few_adam_steps_move_held_rankings(start):
+    """At Adam's usual rate the relative parametrisation moves W by a visible fraction and the
+    held-out rankings change (asserted as moved, not as better)."""
+    x_fit, y_fit = _toy_groups(seed=0)
+    x_held, _ = _toy_groups(seed=1)
+    layer = TrainableRMAC(8, L=2).double()
+    if start == "pca":
+        layer.fit_pca(x_fit)
+        assert float(layer.w0.abs().max()) > 3  # a whitening start: entries far from unit size
+    with torch.no_grad():
+        before = layer(x_held)
+    ranks_before = torch.argsort(before @ before.T, dim=1, descending=True)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    same = (y_fit[:, None] == y_fit[None, :]).double() - torch.eye(len(y_fit), dtype=torch.float64)
+    for _ in range(5):
+        f = layer(x_fit)
+        S = f @ f.T
+        loss = ((1 - S) * same).sum() / same.sum() + (S * (1 - same - torch.eye(len(y_fit)))).clamp(min=0).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert 1e-3 < layer.relative_change() < 1.0
+    with torch.no_grad():
+        after = layer(x_held)
+    ranks_after = torch.argsort(after @ after.T, dim=1, descending=True)
+    assert not torch.equal(ranks_before, ranks_after)
 
 
 def test_fit_pca_whitens_the_region_vectors():
     maps = [_maps(B=1, C=4, H=6, W=8, seed=s)[0] for s in range(6)]  # 6 maps x 9 regions (L=2 + global)
     layer = TrainableRMAC(4, L=2).double().fit_pca(maps)
     V = torch.cat([layer.region_vectors(m[None])[0] for m in maps])
-    Y = layer.fc(V + layer.shift).detach()
+    Y = layer.project(V).detach()
     torch.testing.assert_close(Y.mean(dim=0), torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-10)
     torch.testing.assert_close(torch.cov(Y.T), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-8)
     # a reference: mean and eigenvectors by hand; the same projections up to the sign of each component
@@ -269,7 +361,8 @@ def test_from_pca_reduces_dimension_and_trains():
     out = layer(torch.stack(maps))
     assert out.shape == (4, 3)
     out.sum().backward()
-    assert layer.shift.grad.abs().min() > 0 and layer.fc.weight.grad.abs().min() > 0
+    assert layer.shift.grad.abs().min() > 0 and layer.delta.grad.abs().min() > 0
+    assert float(layer.delta.detach().abs().max()) == 0.0  # the start: W = W0
 
 
 def test_fit_pca_errors():
@@ -340,8 +433,8 @@ def test_fit_pca_with_fewer_vectors_than_channels_whitens_too():
     layer = TrainableRMAC(40, L=1, dim=12).double().fit_pca(maps)
     V = torch.cat([layer.region_vectors(m[None])[0] for m in maps])
     assert V.shape == (15, 40)
-    Y = layer.fc(V + layer.shift).detach()
+    Y = layer.project(V).detach()
     torch.testing.assert_close(torch.cov(Y.T), torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-8)
-    W = layer.fc.weight.detach()
+    W = layer.weight
     P = W / W.norm(dim=1, keepdim=True)  # unit eigenvectors: orthonormal rows
     torch.testing.assert_close(P @ P.T, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-8)

@@ -7,8 +7,9 @@ scales are averaged plainly, as R-MAC's are).
 
 * :class:`TrainableRMAC` -- Gordo, Almazán, Revaud & Larlus, "End-to-end learning of deep
   visual representations for image retrieval", IJCV 2017: region MACs -> L2 -> shift + FC
-  (initialised from the PCA whitening of region vectors, :meth:`TrainableRMAC.fit_pca`,
-  and learnable) -> L2 -> sum over regions -> L2. Their region proposal network is out
+  (started at the identity or at the PCA whitening of region vectors, :meth:`TrainableRMAC.fit_pca`,
+  and learned as a relative change of that start, ``W = W0 (I + Delta)``) -> L2 -> sum over
+  regions -> L2. Their region proposal network is out
   of scope: the regions are R-MAC's rigid grid (:func:`~retrieval_lib.layers.functional.rmac_regions`).
 * :class:`DARAC` -- Schall, Barthel, Hezel & Jung, "Deep aggregation of regional
   convolutional activations for content based image retrieval", MMSP 2019: 21 regions,
@@ -157,14 +158,23 @@ class TrainableRMAC(nn.Module):
 
         v_r = l2n(mac_r(x));   u_r = l2n(W (v_r + b));   f = l2n(sum_r u_r)
 
-    ``b`` (``shift``, ``(C,)``) and ``W`` (``fc``, ``D x C``) are learnable. Built as the
-    identity (``b = 0``, ``W = I``, ``D = C``): then the layer *is* R-MAC
+    with a learnable shift ``b`` (``shift``, ``(C,)``) and fully connected layer ``W`` (``D x C``).
+
+    **Parametrisation.** ``W = W0 (I + Delta)``: ``W0`` (buffer ``w0``, ``D x C``) is the
+    *start* and stays fixed, ``Delta`` (``delta``, ``C x C``, zero at the start) is what
+    the optimiser moves. An optimiser step of size ``eta`` on ``Delta`` changes ``W`` by about
+    ``eta`` *relative to the start*, whatever the scale of ``W0``; trained directly, the
+    entries of a PCA-whitening start (they scale like ``lambda^-1/2``, tens to thousands)
+    would move by ``eta`` in absolute terms, i.e. not at all at Adam's usual rates. With
+    ``Delta = 0`` the layer is exactly the layer with ``W = W0`` (:attr:`weight` gives ``W``).
+
+    Built as the identity (``b = 0``, ``W0 = I``, ``D = C``): then the layer *is* R-MAC
     (:func:`~retrieval_lib.layers.functional.rmac` with the same ``L`` and
-    ``include_global``). Gordo et al. initialise them from the PCA whitening of region
-    vectors, ``b = -mean``, ``W = diag(lambda^-1/2) E^T`` (:meth:`fit_pca` /
-    :meth:`from_pca`), and train them with the triplet loss and hard negatives. Their
-    region proposal network is not implemented: the grid is rigid. Source: Gordo,
-    Almazán, Revaud & Larlus, IJCV 2017. Taught in ``notebooks/06_darac.ipynb``.
+    ``include_global``). Gordo et al. initialise the layer from the PCA whitening of region
+    vectors, ``b = -mean``, ``W0 = diag(lambda^-1/2) E^T`` (:meth:`fit_pca` /
+    :meth:`from_pca`), and train it with the triplet loss and hard negatives. Their region
+    proposal network is not implemented: the grid is rigid. Source: Gordo, Almazán, Revaud
+    & Larlus, IJCV 2017. Taught in ``notebooks/06_darac.ipynb``.
     """
 
     #: exponent of the mean over input scales (:func:`functional.multiscale_mean`)
@@ -182,10 +192,26 @@ class TrainableRMAC(nn.Module):
         checks.check_eps(eps, "TrainableRMAC")
         self.include_global = bool(include_global)
         self.eps = eps
-        self.shift = nn.Parameter(torch.zeros(self.in_channels))
-        self.fc = nn.Linear(self.in_channels, dim, bias=False)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(dim, self.in_channels))
+        self.dim = dim
+        self.shift = nn.Parameter(torch.zeros(self.in_channels))  # b
+        self.delta = nn.Parameter(torch.zeros(self.in_channels, self.in_channels))  # Delta: W = W0 (I + Delta)
+        self.register_buffer("w0", torch.eye(dim, self.in_channels))  # W0, the start (fixed)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fully connected layer's matrix ``W = W0 (I + Delta)``, ``(D, C)`` (detached)."""
+        w0 = self.w0.detach()
+        return w0 + w0 @ self.delta.detach()
+
+    def relative_change(self) -> float:
+        """``||W - W0||_F / ||W0||_F``: how far training moved the fully connected layer from its start."""
+        w0 = self.w0.detach().double()
+        return float((w0 @ self.delta.detach().double()).norm() / w0.norm().clamp(min=1e-300))
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """``W (v + b)`` for vectors ``v`` ``(..., C) -> (..., D)``, computed as ``W0 (y + Delta y)``, ``y = v + b``."""
+        y = v + self.shift
+        return (y + y @ self.delta.T) @ self.w0.T
 
     def region_vectors(self, x: torch.Tensor) -> torch.Tensor:
         """The L2-normalised region MACs ``(B, R, C)`` (the whole map last when ``include_global``)."""
@@ -201,17 +227,17 @@ class TrainableRMAC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.region_vectors(x)  # (B, R, C)
-        u = l2n(self.fc(v + self.shift), self.eps)  # (B, R, D)
+        u = l2n(self.project(v), self.eps)  # (B, R, D)
         return l2n(u.sum(dim=1), self.eps)  # (B, D)
 
     @torch.no_grad()
     def fit_pca(self, fmaps, shrinkage: float = 0.0) -> "TrainableRMAC":
-        """Set ``shift`` and ``fc`` to the PCA whitening of the region vectors of ``fmaps``; returns self.
+        """Start at the PCA whitening of the region vectors of ``fmaps``: set ``shift`` and ``W0``, zero ``Delta``; returns self.
 
         ``fmaps``: feature maps ``(C, h, w)`` (a list, any sizes) or a batch ``(B, C, h, w)``.
         With the region vectors ``v`` (as :meth:`region_vectors`), their mean ``m`` and the
         eigen-decomposition ``E diag(lambda) E^T`` of their covariance (eigenvalues
-        descending), ``shift = -m`` and ``fc = diag(lambda_D + shrinkage mean(lambda_D))^-1/2 E_D^T``
+        descending), ``shift = -m`` and ``W0 = diag(lambda_D + shrinkage mean(lambda_D))^-1/2 E_D^T``
         on the ``D`` leading components. ``shrinkage > 0`` damps the directions of tiny
         variance (0: plain PCA whitening, as in the paper). Raises ``ValueError`` when
         fewer than ``D + 1`` region vectors are given (the covariance would have fewer than
@@ -224,7 +250,7 @@ class TrainableRMAC(nn.Module):
         if not (isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0):
             raise ValueError(f"TrainableRMAC.fit_pca: shrinkage must be a number >= 0, got {shrinkage!r}")
         V = torch.cat([self.region_vectors(m.to(self.shift.device, self.shift.dtype))[0] for m in maps]).double()
-        D = self.fc.out_features
+        D = self.dim
         if V.shape[0] < D + 1:
             raise ValueError(f"TrainableRMAC.fit_pca: {V.shape[0]} region vectors cannot whiten {D} dimensions "
                              f"(the covariance has at most {V.shape[0] - 1} non-zero eigenvalues); give more "
@@ -241,20 +267,21 @@ class TrainableRMAC(nn.Module):
             lam, E = lam.flip(0)[:D].clamp(min=0), E.flip(1)[:, :D]
         lam = (lam + shrinkage * lam.mean()).clamp(min=1e-12 * float(lam[0]) + 1e-300)  # no division by 0
         self.shift.copy_(-mean.to(self.shift.dtype))
-        self.fc.weight.copy_((E / lam.sqrt()).T.to(self.fc.weight.dtype))
+        self.w0.copy_((E / lam.sqrt()).T.to(self.w0.dtype))
+        self.delta.zero_()
         return self
 
     @classmethod
     def from_pca(cls, fmaps, in_channels: int | None = None, L: int = 3, include_global: bool = True,
                  dim: int | None = None, shrinkage: float = 0.0) -> "TrainableRMAC":
-        """A layer built for the maps' channels and initialised by :meth:`fit_pca` on ``fmaps``."""
+        """A layer built for the maps' channels and started by :meth:`fit_pca` on ``fmaps``."""
         if in_channels is None:
             in_channels = int(fmaps[0].shape[-3])
         return cls(in_channels, L=L, include_global=include_global, dim=dim).fit_pca(fmaps, shrinkage)
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, dim={self.fc.out_features}, L={self.L}, "
-                f"include_global={self.include_global}")
+        return (f"in_channels={self.in_channels}, dim={self.dim}, L={self.L}, "
+                f"include_global={self.include_global}, W = W0 (I + Delta)")
 
 
 # --------------------------------------------------------------------------- DARAC
