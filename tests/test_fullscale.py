@@ -28,8 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_lib.book.config import MAX_SIZE_ENV, capped_sizes, dry_run_recipe, max_size, scale_config
+from retrieval_lib.book.config import (DRY_RUN_SETTINGS_CELL, MAX_SIZE_ENV, capped_sizes, dry_run_recipe, max_size,
+                                      scale_config)
 from retrieval_lib.book.needs import NOTEBOOKS
+from retrieval_lib.book.reproduce import with_dry_run_cell
+from retrieval_lib.errors import UsageError
 from retrieval_lib.engine.recipes import CGD_RECIPE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,6 +61,37 @@ def test_the_dry_run_caps_every_size_of_a_scale_and_cuts_the_recipes(monkeypatch
     assert dry_run_recipe(gem) == {"image_size": 32, "epochs": 1, "n_queries": 4, "pool_size": 16, "batch_size": 2}
     monkeypatch.setenv(MAX_SIZE_ENV, "2048")  # above the scale's size: nothing changes
     assert scale_config("full") == full and capped_sizes([512, 1024], "full") == [512, 1024]
+
+
+def test_the_dry_run_cell_gives_every_per_scale_setting_its_smoke_value_at_the_running_scale(capsys):
+    space = {"SCALE": "full", "EPOCHS": {"smoke": 2, "cpu": 6, "full": 30}, "SIZES": {"smoke": (128, 224),
+             "cpu": (224,), "full": (224, 1120)}, "LR": {"gordo": 1e-4, "darac": 1e-2}, "CAP": {"smoke": 12, "full": None},
+             "P_INIT": 3.0}
+    exec(DRY_RUN_SETTINGS_CELL, space)
+    assert space["EPOCHS"] == {"smoke": 2, "cpu": 6, "full": 2}
+    assert space["SIZES"] == {"smoke": (128, 224), "cpu": (224,), "full": (128, 224)}
+    # dicts not keyed by the three scales, and plain values, are left alone
+    assert space["LR"] == {"gordo": 1e-4, "darac": 1e-2} and space["CAP"] == {"smoke": 12, "full": None}
+    assert space["P_INIT"] == 3.0
+    assert "dry run: EPOCHS['full'] = 2 (smoke's), not 30" in capsys.readouterr().out
+
+
+def test_reproduce_adds_the_dry_run_cell_after_the_parameters_only_in_a_dry_run(monkeypatch, tmp_path):
+    nb = REPO / "notebooks" / "05_wgem.ipynb"
+    monkeypatch.delenv(MAX_SIZE_ENV, raising=False)
+    plain = with_dry_run_cell(nb)
+    at = next(i for i, c in enumerate(plain.cells) if "parameters" in c.metadata.get("tags", []))
+    assert all("dry-run-settings" not in c.metadata.get("tags", []) for c in plain.cells)
+    monkeypatch.setenv(MAX_SIZE_ENV, "96")
+    dry = with_dry_run_cell(nb)
+    assert len(dry.cells) == len(plain.cells) + 1 and dry.cells[at + 1].source == DRY_RUN_SETTINGS_CELL
+    assert dry.cells[at + 1].metadata["tags"] == ["dry-run-settings"]
+    bare = tmp_path / "bare.ipynb"  # no parameters cell: the dry run says it cannot set the settings
+    bare.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {}, "id": "c0", "source": "x = 1", "outputs": [],
+                                           "execution_count": None}], "metadata": {}, "nbformat": 4,
+                                "nbformat_minor": 5}))
+    with pytest.raises(UsageError, match="no cell tagged 'parameters'"):
+        with_dry_run_cell(bare)
 
 
 @pytest.mark.parametrize("value", ["abc", "16", "-5", "64px"])

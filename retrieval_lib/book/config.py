@@ -23,9 +23,13 @@ and ``python -m retrieval_lib reproduce`` at once.
 environment every image size of a scale above ``N`` px is scaled down by ``N / image_size`` -- the
 scale's own size (:func:`scale_config`), a notebook's size lists (:func:`capped_sizes`: 02's
 ``IMAGE_SIZES``, 06's ``SIZES``) and the end-to-end training recipes (:func:`dry_run_recipe`, which
-also cuts them to one epoch of a few tuples). ``RETRIEVAL_MAX_SIZE=64 python -m retrieval_lib reproduce
---scale full ...`` so runs every ``full`` code path on a CPU in minutes (``tests/test_fullscale.py``);
-the numbers of such a run mean nothing, and :meth:`ScaleConfig.summary` says so.
+also cuts them to one epoch of a few tuples). Run by ``python -m retrieval_lib reproduce``, every
+notebook also gets :data:`DRY_RUN_SETTINGS_CELL` after its parameters: each per-scale setting (a dict
+keyed ``smoke``/``cpu``/``full``: epochs, tuples, views, images, ...) takes its ``smoke`` value at the
+scale that runs, while every ``if S == "full"`` branch stays the scale's own. ``RETRIEVAL_MAX_SIZE=64
+python -m retrieval_lib reproduce --scale full ...`` so runs every ``full`` code path on a CPU in minutes
+(``tests/test_fullscale.py``); the numbers of such a run mean nothing, and :meth:`ScaleConfig.summary`
+says so.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from retrieval_lib.data.datasets import REVISITED, RevisitedDataset, default_ben
 from retrieval_lib.errors import MissingDataError
 
 __all__ = ["ScaleConfig", "SCALES", "scale_config", "default_scale", "default_progress", "benchmark_for_scale",
-           "MAX_SIZE_ENV", "max_size", "capped_sizes", "dry_run_recipe"]
+           "MAX_SIZE_ENV", "max_size", "capped_sizes", "dry_run_recipe", "DRY_RUN_SETTINGS_CELL"]
 
 MAX_SIZE_ENV = "RETRIEVAL_MAX_SIZE"
 """The environment variable of a dry run: every image size of a scale capped at this many pixels."""
@@ -171,6 +175,18 @@ def dry_run_recipe(recipe: dict, scale="full") -> dict:
     out = {k: _shrink(recipe[k], factor) for k in _RECIPE_SIZES if k in recipe}
     out.update({k: min(v, recipe[k]) for k, v in _RECIPE_CUTS.items() if k in recipe})
     return out
+
+
+DRY_RUN_SETTINGS_CELL = """\
+# A dry run (RETRIEVAL_MAX_SIZE is set): `reproduce` added this cell. Every per-scale setting above takes its
+# "smoke" value at this scale, so the scale's own code path runs with smoke's epochs, tuples, views and image
+# counts (image sizes are capped by the library); the numbers of this run mean nothing.
+for _name, _value in list(globals().items()):
+    if isinstance(_value, dict) and set(_value) == {"smoke", "cpu", "full"}:
+        globals()[_name] = {**_value, SCALE: _value["smoke"]}
+        print(f"dry run: {_name}[{SCALE!r}] = {_value['smoke']!r} (smoke's), not {_value[SCALE]!r}")
+"""
+"""The code cell a dry run adds after a notebook's parameters (:func:`retrieval_lib.book.reproduce.run_notebooks`)."""
 
 
 def benchmark_for_scale(cfg: ScaleConfig | str | None = None, data_root=None):

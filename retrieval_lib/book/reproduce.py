@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from retrieval_lib.book.config import benchmark_for_scale, scale_config
+from retrieval_lib.book.config import DRY_RUN_SETTINGS_CELL, benchmark_for_scale, max_size, scale_config
 from retrieval_lib.book.offtheshelf import (check_table_backbone, extraction_line, offtheshelf, offtheshelf_measured,
                                              offtheshelf_table, table_backbone)
 from retrieval_lib.book.paper_networks import main_paper_networks
@@ -30,7 +30,7 @@ from retrieval_lib.errors import MissingDataError, NotebooksFailed, UsageError
 
 __all__ = ["offtheshelf", "offtheshelf_table", "offtheshelf_measured", "gather_results", "run_notebooks",
            "find_notebooks", "select_notebooks", "check_data_root", "check_table_backbone", "table_backbone",
-           "merge_results", "write_results", "CELL_TIMEOUT_S"]
+           "merge_results", "write_results", "with_dry_run_cell", "CELL_TIMEOUT_S"]
 
 # per-cell limit: a hang at smoke scale fails within two minutes (a smoke cell takes seconds on an idle
 # 2-core machine; 04's cold multi-scale extraction passed a minute when two other jobs shared the cores);
@@ -187,6 +187,23 @@ def _ipc_kernel_manager():
     return IPCKernelManager
 
 
+def with_dry_run_cell(path):
+    """The notebook at ``path`` as an nbformat node -- with :data:`~retrieval_lib.book.config.DRY_RUN_SETTINGS_CELL`
+    right after its ``parameters`` cell when ``RETRIEVAL_MAX_SIZE`` asks for a dry run (papermill then puts
+    its injected parameters between the two), else unchanged."""
+    import nbformat
+
+    doc = nbformat.read(str(path), as_version=4)
+    if max_size() is None:
+        return doc
+    at = next((i for i, c in enumerate(doc.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if at is None:
+        raise UsageError(f"{Path(path).name} has no cell tagged 'parameters': a dry run cannot set its settings")
+    cell = nbformat.v4.new_code_cell(DRY_RUN_SETTINGS_CELL, metadata={"tags": ["dry-run-settings"]})
+    doc.cells.insert(at + 1, cell)
+    return doc
+
+
 def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=None,
                   progress: bool = True) -> list[dict]:
     """Execute the notebooks with papermill; return the gathered metrics documents.
@@ -197,6 +214,8 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
     The kernel gets ``RETRIEVAL_PROGRESS=0`` (no progress widgets in the saved notebooks) and
     ``RETRIEVAL_RESULTS`` = the folder above ``out_dir`` (``--out``: what ``09_reproductions`` reads),
     and none of torchrun's process-group variables; ``progress`` is papermill's own bar over the cells.
+    In a dry run (``RETRIEVAL_MAX_SIZE``) each notebook runs with its per-scale settings at smoke's values
+    (:func:`with_dry_run_cell`).
 
     A notebook that fails (an error in a cell, a cell out of time, a dead kernel) does not stop
     the others: its document is ``{"notebook", "failed": True, "cell", "error", "seconds", "ours": {}}``
@@ -226,7 +245,7 @@ def run_notebooks(scale: str, out_dir, notebooks_dir=None, only=None, data_root=
             try:
                 # a per-cell limit, so that a stuck cell fails the notebook instead of hanging the run
                 with _environ(RETRIEVAL_NOTEBOOK=nb.stem):  # names the notebook in book.widget_check's records
-                    pm.execute_notebook(str(nb), str(nb_out / nb.name), parameters=params, progress_bar=progress,
+                    pm.execute_notebook(with_dry_run_cell(nb), str(nb_out / nb.name), parameters=params, progress_bar=progress,
                                         cwd=str(nb.parent), kernel_name="python3",
                                         execution_timeout=CELL_TIMEOUT_S[scale], kernel_manager_class=manager)
                 doc = read_metrics(nb_out)
