@@ -120,7 +120,7 @@ def _fake_downloads(monkeypatch):
     return got
 
 
-FULL = ["roxford5k", "real171", "rSfM120k-tl-resnet101-gem-w", "retrievalSfM120k-resnet101-gem"]
+FULL = ["roxford5k", "real171", "rSfM120k-tl-resnet101-gem-w", "rparis6k", "retrievalSfM120k-resnet101-gem"]
 
 
 def _shell():

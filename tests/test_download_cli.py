@@ -15,6 +15,7 @@ from retrieval_lib import __main__ as cli
 from retrieval_lib.book import downloads
 from retrieval_lib.data import real171 as r171
 from retrieval_lib.data.download import ArchiveError
+from retrieval_lib.data.revisited import load_gnd
 from retrieval_lib.models.released import released_networks
 from test_real171_download import SOURCES, _route, _table, server  # noqa: F401 (the local mirror fixture)
 
@@ -154,3 +155,17 @@ def test_the_command_shows_in_the_help(capsys):
         cli.main(["download", "--help"])
     out = capsys.readouterr().out
     assert "--list" in out and "--mirror" in out and "real171, roxford5k, rparis6k, rsfm120k, cub" in out
+
+
+def test_the_catalogue_counts_the_revisited_images_as_their_ground_truth_does(data_root):
+    """``download --list`` gives revisited Oxford/Paris as image counts (no byte size is recorded here);
+    the counts are those of the ground-truth files beside the checkout."""
+    rows = {r[0]: r for r in downloads.list_rows(None)}
+    for name, n in downloads.REVISITED_IMAGES.items():
+        assert rows[name][2].startswith(f"{n:,} database images + 70 query images in ")
+    gnd_dir = data_root / "revisited_gnd" if data_root is not None else None
+    if gnd_dir is None or not gnd_dir.is_dir():
+        pytest.skip("../shared/data/revisited_gnd is absent: the counts cannot be compared with the ground truth")
+    for name, n in downloads.REVISITED_IMAGES.items():
+        gnd = load_gnd(gnd_dir / f"gnd_{name}.pkl")
+        assert (len(gnd["imlist"]), len(gnd["qimlist"])) == (n, 70)

@@ -23,7 +23,8 @@ def _sfm(root):
 
 def test_the_learned_notebooks_say_what_full_skips_and_how_to_fetch_it(tmp_path):
     needs = check_needs("05_wgem", "full", tmp_path)
-    assert [n.item for n in needs.needs] == ["real171", "rsfm120k", "roxford5k", RELEASED_FOR["05_wgem"]]
+    assert [n.item for n in needs.needs] == ["real171", "rsfm120k", "roxford5k", RELEASED_FOR["05_wgem"],
+                                         "rparis6k"]
     assert not needs.have("rsfm120k") and needs.missing_required() == []  # optional: section 7 is skipped
     text = needs._repr_markdown_()
     assert f"python -m retrieval_lib download rsfm120k --data {tmp_path}" in text
@@ -86,5 +87,6 @@ def test_a_released_network_is_fetched_without_a_data_root_and_counts_only_when_
 
 def test_default_downloads_are_every_item_used_less_the_large_ones():
     assert default_downloads("cpu") == default_downloads("smoke") == ["real171"]
-    assert default_downloads("full") == ["roxford5k", "real171", RELEASED_FOR["05_wgem"], RELEASED_FOR["08_whitening"]]
+    assert default_downloads("full") == ["roxford5k", "real171", RELEASED_FOR["05_wgem"], "rparis6k",
+                                         RELEASED_FOR["08_whitening"]]
     assert {n.item for nb in NOTEBOOKS for n in scale_needs(nb, "full") if n.on_request} == {"rsfm120k", "cub"}

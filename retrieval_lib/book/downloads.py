@@ -104,6 +104,8 @@ def _sfm_present(root: Path) -> str:
 
 
 _RESEARCH = "research use; terms at "
+# database images per revisited data set (Radenovic et al., CVPR 2018; the imlist of each gnd_*.pkl)
+REVISITED_IMAGES = {"roxford5k": 4993, "rparis6k": 6322}
 DATA_ITEMS = {
     "real171": DataItem(
         "real171", f"{source_bytes_total() / 1e6:.1f} MB of sources -> {REAL171_BUILT_MB} MB",
@@ -111,7 +113,8 @@ DATA_ITEMS = {
         "Creative Commons; phototourism samples: non-commercial academic)",
         "raw.githubusercontent.com (4 repositories at pinned commits) or --mirror",
         _real171_fetch, _real171_present),
-    **{name: DataItem(name, "? (images: " + ", ".join(u.rsplit("/", 1)[-1] for u in IMAGE_URLS[name]) + ")",
+    **{name: DataItem(name, f"{REVISITED_IMAGES[name]:,} database images + 70 query images in "
+                      + " and ".join(u.rsplit("/", 1)[-1] for u in IMAGE_URLS[name]) + " (byte size: not recorded here)",
                       _RESEARCH + IMAGE_URLS[name][0].rsplit("/", 1)[0],
                       GND_URL.split("/")[2] + " + www.robots.ox.ac.uk",
                       _revisited_fetch(name), _revisited_present(name)) for name in REVISITED},
