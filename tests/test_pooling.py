@@ -216,3 +216,89 @@ def test_dtype_and_p_errors():
         WGeM(4, dtype="float64")
     with pytest.raises(ValueError, match="positive finite"):
         GeM(p=float("inf"))
+
+
+# ------------------------------------------------------------------ WGeM with normalised mask input
+def _wgem_l2_loop(x, weight, bias, p, eps=1e-6):
+    """WGeM(mask_input="l2") by plain loops: per image, each cell's C-vector to unit length, the 3x3
+    convolution (zero padding) cell by cell, the softmax over cells, the weighted power mean per channel."""
+    B, C, H, W = x.shape
+    out = torch.zeros(B, C, dtype=x.dtype)
+    for b in range(B):
+        unit = torch.zeros(C, H, W, dtype=x.dtype)
+        for r in range(H):
+            for c in range(W):
+                unit[:, r, c] = x[b, :, r, c] / (x[b, :, r, c].norm() + eps)
+        z = torch.zeros(H, W, dtype=x.dtype)
+        for r in range(H):
+            for c in range(W):
+                z[r, c] = bias[0]
+                for dr in (-1, 0, 1):
+                    for dc in (-1, 0, 1):
+                        if 0 <= r + dr < H and 0 <= c + dc < W:
+                            z[r, c] = z[r, c] + (weight[0, :, dr + 1, dc + 1] * unit[:, r + dr, c + dc]).sum()
+        omega = torch.exp(z - z.max())
+        omega = omega / omega.sum()
+        for k in range(C):
+            xk = x[b, k].clamp(min=eps)
+            out[b, k] = (omega * xk ** p).sum() ** (1.0 / p)
+    return out
+
+
+def test_wgem_l2_mask_input_matches_a_loop_and_starts_as_gem():
+    x = _fmap(B=2, C=3, H=4, W=5, dtype=torch.float64) * 5.0
+    m = WGeM(3, p=2.5, mask_input="l2").double()
+    torch.testing.assert_close(m(x), F.gem(x, 2.5), rtol=1e-12, atol=1e-12)  # untrained: uniform mask = GeM
+    torch.testing.assert_close(m.attention(x), torch.full((2, 1, 4, 5), 1 / 20, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        m.conv.weight.copy_(torch.randn(m.conv.weight.shape, generator=gen, dtype=torch.float64))
+        m.conv.bias.fill_(0.2)
+    ref = _wgem_l2_loop(x, m.conv.weight.detach(), m.conv.bias.detach(), 2.5)
+    torch.testing.assert_close(m(x), ref, rtol=1e-12, atol=1e-12)
+    # the mask sees directions only: scaling a cell's vector leaves the mask (nearly: eps) unchanged
+    scaled = x.clone()
+    scaled[:, :, 1, 2] *= 10.0
+    torch.testing.assert_close(m.attention(scaled), m.attention(x), rtol=1e-5, atol=1e-7)
+    raw = WGeM(3, p=2.5).double()
+    raw.load_state_dict(m.state_dict())  # same parameters, raw input: another mask
+    assert not torch.allclose(raw.attention(x), m.attention(x))
+    assert m.extra_repr().endswith("learnable, mask_input=l2") and "mask_input" not in raw.extra_repr()
+
+
+def test_wgem_l2_mask_input_gradcheck():
+    x = (_fmap(B=1, C=3, H=3, W=4, dtype=torch.float64) + 0.1).requires_grad_(True)
+    m = WGeM(3, p=3.0, mask_input="l2").double()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        m.conv.weight.copy_(torch.randn(m.conv.weight.shape, generator=gen, dtype=torch.float64))
+    w = m.conv.weight.detach().clone().requires_grad_(True)
+    p = m.p.detach().clone().requires_grad_(True)
+
+    def g(x_, w_, p_):  # the same forward with the weights as inputs, so gradcheck differentiates them
+        unit = x_ / (torch.linalg.vector_norm(x_, dim=1, keepdim=True) + m.eps)
+        z = torch.nn.functional.conv2d(unit, w_, m.conv.bias, padding=1)
+        omega = torch.softmax(z.flatten(2), -1).view_as(z)
+        return F.wgem(x_, omega, p_)
+
+    torch.testing.assert_close(m(x.detach()), g(x.detach(), w.detach(), p.detach()), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(g, (x, w, p), eps=1e-6, atol=1e-6)  # dy/dx (both paths), dy/dW, dy/dp
+    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-6)  # the layer's own backward in x
+    m(x).sum().backward()  # the layer's dL/dW and dL/dp are those of the checked function
+    gw, gp = torch.autograd.grad(g(x, w, p).sum(), (w, p))
+    assert m.conv.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(m.conv.weight.grad, gw, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m.p.grad, gp, rtol=1e-10, atol=1e-12)
+
+
+def test_wgem_mask_input_errors_and_default_is_unchanged():
+    with pytest.raises(ValueError, match="mask_input"):
+        WGeM(4, mask_input="L2")
+    x = _fmap(C=4)
+    a, b = WGeM(4), WGeM(4, mask_input="raw")
+    with torch.no_grad():
+        a.conv.weight.normal_(0, 0.3)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x)) and list(a.state_dict()) == ["p", "conv.weight", "conv.bias"]
+    logits = torch.nn.functional.conv2d(x, a.conv.weight, a.conv.bias, padding=1)  # raw: the map itself
+    assert torch.equal(a.attention(x), torch.softmax(logits.flatten(2), -1).view_as(logits))

@@ -23,7 +23,10 @@ from torch import nn
 
 from retrieval_lib.layers import checks, functional
 
-__all__ = ["MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling"]
+__all__ = ["MAC", "SPoC", "GeM", "RMAC", "WGeM", "POOLING", "make_pooling", "MASK_INPUTS"]
+
+#: what WGeM's mask convolution may see: the raw map, or each cell L2-normalised
+MASK_INPUTS = ("raw", "l2")
 
 
 def _check_p_init(p: float, p_min: float, cls: str) -> None:
@@ -220,6 +223,14 @@ class WGeM(nn.Module):
     ``p_min`` in the forward pass, as in :class:`GeM`; ``dtype`` and ``multiscale_p`` (the
     current p) as in :class:`GeM`.
 
+    ``mask_input`` is what the convolution sees: ``"raw"`` (default, the paper's) the map
+    itself, ``"l2"`` each cell's ``C``-vector L2-normalised, ``x_i / (||x_i|| + eps)``. A raw
+    3x3 window of a backbone's activations sums to hundreds, so one Adam step of an ordinary
+    learning rate moves the logits by far more than 1 and only a tiny rate keeps the mask
+    usable; normalised cells bound that move by the rate times ``9 sqrt(C)`` and make the
+    logit depend on what a cell shows, not how strongly it fires. The pooled values still
+    come from the raw map; untrained, either input gives the uniform mask (GeM).
+
     Source: Wu et al., ICIP 2018 (weighted generalized mean pooling, Eq. 2).
     Taught in ``notebooks/05_wgem.ipynb``.
     """
@@ -232,8 +243,12 @@ class WGeM(nn.Module):
         learn_p: bool = True,
         p_min: float = 1.0,
         dtype: torch.dtype | None = None,
+        mask_input: str = "raw",
     ):
         super().__init__()
+        if mask_input not in MASK_INPUTS:
+            raise ValueError(f"WGeM: mask_input must be one of {', '.join(repr(m) for m in MASK_INPUTS)} (what the "
+                             f"mask's convolution sees), got {mask_input!r}")
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(
                 "WGeM: in_channels must be the number of feature-map channels (a positive "
@@ -252,6 +267,7 @@ class WGeM(nn.Module):
         self.p_min = float(p_min)
         self.learn_p = bool(learn_p)
         self.dtype = dtype
+        self.mask_input = mask_input
 
     @property
     def multiscale_p(self) -> float:
@@ -262,6 +278,8 @@ class WGeM(nn.Module):
         checks.check_fmap(x, "WGeM", self.in_channels)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask_input == "l2":  # each cell's C-vector to unit length: (B, C, H, W)
+            x = x / (torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True) + self.eps)
         logits = self.conv(x)  # (B, 1, H, W)
         return torch.softmax(logits.flatten(2), dim=-1).view_as(logits)
 
@@ -280,7 +298,8 @@ class WGeM(nn.Module):
     def extra_repr(self) -> str:
         mode = "learnable" if self.learn_p else "fixed"
         dtype = "" if self.dtype is None else f", dtype={self.dtype}"
-        return f"in_channels={self.in_channels}, {_p_repr(self.p)}, eps={self.eps:.0e}, {mode}{dtype}"
+        mask = "" if self.mask_input == "raw" else f", mask_input={self.mask_input}"
+        return f"in_channels={self.in_channels}, {_p_repr(self.p)}, eps={self.eps:.0e}, {mode}{dtype}{mask}"
 
 
 POOLING = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "wgem": WGeM}
