@@ -576,3 +576,35 @@ def test_map_source_errors():
         MapSource([torch.zeros(2, 2, 2), None])
     with pytest.raises(ValueError, match="2 labels for 1 maps"):
         MapSource([torch.zeros(2, 2, 2)], labels=[0, 1])
+
+
+def test_a_time_budget_trains_in_chunks_that_end_where_one_run_ends(tmp_path):
+    """fit(max_seconds=...) stops after the first step past the budget, checkpointed; fresh trainers
+    (a new Colab session each) resume chunk by chunk and end bit-identical to an uninterrupted run."""
+    fmaps, labels = problem()
+    reference = build(fmaps, labels, epochs=3)
+    reference.fit()
+    assert reference.finished
+    n_steps = len(reference.history["loss"])
+    chunks, resumed_at = 0, []
+    while True:
+        t = build(fmaps, labels, checkpoint_dir=tmp_path, epochs=3, checkpoint_every=1000)
+        t.fit(max_seconds=1e-9)  # every step is past the budget: one step per chunk
+        chunks += 1
+        resumed_at.append(t.step)
+        if t.finished:
+            break
+        assert chunks < 100
+    assert chunks == n_steps and resumed_at == list(range(1, n_steps + 1))
+    assert t.history["loss"] == reference.history["loss"]
+    assert _same_state(t.model.state_dict(), reference.model.state_dict())
+
+
+@pytest.mark.parametrize("budget, where, match", [(0, True, "positive number"), (-1.0, True, "positive number"),
+                                                   (True, True, "positive number"), ("10", True, "positive number"),
+                                                   (5.0, False, "give the Trainer a checkpoint_dir")])
+def test_a_time_budget_that_cannot_work_is_refused(tmp_path, budget, where, match):
+    fmaps, labels = problem()
+    t = build(fmaps, labels, checkpoint_dir=tmp_path if where else None)
+    with pytest.raises(ValueError, match=match):
+        t.fit(max_seconds=budget)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -209,6 +210,7 @@ class Trainer:
         self.epoch = 0
         self.history = {"loss": [], "lr": [], "epoch": []}
         self.resumed_from: Optional[Path] = None
+        self.finished = False  # fit() trained every epoch (False after a stop at max_seconds)
         self.rank, self.world_size = 0, 1
         self.optimizer: Optional[torch.optim.Optimizer] = None  # built by fit()
         self._settle_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -322,18 +324,31 @@ class Trainer:
         return ck["plan"], int(ck["next_batch"])  # plan None: the epoch had ended, plan the next one
 
     # -- the loop
-    def fit(self, resume: bool = True) -> dict:
+    def fit(self, resume: bool = True, max_seconds: Optional[float] = None) -> dict:
         """Train up to ``epochs`` epochs; with ``resume`` continue from the newest readable checkpoint.
+
+        ``max_seconds``: a time budget for this call (a chunk of a long training, e.g. one Colab
+        session): after the first step that ends past it, a checkpoint is written (with a
+        ``checkpoint_dir``) and ``fit`` returns with ``finished`` False; calling ``fit()`` again
+        (in a new process too) resumes there and ends where an uninterrupted run ends. Without a
+        ``checkpoint_dir`` a budget is refused (the stop would lose the work).
 
         Raises ``FloatingPointError`` naming the step when the loss is NaN or infinite (the
         step is not applied; the last checkpoint stays the one to resume from).
         """
+        if max_seconds is not None:
+            if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds > 0:
+                raise ValueError(f"Trainer.fit: max_seconds must be a positive number of seconds or None, "
+                                 f"got {max_seconds!r}")
+            if self.settings.checkpoint_dir is None:
+                raise ValueError("Trainer.fit: max_seconds stops training part way and resumes from a checkpoint; "
+                                 "give the Trainer a checkpoint_dir")
         owns_group = init_process_group()
         env = dist_env()
         self.rank, self.world_size = env["rank"], env["world_size"]
         finished = False
         try:
-            history = self._fit(resume, env["local_rank"])
+            history = self._fit(resume, env["local_rank"], max_seconds)
             finished = True
             return history
         finally:
@@ -350,7 +365,17 @@ class Trainer:
         if cuda and not torch.cuda.is_bf16_supported():
             self.amp_dtype = torch.float16  # older GPUs: float16 with gradient scaling
 
-    def _fit(self, resume: bool, local_rank: int) -> dict:
+    def _out_of_time(self, started: float, max_seconds: Optional[float]) -> bool:
+        if max_seconds is None:
+            return False
+        stop = torch.tensor([float(time.monotonic() - started > max_seconds)])
+        if self.world_size > 1:  # every process stops after the same step: rank 0's clock decides
+            dist.broadcast(stop, src=0)
+        return bool(stop.item())
+
+    def _fit(self, resume: bool, local_rank: int, max_seconds: Optional[float] = None) -> dict:
+        started = time.monotonic()
+        self.finished = False
         self._settle_device(local_rank)
         cuda = self.device.type == "cuda"
         s = self.settings
@@ -393,10 +418,15 @@ class Trainer:
                         self._checkpoint(opt, scaler, generator, b + 1, plan, last)
                     if self.on_step is not None:
                         self.on_step(self, self.step, loss_value)
+                    if self._out_of_time(started, max_seconds) and not (last and self.epoch + 1 == s.epochs):
+                        if self.step % s.checkpoint_every != 0:  # not just written above
+                            self._checkpoint(opt, scaler, generator, b + 1, plan, last)
+                        return self.history
                 plan, next_batch = None, 0
                 self.epoch += 1
         finally:
             bar.close()
+        self.finished = True
         return self.history
 
     def _checkpoint(self, opt, scaler, generator, next_batch, plan, epoch_done: bool) -> None:
