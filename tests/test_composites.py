@@ -266,6 +266,8 @@ def test_object_task_crops_are_disjoint_and_more_photos_per_group_give_more_obje
     _, one = _task(tmp_path, crops_per_image=4)
     _, all_photos = _task(tmp_path, crops_per_image=4, photos_per_group=None)
     assert len(np.unique(all_photos.train.labels)) > len(np.unique(one.train.labels))
+    _, capped = _task(tmp_path, crops_per_image=4, n_train_groups=5)
+    assert len(np.unique(capped.train.labels)) == 5 and capped.held.group_names == one.held.group_names
     # the four crops of a photo: names #0..#3, from the same photo
     names = one.train.group_names
     photo = {n.split("#")[0] for n in names}
@@ -279,7 +281,8 @@ def test_object_task_errors(tmp_path):
     for bad, match in ((dict(area=(0.2, 0.1)), "area"), (dict(area=(0.0, 0.1)), "area"), (dict(area=0.1), "area"),
                        (dict(placement=(0.5, 1.5)), "placement"), (dict(placement=0.5), "placement"),
                        (dict(per_object=2), "per_object"), (dict(crops_per_image=0), "crops_per_image"),
-                       (dict(n_held_groups=True), "n_held_groups"), (dict(n_backgrounds=0), "n_backgrounds"),
+                       (dict(n_held_groups=True), "n_held_groups"),
+                       (dict(n_train_groups=1), "n_train_groups"), (dict(n_backgrounds=0), "n_backgrounds"),
                        (dict(max_side=10), "max_side"), (dict(photos_per_group=0), "photos_per_group"),
                        (dict(n_held_groups=40), "cannot give")):
         with pytest.raises(ValueError, match=match):

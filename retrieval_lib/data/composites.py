@@ -312,8 +312,8 @@ def _check_task_args(area, placement, per_object, n_bg) -> None:
                          f"many backgrounds, got n_backgrounds={n_bg}")
 
 
-def object_task(dataset, n_held_groups: int = 30, n_val_groups: Optional[int] = None, crops_per_image: int = 2,
-                per_object: int = 3, area=(0.10, 0.20), placement=None, n_backgrounds: Optional[int] = None,
+def object_task(dataset, n_held_groups: int = 30, n_val_groups: Optional[int] = None,
+                n_train_groups: Optional[int] = None, crops_per_image: int = 2, per_object: int = 3, area=(0.10, 0.20), placement=None, n_backgrounds: Optional[int] = None,
                 photos_per_group: Optional[int] = 1, seed: int = 0, max_side: int = 512, cache_dir=None,
                 progress: bool = True) -> ObjectTask:
     """The in-domain object task of ``notebooks/05_wgem.ipynb``: which object is pasted here?
@@ -326,7 +326,7 @@ def object_task(dataset, n_held_groups: int = 30, n_val_groups: Optional[int] = 
     * Each object photo gives ``crops_per_image`` disjoint crops (a grid of near-square cells,
       80-100 % of each cell's sides); **each crop is an object, its own group**. The first
       ``n_held_groups`` crops are held out, the next ``n_val_groups`` (default: as many) are
-      the validation objects, the rest train.
+      the validation objects, the rest train (at most ``n_train_groups``; ``None``: all).
     * Every object is pasted on ``per_object`` different backgrounds of its side's pool,
       scaled to cover a share of the background's area drawn in ``area`` and flipped at
       random (so two matches are not pixel copies), at a random place (``placement=None``)
@@ -341,6 +341,7 @@ def object_task(dataset, n_held_groups: int = 30, n_val_groups: Optional[int] = 
     """
     n_held = _positive_int(n_held_groups, "n_held_groups")
     n_val = n_held if n_val_groups is None else _positive_int(n_val_groups, "n_val_groups")
+    n_train = np.inf if n_train_groups is None else _positive_int(n_train_groups, "n_train_groups", 2)
     k = _positive_int(crops_per_image, "crops_per_image")
     per_object = _positive_int(per_object, "per_object")
     n_bg = max(per_object, 8) if n_backgrounds is None else _positive_int(n_backgrounds, "n_backgrounds")
@@ -359,7 +360,7 @@ def object_task(dataset, n_held_groups: int = 30, n_val_groups: Optional[int] = 
         pool = next(p for p in pools if len(p) < n_bg)
         pool.extend(members[groups.pop(0)])
     pools = [p[:n_bg] for p in pools]
-    plan, counts, quota, side = [], [0, 0, 0], (n_held, n_val, np.inf), 0  # plan: (side, photo, crop)
+    plan, counts, quota, side = [], [0, 0, 0], (n_held, n_val, n_train), 0  # plan: (side, photo, crop)
     for g in groups:  # every photo of a group on one side; crops past a side's quota are left out
         side += int(side < 2 and counts[side] >= quota[side])
         for i in members[g][:per_group]:
@@ -372,7 +373,7 @@ def object_task(dataset, n_held_groups: int = 30, n_val_groups: Optional[int] = 
                          f"{n_bg} backgrounds and {n_held} held-out, {n_val} validation and at least 2 training "
                          f"objects from {k} crops per photo (got {counts[0]}, {counts[1]}, {counts[2]}); ask for fewer "
                          "objects or backgrounds, or more crops per photo")
-    params = {"v": OBJECT_TASK_VERSION, "n_held": n_held, "n_val": n_val, "k": k, "per_object": per_object,
+    params = {"v": OBJECT_TASK_VERSION, "n_held": n_held, "n_val": n_val, "n_train": counts[2], "k": k, "per_object": per_object,
               "area": area, "placement": placement, "n_bg": n_bg, "per_group": per_group, "seed": seed,
               "max_side": max_side}
     final = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / \
