@@ -37,7 +37,7 @@ from retrieval_lib.data.datasets import (CUB200, GND_URL, IMAGE_URLS, REVISITED,
                                          default_benchmark, download_cub, find_gnd, load_gnd)
 from retrieval_lib.data.sfm120k import SFM_BASE_URL, SFM_NAME, load_sfm120k
 from retrieval_lib.data.splits import split_groups, take
-from retrieval_lib.data.composites import localisation_composites, mask_mass_in_box, object_task
+from retrieval_lib.data.composites import mask_mass_in_box, object_task
 from retrieval_lib.search.nearest import knn, rank_database
 from retrieval_lib.search.evaluate import (compare_aps, compute_map, evaluate_revisited, headline, map_by_labels,
                                            query_aps)
@@ -74,7 +74,7 @@ __all__ = [
     "ImageList", "load_image", "resize_longer_side", "to_tensor", "GroupDataset", "default_benchmark",
     "data_root", "cache_root", "find_gnd", "load_gnd", "GND_URL", "IMAGE_URLS", "REVISITED", "CUB200",
     "download_cub", "load_sfm120k", "SFM_BASE_URL", "SFM_NAME", "split_groups", "take",
-    "localisation_composites", "mask_mass_in_box", "object_task",
+    "mask_mass_in_box", "object_task",
     # search
     "knn", "rank_database", "compute_map", "evaluate_revisited", "map_by_labels", "query_aps", "headline",
     "compare_aps", "paired_comparison", "verdict", "multiplicity_note", "signed", "mean_ap_excluding", "dba",
