@@ -144,3 +144,9 @@ def test_verdict_never_claims_what_the_data_cannot_show():
     rounding = paired_comparison(base + np.r_[0.3, np.zeros(29)], base + np.r_[0, 4.6e-18, np.zeros(28)])
     assert not rounding["significant"] and rounding["losses"] == 0
     assert "12 comparisons at once" in multiplicity_note(12) and "0.6 of 12" in multiplicity_note(12)
+    # within the noise: the sentence names what the bootstrap resampled (queries, or their groups)
+    mixed = base + np.r_[0.05, -0.04, 0.03, -0.05, np.zeros(26)]
+    assert "another draw of queries could reverse it" in verdict("A", "B", paired_comparison(mixed, base))
+    by_group = paired_comparison(mixed, base, groups=np.repeat(np.arange(15), 2))
+    assert not by_group["significant"] and "over the 15 groups" in verdict("A", "B", by_group)
+    assert "another draw of groups could reverse it" in verdict("A", "B", by_group)

@@ -51,8 +51,9 @@ def verdict(name_a: str, name_b: str, cmp: dict, what: str = "mAP") -> str:
         return body + (f"Every query that moved favours **{leader}**, so no resample can reverse the sign; the "
                        f"interval reaches zero only through resamples that leave those {moved} queries out."
                        + test + reading)
+    drawn = "groups" if cmp.get("resampled") == "groups" else "queries"
     return body + ("**The difference is within the noise** of this query set: the interval contains zero, "
-                   "so another draw of queries could reverse it.")
+                   f"so another draw of {drawn} could reverse it.")
 
 
 def multiplicity_note(k: int, level: float = 0.95) -> str:
