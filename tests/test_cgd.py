@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from retrieval_lib.book.cgd import (compare, comparison_table, describe, heldout_scores, pool_branches, summarize,
-                                    take_branches, train_and_score, train_head)
+from retrieval_lib.book.cgd import (compare, comparison_table, describe, heldout_scores, loss_change, pool_branches,
+                                    summarize, take_branches, train_and_score, train_head)
 from retrieval_lib.engine.objectives import BranchBatchHardLoss, ClassificationLoss, cgd_objective
 from retrieval_lib.engine.optim import SCHEDULES, StepSchedule
 from retrieval_lib.engine.recipes import RECIPES, CGD_RECIPE, cgd_trainer, describe_images, remap_labels
@@ -401,7 +401,11 @@ def test_train_and_score_compare_and_table():
            "G": train_and_score("G", train, lab, test, test_lab, aux=False, **kw)}
     assert res["SMG"]["n_runs"] == 2 and res["SMG"]["R@1/min"] <= res["SMG"]["R@1"] <= res["SMG"]["R@1/max"]
     assert res["G"]["head"].classifier is None and res["SMG"]["head"].config_name == "SMG"
-    assert len(res["SMG"]["history"]["loss"]) == 4 and res["SMG"]["seconds"] > 0
+    assert len(res["SMG"]["history"]["loss"]) == 4 == res["SMG"]["steps"] and res["SMG"]["seconds"] > 0
+    # the seeds' own scores: their summary is the setting's, the first alone pairs with a one-seed setting
+    runs = res["SMG"]["runs"]
+    assert len(runs) == 2 and summarize(runs)["R@1"] == res["SMG"]["R@1"]
+    assert np.array_equal(summarize(runs[:1])["aps"], runs[0]["aps"])
     same = compare(res, "SMG", "SMG")
     assert same["R@1"]["delta"] == 0 and not same["mAP"]["significant"]
     table, cmps = comparison_table(res, [("SMG", "G")], names={"SMG": "CGD SMG"})
@@ -413,6 +417,17 @@ def test_train_and_score_compare_and_table():
     res["G"]["groups"] = test_lab[::-1].copy()
     with pytest.raises(ValueError, match="different queries"):
         compare(res, "SMG", "G")
+
+
+def test_loss_change_against_a_plain_mean():
+    loss = [5.0, 4.0, 3.0, 2.0, 1.8, 1.6, 1.5, 1.4, 1.2, 1.0]
+    # share 0.2 of 10 steps: the last 2 (1.2, 1.0) against the 2 before (1.5, 1.4)
+    assert loss_change({"loss": loss}) == pytest.approx(((1.2 + 1.0) / 2 - (1.5 + 1.4) / 2) / ((1.5 + 1.4) / 2))
+    assert loss_change({"loss": [2.0] * 10}, share=0.5) == 0.0
+    with pytest.raises(ValueError, match="share"):
+        loss_change({"loss": loss}, share=0.7)
+    with pytest.raises(ValueError, match="steps"):
+        loss_change({"loss": [1.0, 2.0]}, share=0.2)
 
 
 def test_channel_scale_equals_scaling_the_map_before_pooling():

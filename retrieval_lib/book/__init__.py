@@ -32,8 +32,8 @@ from retrieval_lib.book.regional import aspect_crop, fmap_size, map_vs_L, region
 from retrieval_lib.book.wgem import show_composite_masks, show_mask_pair
 from retrieval_lib.book.darac import (SIZE_STUDY, fixed_poolings, layout_checks, mean_contributions, show_contributions,
                                       show_heldout, show_region_weights, show_size_study)
-from retrieval_lib.book.cgd import (compare, comparison_table, describe, heldout_scores, pool_branches, summarize,
-                                    take_branches, train_and_score)
+from retrieval_lib.book.cgd import (compare, comparison_table, describe, heldout_scores, loss_change, pool_branches,
+                                    summarize, take_branches, train_and_score)
 from retrieval_lib.book.whitening_study import (WHITENING_NAMES, comparison_rows, evaluate_descriptors, image_patches,
                                                 learn_whitenings, mahalanobis_sq, plot_map_vs_bytes, plot_map_vs_dim,
                                                 show_whitened_patches, show_whitening_2d, sweep_codecs, sweep_dims,
@@ -60,8 +60,8 @@ __all__ = [
     "region_levels",
     "show_composite_masks", "show_mask_pair", "SIZE_STUDY", "fixed_poolings", "layout_checks", "mean_contributions",
     "show_contributions", "show_heldout", "show_region_weights", "show_size_study",
-    "compare", "comparison_table", "describe", "heldout_scores", "pool_branches", "summarize", "take_branches",
-    "train_and_score",
+    "compare", "comparison_table", "describe", "heldout_scores", "loss_change", "pool_branches", "summarize",
+    "take_branches", "train_and_score",
     "WHITENING_NAMES", "comparison_rows", "evaluate_descriptors", "image_patches", "learn_whitenings",
     "mahalanobis_sq", "plot_map_vs_bytes", "plot_map_vs_dim", "show_whitened_patches", "show_whitening_2d",
     "sweep_codecs", "sweep_dims", "training_descriptors", "group_folds", "indomain_sweep", "plot_indomain_sweep",

@@ -11,6 +11,7 @@ and the paper's end-to-end recipe in :mod:`retrieval_lib.engine.recipes` (``RECI
   pooled vectors never change, so the heads of every configuration train on them
   (the same numbers as training on the maps, at a fraction of the cost);
 * :func:`train_head`, :func:`describe`, :func:`train_and_score` -- one head per seed;
+  :func:`loss_change` -- whether its loss still fell at the end;
 * :func:`heldout_scores` -- class-level Recall@K and mAP of held-out groups, per query too,
   for the paired bootstrap of :mod:`retrieval_lib.search.compare`; :func:`summarize`,
   :func:`compare`, :func:`comparison_table`.
@@ -33,12 +34,12 @@ from retrieval_lib.engine.trainer import Trainer
 from retrieval_lib.layers.cgd import CGD, parse_config
 from retrieval_lib.models.cgd_net import CGDNet, build_head
 from retrieval_lib.search.compare import paired_comparison
-from retrieval_lib.search.verdict import signed
 from retrieval_lib.search.evaluate import map_by_labels
 from retrieval_lib.search.nearest import rank_database
+from retrieval_lib.search.verdict import signed
 
 __all__ = ["pool_branches", "take_branches", "train_head", "describe", "heldout_scores", "summarize",
-           "train_and_score", "compare", "comparison_table"]
+           "train_and_score", "loss_change", "compare", "comparison_table"]
 
 _ALL = "SMG"  # the order of the branches in the output of pool_branches
 
@@ -181,8 +182,10 @@ def train_and_score(config: str, train_pooled: torch.Tensor, labels, test_pooled
     ``labels``: the training classes ``0 .. n_classes - 1`` (the classifier has one output per
     class); ``test_labels``: the held-out groups. Each seed draws the head's initialisation and
     the P x K batches; ``channel_scale``: see :class:`CGD`. Returns :func:`summarize` of the seeds
-    plus ``"history"`` and ``"head"`` of the first seed, ``"seconds"`` (training time, all seeds) and
-    ``"X"``, the first seed's held-out descriptors.
+    plus ``"history"`` and ``"head"`` of the first seed, ``"steps"`` (its optimiser steps),
+    ``"seconds"`` (training time, all seeds), ``"X"``, the first seed's held-out descriptors, and
+    ``"runs"``, the :func:`heldout_scores` of each seed in ``seeds``' order (``summarize(runs[:1])``
+    is the first seed alone, to pair with a setting trained on fewer seeds).
     """
     lab = np.asarray(labels)
     n_classes = int(lab.max()) + 1
@@ -198,8 +201,23 @@ def train_and_score(config: str, train_pooled: torch.Tensor, labels, test_pooled
         runs.append(heldout_scores(X, test_labels))
         first = first or (history, head, X)
     out = summarize(runs)
-    out.update(history=first[0], head=first[1], X=first[2], seconds=time.perf_counter() - t0)
+    out.update(history=first[0], head=first[1], X=first[2], runs=runs, steps=len(first[0]["loss"]),
+               seconds=time.perf_counter() - t0)
     return out
+
+
+def loss_change(history: dict, share: float = 0.2) -> float:
+    """How much the training loss still moved at the end: the mean loss of the last ``share`` of the
+    steps relative to the mean of the ``share`` before it, ``(last - before) / before`` (negative: it
+    still fell). ``history``: a :class:`~retrieval_lib.engine.trainer.Trainer` history (``"loss"``
+    per step), e.g. :func:`train_and_score`'s ``"history"``."""
+    loss = np.asarray(history["loss"], dtype=np.float64)
+    n = int(round(share * len(loss)))
+    if not 0 < share <= 0.5 or n < 1:
+        raise ValueError(f"loss_change: need 0 < share <= 0.5 and at least 2 / share steps, got share={share!r} "
+                         f"and {len(loss)} steps")
+    before, last = loss[-2 * n:-n].mean(), loss[-n:].mean()
+    return float((last - before) / before)
 
 
 def compare(results: dict, a: str, b: str, n_boot: int = 2000, seed: int = 0) -> dict:
