@@ -313,7 +313,8 @@ def _check_task_args(area, placement, per_object, n_bg) -> None:
 
 
 def object_task(dataset, n_held_groups: int = 30, n_val_groups: Optional[int] = None,
-                n_train_groups: Optional[int] = None, crops_per_image: int = 2, per_object: int = 3, area=(0.10, 0.20), placement=None, n_backgrounds: Optional[int] = None,
+                n_train_groups: Optional[int] = None, crops_per_image: int = 2, per_object: int = 3,
+                area=(0.10, 0.20), placement=None, n_backgrounds: Optional[int] = None,
                 photos_per_group: Optional[int] = 1, seed: int = 0, max_side: int = 512, cache_dir=None,
                 progress: bool = True) -> ObjectTask:
     """The in-domain object task of ``notebooks/05_wgem.ipynb``: which object is pasted here?
@@ -373,9 +374,9 @@ def object_task(dataset, n_held_groups: int = 30, n_val_groups: Optional[int] = 
                          f"{n_bg} backgrounds and {n_held} held-out, {n_val} validation and at least 2 training "
                          f"objects from {k} crops per photo (got {counts[0]}, {counts[1]}, {counts[2]}); ask for fewer "
                          "objects or backgrounds, or more crops per photo")
-    params = {"v": OBJECT_TASK_VERSION, "n_held": n_held, "n_val": n_val, "n_train": counts[2], "k": k, "per_object": per_object,
-              "area": area, "placement": placement, "n_bg": n_bg, "per_group": per_group, "seed": seed,
-              "max_side": max_side}
+    params = {"v": OBJECT_TASK_VERSION, "n_held": n_held, "n_val": n_val, "n_train": counts[2], "k": k,
+              "per_object": per_object, "area": area, "placement": placement, "n_bg": n_bg, "per_group": per_group,
+              "seed": seed, "max_side": max_side}
     final = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / \
         f"object_task_v{OBJECT_TASK_VERSION}" / files_fingerprint(paths, params)
 
