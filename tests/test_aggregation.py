@@ -4,6 +4,7 @@ Checked against plain references: a loop over regions for the 42 vectors, R-MAC 
 max-only DARAC and the identity-initialised trainable R-MAC, the plain sum for the untrained
 DARAC, a hand-built PCA whitening, and the layout rule on landscape, portrait and square maps.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -424,7 +425,7 @@ def test_book_figures_draw():
                 show_heldout(["a", "b"], [0.5, 0.6], [(None, None), (0.01, 0.2)], "a", "t")):
         assert fig.axes and fig.axes[0].get_title()
         plt.close(fig)
-    with pytest.raises(ValueError, match="42 weights"):
+    with pytest.raises(ValueError, match="42 values"):
         show_region_weights(torch.ones(21))
 
 
@@ -438,3 +439,147 @@ def test_fit_pca_with_fewer_vectors_than_channels_whitens_too():
     W = layer.weight
     P = W / W.norm(dim=1, keepdim=True)  # unit eigenvectors: orthonormal rows
     torch.testing.assert_close(P @ P.T, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+# ---------------------------------------------------------------- where the objects are, which loss, why not
+def _coverage_by_pixels(box, size, long_side=16, fine=8):
+    """slot_coverage for one image by counting the pixels of a fine raster of the (transposed) image."""
+    (x0, y0, x1, y1), (W, H) = box, size
+    if H > W:
+        x0, y0, x1, y1, W, H = y0, x0, y1, x1, H, W
+    h = max(1, int(round(long_side * H / W)))
+    regions = darac_regions(h, long_side).tolist()
+    gw, gh = long_side * fine, h * fine  # fine grid over the map, pixel centres in fractions of the image
+    xs, ys = (torch.arange(gw, dtype=torch.float64) + 0.5) / gw, (torch.arange(gh, dtype=torch.float64) + 0.5) / gh
+    inside = ((ys[:, None] >= y0 / H) & (ys[:, None] < y1 / H) & (xs[None] >= x0 / W) & (xs[None] < x1 / W))
+    return [float(inside[ry * fine:(ry + rh) * fine, rx * fine:(rx + rw) * fine].double().mean())
+            for rx, ry, rw, rh in regions]
+
+
+def test_slot_coverage_equals_counting_pixels():
+    from retrieval_lib.book.darac import slot_coverage
+
+    # boxes on cell boundaries of the fine raster, so counting pixels is exact
+    cases = [((0, 0, 256, 192), (512, 384)), ((128, 96, 384, 288), (512, 384)), ((96, 0, 288, 256), (384, 512)),
+             ((0, 0, 512, 384), (512, 384)), ((32, 32, 96, 160), (512, 384))]
+    for box, size in cases:
+        np.testing.assert_allclose(slot_coverage([box], [size]), _coverage_by_pixels(box, size), atol=1e-12)
+    both = slot_coverage([c[0] for c in cases], [c[1] for c in cases])
+    np.testing.assert_allclose(both, np.mean([_coverage_by_pixels(*c) for c in cases], axis=0), atol=1e-12)
+    whole = slot_coverage([(0, 0, 512, 384)], [(512, 384)])
+    np.testing.assert_allclose(whole, np.ones(21))
+    assert slot_coverage([(0, 0, 256, 192)], [(512, 384)])[0] == pytest.approx(0.25)  # whole-map slot: the area share
+    with pytest.raises(ValueError, match="one \\(width, height\\) per box"):
+        slot_coverage([(0, 0, 1, 1)], [(4, 4), (4, 4)])
+    with pytest.raises(ValueError, match="positive"):
+        slot_coverage([(0, 0, 1, 1)], [(0, 4)])
+
+
+def test_a_portrait_image_reads_transposed():
+    from retrieval_lib.book.darac import slot_coverage
+
+    np.testing.assert_allclose(slot_coverage([(10, 40, 100, 200)], [(384, 512)]),
+                               slot_coverage([(40, 10, 200, 100)], [(512, 384)]), atol=1e-12)
+
+
+def test_choose_by_validation_names_ties():
+    from retrieval_lib.book.darac import choose_by_validation
+
+    assert choose_by_validation({"a": 0.5, "b": 0.7, "c": 0.6}, "a")[0] == "b"
+    kept, why = choose_by_validation({"a": 0.7, "b": 0.7, "c": 0.6}, "b")
+    assert kept == "b" and "tie" in why and "(the default)" in why
+    kept, why = choose_by_validation({"a": 0.7, "b": 0.7, "c": 0.6}, "c")
+    assert kept == "a" and "the default" not in why
+    with pytest.raises(ValueError, match="not one of"):
+        choose_by_validation({"a": 0.1}, "z")
+    with pytest.raises(ValueError, match="no validation"):
+        choose_by_validation({}, "z")
+
+
+def test_training_diagnosis_names_the_measured_causes():
+    from retrieval_lib.book.darac import training_diagnosis
+
+    flat = {"val_mAP": [1.0, 1.0, 0.99], "kept_epoch": 0, "saturated": True}
+    cmp0 = {"delta": 0.0, "significant": False, "ci": (0.0, 0.0), "n": 9, "n_groups": 3}
+    out = training_diagnosis(flat, cmp0, moved=0.0, moved_what="largest weight change")
+    assert len(out) == 3 and "saturated" in out[0] and "untrained head was kept" in out[1] and "barely" in out[2]
+    flat = {"val_mAP": [0.4, 0.4, 0.4], "kept_epoch": 2, "saturated": False}
+    out = training_diagnosis(flat, {**cmp0, "identical": True}, moved=0.3, moved_what="w")
+    assert len(out) == 2 and "never changed" in out[0] and "every one of the 9 held-out queries" in out[1]
+    up = {"val_mAP": [0.5, 0.6], "kept_epoch": 1, "saturated": False}
+    out = training_diagnosis(up, {**cmp0, "delta": -0.02}, moved=0.3, moved_what="w")
+    assert out == [out[0]] and "did not carry over" in out[0]
+    out = training_diagnosis(up, {**cmp0, "delta": 0.02, "ci": (-0.01, 0.05)}, moved=0.3, moved_what="w")
+    assert len(out) == 1 and "within the noise of 3 groups" in out[0]
+    assert training_diagnosis(up, {**cmp0, "delta": 0.02, "significant": True, "ci": (0.01, 0.03)}, 0.3, "w") == []
+
+
+def test_paired_rows_are_paired_comparisons():
+    from retrieval_lib.book.darac import paired_rows
+    from retrieval_lib.search.compare import paired_comparison
+
+    rng = np.random.default_rng(0)
+    aps = {"a": rng.random(12), "b": rng.random(12)}
+    aps["c"] = aps["a"].copy()
+    groups = np.repeat(np.arange(4), 3)
+    header, rows, cmps = paired_rows(aps, [("a", "b"), ("c", "a")], {"a": "A", "b": "B", "c": "C"}, groups=groups)
+    ref = paired_comparison(aps["a"], aps["b"], groups=groups)
+    assert cmps[("a", "b")]["ci"] == ref["ci"] and cmps[("a", "b")]["resampled"] == "groups"
+    assert len(rows) == 2 and all(len(r) == len(header) for r in rows)
+    assert rows[0][:3] == ["A", "B", pytest.approx(aps["a"].mean())] and rows[1][-1] == "identical"
+
+
+# ---------------------------------------------------------------- heads on vectors computed once
+def test_heads_on_frozen_vectors_equal_heads_on_maps():
+    from retrieval_lib.book.darac import frozen_vectors
+    from retrieval_lib.engine.extract import pool_fmaps
+
+    maps = [_maps(B=1, C=6, H=h, W=w, seed=s)[0] for s, (h, w) in enumerate([(6, 8), (8, 6), (6, 8), (5, 9)])]
+    gen = torch.Generator().manual_seed(3)
+    darac = DARAC(kernels=4).double()
+    gordo = TrainableRMAC(6, L=3, dim=4).double()
+    with torch.no_grad():
+        darac.weight.add_(torch.randn(darac.weight.shape, generator=gen, dtype=torch.float64))
+        darac.bias.copy_(torch.randn(4, generator=gen, dtype=torch.float64) * 0.1)
+        gordo.shift.copy_(torch.randn(6, generator=gen, dtype=torch.float64) * 0.1)
+        gordo.delta.copy_(torch.randn(6, 6, generator=gen, dtype=torch.float64) * 0.1)
+    for layer in (darac, gordo):
+        V = frozen_vectors(layer, maps)
+        assert len(V) == len(maps) and V[0].dim() == 2
+        torch.testing.assert_close(pool_fmaps(V, layer), pool_fmaps(maps, layer), rtol=0, atol=1e-12)
+        for m, v in zip(maps, V):  # one map at a time, as a loop would
+            torch.testing.assert_close(layer(v[None]), layer(m[None]), rtol=0, atol=1e-12)
+    assert frozen_vectors(darac, maps)[0].shape == (42, 6)
+    assert frozen_vectors(gordo, maps)[0].shape == (21, 6)  # R-MAC's 20 squares of a 6 x 8 map + the whole map
+    torch.testing.assert_close(darac.contributions(frozen_vectors(darac, maps)[0][None]), darac.contributions(maps[0][None]))
+
+
+def test_vector_inputs_are_checked():
+    from retrieval_lib.book.darac import frozen_vectors
+
+    with pytest.raises(ValueError, match="precomputed vectors"):
+        DARAC(kernels=2)(torch.rand(2, 21, 6))
+    with pytest.raises(ValueError, match="precomputed vectors"):
+        TrainableRMAC(6)(torch.rand(2, 21, 5))
+    with pytest.raises(TypeError, match="DARAC or a TrainableRMAC"):
+        frozen_vectors(torch.nn.Identity(), [torch.rand(6, 4, 4)])
+
+
+def test_not_beaten_note_and_rank_correlation():
+    from retrieval_lib.book.darac import not_beaten_note, rank_correlation
+
+    rec = {"val_mAP": [0.5, 0.6], "kept_epoch": 1, "saturated": False}
+    win = {"delta": 0.1, "significant": True, "ci": (0.05, 0.15), "n": 9, "n_groups": 3}
+    assert not_beaten_note("H", rec, win, 0.3, "w") == ""
+    note = not_beaten_note("H", rec, {**win, "significant": False, "ci": (-0.01, 0.2)}, 0.3, "w")
+    assert note.startswith("**H did not beat") and "within the noise of 3 groups" in note
+    note = not_beaten_note("H", rec, {**win, "delta": 0.0, "significant": False, "ci": (0.0, 0.0)}, 0.3, "w")
+    assert "not a gain" not in note and "did not carry over" in note
+    a = [0.1, 0.5, 0.3, 0.9]
+    assert rank_correlation(a, [1, 3, 2, 4]) == pytest.approx(1.0)
+    assert rank_correlation(a, [4, 2, 3, 1]) == pytest.approx(-1.0)
+    ra, rb = [0, 2, 1, 3], [1, 0, 3, 2]  # the ranks by hand; Pearson of ranks
+    assert rank_correlation(a, [2, 1, 4, 3]) == pytest.approx(float(np.corrcoef(ra, rb)[0, 1]))
+    assert np.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="same length"):
+        rank_correlation([1, 2], [1, 2, 3])

@@ -30,8 +30,10 @@ from retrieval_lib.book.sweeps import (evaluate_many, gem_contributions, gem_poo
                                        pair_similarity_vs_p, self_similarity, spoc_weights, sweep_image_size)
 from retrieval_lib.book.regional import aspect_crop, fmap_size, map_vs_L, region_count_table, region_levels
 from retrieval_lib.book.wgem import show_composite_masks, show_mask_pair
-from retrieval_lib.book.darac import (SIZE_STUDY, fixed_poolings, layout_checks, mean_contributions, show_contributions,
-                                      show_heldout, show_region_weights, show_size_study)
+from retrieval_lib.book.darac import (SIZE_STUDY, choose_by_validation, fixed_poolings, frozen_vectors, layout_checks,
+                                      mean_contributions, not_beaten_note, paired_rows, rank_correlation,
+                                      show_contributions, show_heldout, show_region_weights, show_size_study,
+                                      slot_coverage)
 from retrieval_lib.book.cgd import (compare, comparison_table, describe, heldout_scores, loss_change, pool_branches,
                                     summarize, take_branches, train_and_score)
 from retrieval_lib.book.whitening_study import (WHITENING_NAMES, comparison_rows, evaluate_descriptors, image_patches,
@@ -59,7 +61,8 @@ __all__ = [
     "map_on_subset", "pair_similarity_vs_p", "aspect_crop", "fmap_size", "map_vs_L", "region_count_table",
     "region_levels",
     "show_composite_masks", "show_mask_pair", "SIZE_STUDY", "fixed_poolings", "layout_checks", "mean_contributions",
-    "show_contributions", "show_heldout", "show_region_weights", "show_size_study",
+    "show_contributions", "show_heldout", "show_region_weights", "show_size_study", "choose_by_validation",
+    "frozen_vectors", "paired_rows", "slot_coverage", "not_beaten_note", "rank_correlation",
     "compare", "comparison_table", "describe", "heldout_scores", "loss_change", "pool_branches", "summarize",
     "take_branches", "train_and_score",
     "WHITENING_NAMES", "comparison_rows", "evaluate_descriptors", "image_patches", "learn_whitenings",

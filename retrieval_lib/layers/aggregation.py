@@ -149,6 +149,18 @@ def darac_vectors(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return l2n(torch.cat([means, maxima], dim=1), eps)  # (B, 42, C)
 
 
+def _is_vectors(x, fn: str, rows: int | None, channels: int) -> bool:
+    """True when ``x`` is a batch of precomputed vectors ``(B, R, C)`` (a head's input once its
+    frozen maps were pooled); ``False`` for a feature map batch; a clear error otherwise."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3):
+        return False
+    if (rows is not None and x.shape[1] != rows) or x.shape[2] != channels or not x.is_floating_point():
+        raise ValueError(f"{fn}: a 3-D input is read as precomputed vectors (B, {rows or 'R'}, {channels}) "
+                         f"(floating point), got {tuple(x.shape)} {x.dtype}; give feature maps (B, C, H, W) "
+                         "or the output of the layer's own vector method")
+    return True
+
+
 # --------------------------------------------------------------------------- Gordo et al.
 class TrainableRMAC(nn.Module):
     """Gordo et al.'s trainable R-MAC: ``(B, C, H, W) -> (B, D)``, L2-normalised.
@@ -214,7 +226,13 @@ class TrainableRMAC(nn.Module):
         return (y + y @ self.delta.T) @ self.w0.T
 
     def region_vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """The L2-normalised region MACs ``(B, R, C)`` (the whole map last when ``include_global``)."""
+        """The L2-normalised region MACs ``(B, R, C)`` (the whole map last when ``include_global``).
+
+        They do not depend on the layer's parameters: with a frozen backbone they can be
+        computed once per map and given to :meth:`forward` in place of the maps (a 3-D input
+        is returned as it is)."""
+        if _is_vectors(x, "TrainableRMAC", None, self.in_channels):
+            return x
         checks.check_fmap(x, "TrainableRMAC", self.in_channels, "in_channels")
         H, W = x.shape[-2:]
         regions = rmac_regions_tuple(H, W, self.L)
@@ -226,6 +244,7 @@ class TrainableRMAC(nn.Module):
         return l2n(v, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps ``(B, C, H, W)``, or their :meth:`region_vectors` ``(B, R, C)``, -> ``(B, D)``."""
         v = self.region_vectors(x)  # (B, R, C)
         u = l2n(self.project(v), self.eps)  # (B, R, D)
         return l2n(u.sum(dim=1), self.eps)  # (B, D)
@@ -331,7 +350,14 @@ class DARAC(nn.Module):
         self.combine = nn.Parameter(torch.full((self.kernels,), 1.0 / self.kernels))  # (l,): g
 
     def vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """The 42 L2-normalised vectors ``(B, 42, C)`` (:func:`darac_vectors`)."""
+        """The 42 L2-normalised vectors ``(B, 42, C)`` (:func:`darac_vectors`) of feature maps ``(B, C, H, W)``.
+
+        They do not depend on the layer's parameters: with a frozen backbone they can be
+        computed once per map and given to :meth:`forward` in place of the maps (a 3-D
+        input ``(B, 42, C)`` is returned as it is)."""
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            _is_vectors(x, "DARAC", self.n_vectors, x.shape[2])
+            return x
         return darac_vectors(x, self.eps)
 
     def _aggregate(self, V: torch.Tensor):
@@ -339,6 +365,7 @@ class DARAC(nn.Module):
         return Z, torch.einsum("k,bkc->bc", self.combine, torch.relu(Z))  # (B, l, C), (B, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps ``(B, C, H, W)``, or their :meth:`vectors` ``(B, 42, C)``, -> ``(B, C)``."""
         _, u = self._aggregate(self.vectors(x))  # (B, C, H, W) -> (B, 42, C) -> (B, C)
         return l2n(u, self.eps)
 
