@@ -13,10 +13,11 @@ also after a rerun of some; each notebook says what it measures at ``full``; wit
 05 and 07 run their other sections and print the ``download`` command; with them, 05's and 07's
 end-to-end cells train, checkpoint under the run's output, and a rerun resumes.
 
-The runs are marked ``fullscale`` (tens of minutes on two cores, most of it the notebooks' own full
-settings; ``tests/conftest.py`` leaves them out of ``pytest`` unless asked for):
-``python -m pytest -m fullscale tests/test_fullscale.py``.
-The dry-run settings themselves are checked first, in the default suite.
+A dry run also gives every per-scale setting of a notebook its ``smoke`` value at ``full``
+(:data:`~retrieval_lib.book.config.DRY_RUN_SETTINGS_CELL`, added by ``reproduce``), so the runs take
+minutes, not the hour the notebooks' own full settings took. They are part of ``pytest`` (and so of
+CI), marked ``fullscale``: ``python -m pytest -m fullscale tests/test_fullscale.py`` runs them alone,
+``-m "not fullscale"`` leaves them out while working.
 """
 from __future__ import annotations
 
@@ -109,10 +110,11 @@ def standin(tmp_path_factory, data_root):
     return found
 
 
-def _reproduce(standin, out: Path, notebooks: str = "all", data=None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RETRIEVAL_DATA", "RETRIEVAL_SCALE")}
+def _reproduce(standin, out: Path, notebooks: str = "all", data=None, **extra_env) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RETRIEVAL_DATA", "RETRIEVAL_SCALE", "RETRIEVAL_TRAIN_MINUTES")}
     env.update(TORCH_HOME=str(standin["torch_home"]), RETRIEVAL_CACHE=str(standin["cache"]),
-               **{MAX_SIZE_ENV: str(MAX_SIZE)})
+               **{MAX_SIZE_ENV: str(MAX_SIZE)}, **extra_env)
     cmd = [sys.executable, "-m", "retrieval_lib", "reproduce", "--scale", "full", "--data",
            str(data or standin["data"]), "--out", str(out), "--notebooks", notebooks, "--quiet"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -166,28 +168,35 @@ def test_without_rsfm_and_cub_every_notebook_runs_and_says_what_to_fetch(standin
 
 @pytest.mark.fullscale
 def test_with_rsfm_and_cub_the_end_to_end_cells_train_in_resumable_chunks(standin, tmp_path):
-    """rSfM-120k and CUB added: 05's and 07's end-to-end cells state their cost, train, checkpoint under the
-    run's output; a rerun resumes from the checkpoints; results accumulate over reruns."""
+    """rSfM-120k and CUB added: 05's and 07's end-to-end cells state their cost and train under a time budget
+    (``TRAIN_MINUTES``, here from ``RETRIEVAL_TRAIN_MINUTES``), stop checkpointed and say to rerun; a rerun
+    without a budget resumes from the checkpoints and finishes; results accumulate over reruns."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "roxford5k").symlink_to(standin["data"] / "roxford5k", target_is_directory=True)
     add_extra(data, standin["torch_home"])
     out = tmp_path / "r"
-    run = _reproduce(standin, out, "05,07", data=data)
+    run = _reproduce(standin, out, "05,07", data=data, RETRIEVAL_TRAIN_MINUTES="1e-6")  # one step, then stop
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text05, text07 = _outputs(out, "05_wgem"), _outputs(out, "07_cgd")
     assert "the paper's recipe, per head: 1 epochs" in text05 and "Time on a GPU: not measured" in text05
     assert "CGD's recipe, per configuration" in text07 and "Time on a GPU: not measured" in text07
+    for text, names in ((text05, ("gem", "wgem")), (text07, ("MG", "SG", "SMG"))):
+        for name in names:
+            assert f"{name}: stopped at step 1 when TRAIN_MINUTES = 1e-06 ran out, checkpointed" in text, name
     for name in ("gem", "wgem"):
-        assert any((out / "notebooks" / "05_wgem" / "checkpoints" / name).glob("ckpt-*.pt")), name
-    assert any((out / "notebooks" / "07_cgd" / "checkpoints" / "MG").glob("ckpt-*.pt"))
+        assert [p.name for p in (out / "notebooks" / "05_wgem" / "checkpoints" / name).glob("ckpt-*.pt")] == \
+            ["ckpt-000000001.pt"], name
     docs, _ = _results(out)
-    assert any(k.startswith("R@1/cub200/") for k in next(d for d in docs if d["notebook"] == "07_cgd")["ours"])
-    rerun = _reproduce(standin, out, "05", data=data)
+    assert not any(k.startswith("R@1/cub200/") for k in next(d for d in docs if d["notebook"] == "07_cgd")["ours"])
+    rerun = _reproduce(standin, out, "07", data=data)  # a new session without a budget: resumes and finishes
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "gem: resumed from" in _outputs(out, "05_wgem")
+    text07 = _outputs(out, "07_cgd")
+    for name in ("MG", "SG", "SMG"):
+        assert f"{name}: resumed from " in text07 and "stopped at step" not in text07, name
     docs, md = _results(out)
     assert [d["notebook"] for d in docs] == ["05_wgem", "07_cgd"]  # this folder's runs only, both kept
+    assert any(k.startswith("R@1/cub200/") for k in docs[1]["ours"])
 
 
 def test_without_revisited_oxford_nothing_runs_and_the_command_is_named(tmp_path):
