@@ -163,15 +163,5 @@ def readme_run(tmp_path_factory, readme_commands) -> ReadmeRun:
 
 # ---------------------------------------------------------------- the full-scale dry run
 def pytest_configure(config):
-    config.addinivalue_line("markers", "fullscale: the full scale's dry run on a CPU stand-in (minutes); skipped "
-                                       "unless selected with -m fullscale (tens of minutes on 2 cores; not part of `pytest`)")
-
-
-def pytest_collection_modifyitems(config, items):
-    """``fullscale`` tests run only when asked for (``-m fullscale``): the default suite stays minutes shorter."""
-    if "fullscale" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="the full-scale dry run: `python -m pytest -m fullscale tests/test_fullscale.py`")
-    for item in items:
-        if "fullscale" in item.keywords:
-            item.add_marker(skip)
+    config.addinivalue_line("markers", "fullscale: the full scale's dry run on a CPU stand-in (minutes, part of "
+                                       "`pytest` and CI; `-m 'not fullscale'` leaves it out while working)")
