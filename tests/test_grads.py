@@ -127,6 +127,9 @@ def test_wgem_backward_matches_autograd_through_both_paths():
     assert not torch.allclose(by_hand["x_pool"], gx, atol=1e-6)
     with pytest.raises(ValueError, match="g must have shape"):
         wgem_backward(layer, x.detach(), g[:, :3])
+    # the closed forms chain the convolution on the raw map: a unit-length mask input is refused, never wrong
+    with pytest.raises(ValueError, match="mask_input is 'l2'"):
+        wgem_backward(WGeM(6, p=2.5, mask_input="l2").double(), x.detach(), g)
 
 
 def test_wgem_grads_errors():

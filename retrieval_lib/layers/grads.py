@@ -113,6 +113,9 @@ def wgem_backward(layer, x: torch.Tensor, g: torch.Tensor) -> dict:
     ``"p"`` (a 0-d tensor); ``"conv_weight"`` ``(1, C, 3, 3)``, ``"conv_bias"`` ``(1,)``.
     Taught in ``notebooks/05_wgem.ipynb``.
     """
+    if getattr(layer, "mask_input", "raw") != "raw":
+        raise ValueError(f"wgem_backward: the closed forms chain the mask's convolution on the raw map; this layer's "
+                         f"mask_input is {layer.mask_input!r} (use autograd for it)")
     if g.shape != x.shape[:2]:
         raise ValueError(f"wgem_backward: g must have shape {tuple(x.shape[:2])} (one weight per pooled value), "
                          f"got {tuple(g.shape)}")
