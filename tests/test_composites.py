@@ -7,10 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval_lib.data.composites import (ObjectTask, box_area_share, cell_coverage, localisation_composites,
-                                           mask_mass_in_box, object_composites, object_task)
+from retrieval_lib.data.composites import ObjectTask, box_area_share, cell_coverage, mask_mass_in_box, object_task
 from retrieval_lib.data.datasets import GroupDataset
-from retrieval_lib.data.splits import split_groups, take
+from retrieval_lib.data.splits import take
 
 
 
@@ -52,7 +51,7 @@ def test_mask_mass_errors():
         mask_mass_in_box(np.ones(4), (0, 0, 1, 1), (2, 2))
 
 
-# ------------------------------------------------------------------ composites and subsets
+# ------------------------------------------------------------------ subsets
 def _groups(folder, groups=3, per=2, seed=0):
     rng = np.random.default_rng(seed)
     for g in range(groups):
@@ -61,91 +60,6 @@ def _groups(folder, groups=3, per=2, seed=0):
             arr = rng.integers(60, 256, (60, 90, 3), dtype=np.uint8)
             Image.fromarray(arr).save(folder / f"g{g}" / f"{k}.png")
     return GroupDataset.from_folder(folder)
-
-
-def _backgrounds(folder, n=4):
-    folder.mkdir(parents=True)
-    out = []
-    for i in range(n):
-        Image.fromarray(np.zeros((80, 120, 3), dtype=np.uint8)).save(folder / f"bg{i}.png")
-        out.append(folder / f"bg{i}.png")
-    return out
-
-
-def test_object_composites_record_boxes_and_groups(tmp_path):
-    objects = _groups(tmp_path / "obj")
-    bgs = _backgrounds(tmp_path / "bg")
-    cs = object_composites(objects, bgs, per_object=2, seed=1, max_side=100, cache_dir=tmp_path / "c", progress=False)
-    assert len(cs) == 12 and cs.labels.tolist() == np.repeat(objects.labels, 2).tolist()
-    assert cs.objects.tolist() == np.repeat(np.arange(6), 2).tolist()
-    assert all(a != b for a, b in cs.backgrounds.reshape(-1, 2))  # two different backgrounds per object image
-    for path, box, size in zip(cs.paths, cs.boxes, cs.sizes):
-        with Image.open(path) as im:
-            assert tuple(im.size) == tuple(size)
-            arr = np.asarray(im.convert("RGB")).astype(int)
-        x0, y0, x1, y1 = box.astype(int)
-        inside = arr[y0:y1, x0:x1].max(axis=2)
-        outside = arr.max(axis=2).copy()
-        outside[y0:y1, x0:x1] = 0
-        assert inside.mean() > 40 and outside.mean() < 10  # the object sits in its box on a black background
-    shares = cs.box_shares()
-    assert np.all((shares > 0) & (shares < 1))
-    stamp = {p: Path(p).stat().st_mtime_ns for p in cs.paths}
-    again = object_composites(objects, bgs, per_object=2, seed=1, max_side=100, cache_dir=tmp_path / "c",
-                              progress=False)
-    assert again.paths == cs.paths and {p: Path(p).stat().st_mtime_ns for p in again.paths} == stamp
-    assert np.array_equal(again.boxes, cs.boxes)
-    other = object_composites(objects, bgs, per_object=2, seed=2, max_side=100, cache_dir=tmp_path / "c",
-                              progress=False)
-    assert other.folder != cs.folder
-    assert "12 composites of 6 object images in 3 groups" in cs.summary()
-
-
-def test_object_composites_errors(tmp_path):
-    objects = _groups(tmp_path / "obj", groups=2, per=1)
-    bgs = _backgrounds(tmp_path / "bg", n=2)
-    with pytest.raises(ValueError, match="per_object"):
-        object_composites(objects, bgs, per_object=3, cache_dir=tmp_path / "c")
-    with pytest.raises(ValueError, match="max_side"):
-        object_composites(objects, bgs, max_side=10, cache_dir=tmp_path / "c")
-
-
-def test_localisation_composites_share_no_object_and_no_background(tmp_path):
-    objects = _groups(tmp_path / "obj", groups=4, per=2)
-    bgs = _backgrounds(tmp_path / "bg", n=6)
-    paths = list(objects.database.paths) + [str(b) for b in bgs]
-    groups = [objects.group_names[l] for l in objects.labels] + [f"scene{i}" for i in range(6)]
-    ds = GroupDataset(paths, groups, subsets=["ukbench56"] * 8 + ["landmarks23"] * 6)
-    train, held = localisation_composites(ds, held_frac=0.25, n_backgrounds=2, per_object=2, seed=0, max_side=100,
-                                          cache_dir=tmp_path / "c", progress=False)
-
-    def names(cs):
-        return {cs.group_names[lab] for lab in cs.labels}
-
-    # the UKBench images are the objects, one group of four held out; the scenes are backgrounds
-    assert names(train) | names(held) == {"g0", "g1", "g2", "g3"} and not names(train) & names(held)
-    assert len(names(held)) == 1 and len(train) == 3 * 2 * 2 and len(held) == 1 * 2 * 2
-    assert len(train.background_files) == len(held.background_files) == 2
-    assert not set(train.background_files) & set(held.background_files)
-    assert set(train.background_files) | set(held.background_files) <= {str(b) for b in bgs}
-    # at most half of the backgrounds per pool
-    capped, _ = localisation_composites(ds, n_backgrounds=10, per_object=1, max_side=100, cache_dir=tmp_path / "c",
-                                        progress=False)
-    assert len(capped.background_files) == 3
-    with pytest.raises(ValueError, match="n_backgrounds"):
-        localisation_composites(ds, n_backgrounds=0, cache_dir=tmp_path / "c", progress=False)
-
-
-def test_localisation_composites_without_an_objects_subset_use_half_the_groups(tmp_path):
-    ds = _groups(tmp_path / "obj", groups=6, per=2)
-    is_object = split_groups(ds.labels, 0.5, 0)
-    train, held = localisation_composites(ds, held_frac=0.34, per_object=1, seed=0, max_side=100,
-                                          cache_dir=tmp_path / "c", progress=False)
-    obj_groups = {ds.group_names[lab] for lab in ds.labels[is_object]}
-    assert {train.group_names[lab] for lab in train.labels} | {held.group_names[lab] for lab in held.labels} == obj_groups
-    assert len(train) + len(held) == int(is_object.sum())
-    bg_files = set(train.background_files) | set(held.background_files)
-    assert bg_files <= {str(p) for p, o in zip(ds.database.paths, is_object) if not o}
 
 
 def test_take_keeps_groups_and_subsets(tmp_path):

@@ -1,12 +1,8 @@
 """Objects pasted onto clutter, with the pasted boxes recorded, and how much of a mask lies in a box.
 
-For the localisation experiment of ``notebooks/05_wgem.ipynb`` (where does wGeM's learned mask
-look?):
+For the in-domain tasks of ``notebooks/05_wgem.ipynb`` (where does wGeM's learned mask look?) and
+``notebooks/06_darac.ipynb`` (which regions does DARAC weigh?):
 
-* :func:`object_composites` -- every image of a set of objects pasted onto several
-  backgrounds (:func:`~retrieval_lib.data.views.composite`), written once as files with the
-  pasted boxes recorded (a :class:`CompositeSet`); :func:`localisation_composites` -- the
-  training and held-out composites, sharing no object and no background;
 * :func:`object_task` -- the in-domain object task: hundreds of objects (disjoint crops of
   photos, each crop its own group) pasted at 10-20 % of the area of a few shared backgrounds,
   split into training, validation and held-out :class:`CompositeSet` (an :class:`ObjectTask`)
@@ -20,7 +16,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,14 +25,11 @@ from tqdm.auto import tqdm
 
 from retrieval_lib.data.datasets import cache_root
 from retrieval_lib.data.images import ImageList, load_image, resize_longer_side
-from retrieval_lib.data.splits import split_groups, take
-from retrieval_lib.data.views import composite
 from retrieval_lib.files import build_once, files_fingerprint
 
-__all__ = ["cell_coverage", "mask_mass_in_box", "box_area_share", "CompositeSet", "object_composites",
-           "localisation_composites", "COMPOSITES_VERSION", "ObjectTask", "object_task", "OBJECT_TASK_VERSION"]
+__all__ = ["cell_coverage", "mask_mass_in_box", "box_area_share", "CompositeSet", "ObjectTask", "object_task",
+           "OBJECT_TASK_VERSION"]
 
-COMPOSITES_VERSION = 1
 OBJECT_TASK_VERSION = 1
 
 
@@ -127,99 +120,6 @@ class CompositeSet:
     def summary(self) -> str:
         return (f"{len(self)} composites of {len(np.unique(self.objects))} object images in "
                 f"{len(np.unique(self.labels))} groups on {len(np.unique(self.backgrounds))} backgrounds")
-
-
-def object_composites(objects, backgrounds: Sequence, per_object: int = 2, seed: int = 0, max_side: int = 512,
-                      cache_dir=None, progress: bool = True) -> CompositeSet:
-    """Every image of ``objects`` (a GroupDataset) pasted onto ``per_object`` different backgrounds.
-
-    ``backgrounds``: image paths (clutter). For object image ``i`` the backgrounds are drawn
-    without replacement with the generator seeded ``[seed, i]``, and each composite is
-    :func:`~retrieval_lib.data.views.composite` (a crop of the object, scaled to 40-70 %
-    of the background's short side, pasted at a random place) with its box recorded. Two
-    composites of one group match; composites of other groups do not, even on the same
-    background. Files go to ``<cache_dir>/wgem_composites_v1/<fingerprint>/`` (default
-    :func:`~retrieval_lib.data.datasets.cache_root`), keyed on the source files and every
-    parameter, built once under a temporary name and reused (:func:`~retrieval_lib.files.build_once`).
-    """
-    bgs = [os.fspath(b) for b in backgrounds]
-    if isinstance(per_object, bool) or not isinstance(per_object, int) or not 1 <= per_object <= len(bgs):
-        raise ValueError(f"object_composites: per_object must be an integer from 1 to the number of "
-                         f"backgrounds ({len(bgs)}), got {per_object!r}")
-    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 64:
-        raise ValueError(f"object_composites: max_side must be an integer >= 64 px, got {max_side!r}")
-    paths = [os.fspath(p) for p in objects.database.paths]
-    labels = np.asarray(objects.labels, dtype=np.int64)
-    params = {"v": COMPOSITES_VERSION, "per_object": per_object, "seed": seed, "max_side": max_side,
-              "n_objects": len(paths)}
-    parent = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / \
-        f"wgem_composites_v{COMPOSITES_VERSION}"
-    final = parent / files_fingerprint(paths + bgs, params)
-
-    def build(tmp: Path) -> dict:
-        rows = []
-        for i in tqdm(range(len(paths)), desc="composites", unit="img", disable=not progress):
-            img = load_image(paths[i])
-            rng = np.random.default_rng([seed, i])
-            for k, b in enumerate(rng.choice(len(bgs), size=per_object, replace=False).tolist()):
-                out, box = composite(img, load_image(bgs[b]), rng, max_side, return_box=True)
-                f = f"composite_{i:06d}_{k}.jpg"
-                out.save(tmp / f, quality=90)
-                rows.append([f, int(labels[i]), i, b, list(box), list(out.size)])
-        return {"params": params, "rows": rows}
-
-    index = build_once(final, "composites.json", build, prefix=".composites-")
-    rows = json.loads(index.read_text())["rows"]
-    return CompositeSet(paths=[str(final / r[0]) for r in rows],
-                        labels=np.array([r[1] for r in rows], dtype=np.int64),
-                        boxes=np.array([r[4] for r in rows], dtype=np.float64).reshape(-1, 4),
-                        sizes=np.array([r[5] for r in rows], dtype=np.int64).reshape(-1, 2),
-                        objects=np.array([r[2] for r in rows], dtype=np.int64),
-                        backgrounds=np.array([r[3] for r in rows], dtype=np.int64), background_files=bgs,
-                        group_names=list(objects.group_names), folder=final)
-
-
-def localisation_composites(dataset, held_frac: float = 0.3, n_backgrounds: Optional[int] = None,
-                            per_object: int = 2, object_subsets: Sequence[str] = ("ukbench56",), seed: int = 0,
-                            max_side: int = 512, cache_dir=None, progress: bool = True):
-    """Training and held-out composites for the localisation experiment, from ``dataset``'s images.
-
-    * Objects and clutter: when ``dataset`` has subsets named in ``object_subsets``
-      (UKBench: one object per group, photographed close up), their images are the objects
-      and every other image is a background; otherwise half of the groups
-      (:func:`~retrieval_lib.data.splits.split_groups`) are objects and the images of the
-      rest backgrounds.
-    * The object groups are split (``held_frac`` of them held out) and the backgrounds are
-      shuffled and dealt into two disjoint pools of at most ``n_backgrounds`` each (and at
-      most half of them each; default: half each), so no held-out composite shares an
-      object or a background with a training one. A small pool makes non-matching
-      composites share backgrounds: hard negatives that only the object tells apart.
-
-    Returns ``(train, held)``, two :class:`CompositeSet` (:func:`object_composites` with
-    ``per_object`` backgrounds per object image).
-    """
-    subsets = dataset.subsets if dataset.subsets is not None else np.full(len(dataset.labels), "")
-    is_object = np.isin(subsets, list(object_subsets))
-    if not is_object.any() or is_object.all():
-        is_object = split_groups(dataset.labels, 0.5, seed)
-    objects = take(dataset, is_object, "objects")
-    backgrounds = [dataset.database.paths[i] for i in np.flatnonzero(~is_object)]
-    order = np.random.default_rng(seed).permutation(len(backgrounds))
-    n_bg = len(backgrounds) // 2
-    if n_backgrounds is not None:
-        if isinstance(n_backgrounds, bool) or not isinstance(n_backgrounds, (int, np.integer)) or n_backgrounds < 1:
-            raise ValueError(f"localisation_composites: n_backgrounds must be a positive integer or None, "
-                             f"got {n_backgrounds!r}")
-        n_bg = min(n_bg, int(n_backgrounds))
-    if n_bg < 1:
-        raise ValueError(f"localisation_composites: {len(backgrounds)} background image(s) cannot make two "
-                         "disjoint pools; the data set needs at least two images outside the objects")
-    held = ~split_groups(objects.labels, 1.0 - held_frac, seed)
-    out = []
-    for side, pool in ((~held, order[:n_bg]), (held, order[n_bg:2 * n_bg])):
-        out.append(object_composites(take(objects, side), [backgrounds[i] for i in pool], per_object=per_object,
-                                     seed=seed, max_side=max_side, cache_dir=cache_dir, progress=progress))
-    return tuple(out)
 
 
 @dataclasses.dataclass
